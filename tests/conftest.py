@@ -1,0 +1,47 @@
+"""Test-session setup: 8 fake CPU devices, a persistent compile cache, absl flags, shared-data paths.
+
+The environment variables must be set before anything imports jax, which is why they live at the top of
+conftest.py (pytest imports it first).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "flexict_jax_test_compile_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(os.environ.get("FLEXICT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def pytest_configure(config):
+    # Grain's multiprocessing workers read absl flags; outside absl.app.run they are unparsed
+    # (google/grain#1360), so mark them parsed for the whole session.
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    """../shared/data with the real CT; tests that need it skip with a reason when it is absent."""
+    if not (SHARED_DATA / "ct").is_dir():
+        pytest.skip(f"real CT data not found at {SHARED_DATA} (set FLEXICT_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ct_dir(shared_data) -> pathlib.Path:
+    return shared_data / "ct"
+
+
+@pytest.fixture(scope="session")
+def dicom_dir(shared_data) -> pathlib.Path:
+    return shared_data / "dicom"
