@@ -1,0 +1,66 @@
+"""Per-step schedules (LR, weight decay, EMA momentum, teacher temperature) as precomputed tables.
+
+Every schedule is a numpy table with one value per training step, indexed by the step inside the jitted train
+step (recipe §14.1 "Schedules"). One function shape covers all of them (recipe §4): a linear warm-up, a
+half-cosine, then a constant tail. The cosine may go *up* (stage 1.1's LR ramps 0 → 5e-5, recipe §6).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+SCHEDULE_KEYS = ("start", "peak", "end", "warmup_steps", "cosine_steps")
+
+
+def linear_warmup_cosine_decay(*, start: float, peak: float, end: float, warmup_steps: int, total_steps: int,
+                               cosine_steps: int | None = None) -> np.ndarray:
+    """float64 table of length `total_steps` (recipe §4 `linear_warmup_cosine_decay`).
+
+    Steps [0, warmup): linear start → peak, endpoint excluded. Then `cosine_steps` (default: the rest) of a
+    half-cosine peak → end whose last value is one step short of `end`. Then constant `end`.
+    """
+    for name, value in (("start", start), ("peak", peak), ("end", end)):
+        if not math.isfinite(value):
+            raise ValueError(f"schedule {name} must be finite, got {value}")
+    if total_steps <= 0:
+        raise ValueError(f"schedule total_steps must be positive, got {total_steps}")
+    if warmup_steps < 0:
+        raise ValueError(f"schedule warmup_steps must be >= 0, got {warmup_steps}")
+    if cosine_steps is None:
+        cosine_steps = total_steps - warmup_steps
+    if cosine_steps < 0 or warmup_steps + cosine_steps > total_steps:
+        raise ValueError(f"schedule warmup_steps + cosine_steps = {warmup_steps} + {cosine_steps} must lie "
+                         f"within total_steps = {total_steps}")
+    warmup = np.linspace(start, peak, warmup_steps, endpoint=False)
+    cosine = end + (peak - end) * 0.5 * (1.0 + np.cos(np.pi * np.arange(cosine_steps) / cosine_steps))
+    constant = np.full(total_steps - warmup_steps - cosine_steps, end, dtype=np.float64)
+    return np.concatenate([warmup, cosine, constant]).astype(np.float64)
+
+
+def schedule_table(section: ml_collections.ConfigDict, total_steps: int, *, scale: float = 1.0,
+                   name: str = "schedule") -> jax.Array:
+    """A float32 device table from a config section with keys start, peak, end, warmup_steps, cosine_steps.
+
+    `scale` multiplies peak and end but not start, as the LR batch-scaling rule does (recipe §4). `name` is the
+    section's config path, used in error messages. `cosine_steps` may be None for "the rest of training".
+    """
+    missing = [key for key in SCHEDULE_KEYS if key not in section]
+    if missing:
+        raise KeyError(f"config {name} lacks key(s) {missing}; a schedule needs {list(SCHEDULE_KEYS)}")
+    try:
+        table = linear_warmup_cosine_decay(
+            start=float(section.start), peak=float(section.peak) * scale, end=float(section.end) * scale,
+            warmup_steps=int(section.warmup_steps), total_steps=int(total_steps),
+            cosine_steps=None if section.cosine_steps is None else int(section.cosine_steps))
+    except ValueError as e:
+        raise ValueError(f"config {name}: {e}") from None
+    return jnp.asarray(table, dtype=jnp.float32)
+
+
+def value_at(table: jax.Array, step: jax.Array | int) -> jax.Array:
+    """The table's value at `step`; steps past the end keep the last value (jit-friendly)."""
+    return table[jnp.clip(step, 0, table.shape[0] - 1)]

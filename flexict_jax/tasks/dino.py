@@ -1,0 +1,118 @@
+"""The DINO/iBOT/KoLeo self-distillation task of stage 1 (2D) — recipe §3, §5.
+
+Pure functions over pytrees: `loss_fn` computes the student loss given the EMA teacher, `ema_update` moves the
+teacher. The trainer owns sharding, the optimizer and the loop; this file owns what is specific to DINO.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+from flax import nnx
+
+from flexict_jax.losses import dino, ibot, koleo, sinkhorn
+from flexict_jax.models.heads import DINOHead
+from flexict_jax.models.vit import VisionTransformer
+
+Params = dict[str, Any]
+
+
+class DinoModel(nnx.Module):
+    """Backbone + separate DINO (CLS) and iBOT (patch) heads (recipe §2.4, `ibot.separate_head: true`).
+
+    The student and the EMA teacher are two parameter sets of this one module structure.
+    """
+
+    def __init__(self, model: Mapping[str, Any], heads: Mapping[str, Any], *, rngs: nnx.Rngs):
+        self.backbone = VisionTransformer(**model, rngs=rngs)
+        self.dino_head = DINOHead(model["dim"], **heads, rngs=rngs)
+        self.ibot_head = DINOHead(model["dim"], **heads, rngs=rngs)
+
+
+def build_model(config: mlc.ConfigDict, seed: int) -> DinoModel:
+    return DinoModel(config.model.to_dict(), config.heads.to_dict(), rngs=nnx.Rngs(seed))
+
+
+def masked_token_capacity(config: mlc.ConfigDict, patch_size: int) -> int:
+    """Static size of the iBOT masked-token buffer: the most tokens the data pipeline can mask in one batch.
+
+    Per example round(n_global * probability) global crops are masked, each with at most
+    int(max_ratio * n_tokens) tokens (see flexict_jax.data.masking).
+    """
+    n_tokens = (config.data.global_crop_size // patch_size) ** 2
+    masked_crops = round(config.data.n_global_crops * config.data.mask.probability)
+    return config.global_batch_size * masked_crops * int(config.data.mask.ratio[1] * n_tokens)
+
+
+def _merge(graphdef: nnx.GraphDef, abstract_state: nnx.State, params: Params) -> DinoModel:
+    state = jax.tree.map(lambda v: v, abstract_state)  # a fresh container to fill in
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def _flatten_crops(x: jax.Array) -> jax.Array:
+    """[B, n_crops, ...] -> [B * n_crops, ...], sample-major so the batch sharding is preserved."""
+    return x.reshape((-1,) + x.shape[2:])
+
+
+def _crops_first(x: jax.Array, n_crops: int) -> jax.Array:
+    """[B * n_crops, K] (sample-major) -> [n_crops, B, K], the layout the DINO loss takes."""
+    return x.reshape((-1, n_crops) + x.shape[1:]).swapaxes(0, 1)
+
+
+def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], key: jax.Array, *,
+            graphdef: nnx.GraphDef, abstract_state: nnx.State, config: mlc.ConfigDict, patch_size: int,
+            teacher_temperature: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total stage-1 loss (recipe §3.6) and its terms. `batch` holds this step's masks under "masks"."""
+    loss_cfg, n_global, n_local = config.loss, config.data.n_global_crops, config.data.n_local_crops
+    global_crops = _flatten_crops(batch["global_crops"])
+    local_crops = _flatten_crops(batch["local_crops"])
+    masks = _flatten_crops(batch["masks"])  # [B * n_global, N]
+    n_images = masks.shape[0]
+    token_index, token_valid, token_weight = ibot.gather_masked(masks, masked_token_capacity(config, patch_size))
+
+    def take_tokens(patch_tokens: jax.Array) -> jax.Array:
+        return patch_tokens.reshape((-1, patch_tokens.shape[-1]))[token_index]
+
+    # Teacher: eval mode, unmasked global crops, no gradient (recipe §3.2–3.3).
+    t_model = _merge(graphdef, abstract_state, jax.lax.stop_gradient(teacher))
+    t_out = t_model.backbone(global_crops, patch_size=patch_size, train=False)
+    t_cls_probs = sinkhorn.sinkhorn_knopp(t_model.dino_head(t_out["cls"]), teacher_temperature,
+                                          n_iterations=loss_cfg.sinkhorn_iterations)
+    t_patch_probs = sinkhorn.sinkhorn_knopp(t_model.ibot_head(take_tokens(t_out["patch"])), teacher_temperature,
+                                            n_iterations=loss_cfg.sinkhorn_iterations, valid=token_valid)
+    t_cls_probs = _crops_first(t_cls_probs, n_global)
+
+    # Student: masked global crops and unmasked local crops, train mode (drop path, RoPE rescale).
+    s_model = _merge(graphdef, abstract_state, student)
+    key_global, key_local = jax.random.split(key)
+    s_global = s_model.backbone(global_crops, patch_size=patch_size, masks=masks, train=True, key=key_global)
+    s_local = s_model.backbone(local_crops, patch_size=patch_size, train=True, key=key_local)
+    s_global_logits = _crops_first(s_model.dino_head(s_global["cls"]), n_global)
+    s_local_logits = _crops_first(s_model.dino_head(s_local["cls"]), n_local)
+    s_patch_logits = s_model.ibot_head(take_tokens(s_global["patch"]))
+
+    tau = loss_cfg.student_temperature
+    scale_local, scale_global = dino.dino_term_weights(n_global, n_local)
+    terms = {
+        "dino_local": dino.dino_cross_entropy(s_local_logits, t_cls_probs, tau),
+        "dino_global": dino.dino_cross_entropy(s_global_logits, t_cls_probs, tau, ignore_diagonal=True),
+        "ibot": ibot.ibot_patch_loss(s_patch_logits, t_patch_probs, token_weight, n_images, tau),
+        # KoLeo on the pre-head CLS of each global crop, averaged over crops (recipe §3.4).
+        "koleo": jnp.mean(jnp.stack([
+            koleo.koleo_loss(cls, group_size=loss_cfg.koleo_group_size)
+            for cls in _crops_first(s_global["cls"], n_global)])),
+    }
+    total = (loss_cfg.dino_weight * (scale_local * loss_cfg.dino_local_weight * terms["dino_local"]
+                                     + scale_global * terms["dino_global"])
+             + loss_cfg.koleo_weight * n_global * terms["koleo"]  # upstream's koleo_scale = n_global
+             + loss_cfg.ibot_weight * terms["ibot"])
+    return total, terms
+
+
+def ema_update(teacher: Params, student: Params, momentum: jax.Array) -> Params:
+    """θ_t ← m·θ_t + (1−m)·θ_s for backbone and both heads (recipe §4)."""
+    return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, teacher, student)

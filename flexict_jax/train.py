@@ -1,0 +1,37 @@
+"""Train a FlexiCT stage.
+
+    python -m flexict_jax.train --config=configs/stage1.py:demo --workdir=runs/stage1 \
+        --config.data.dir=data/slices [--config.total_steps=N] [--config.KEY=VALUE ...]
+
+Metrics go to WORKDIR/metrics.jsonl (and the console), checkpoints to WORKDIR/checkpoints/<step>. Running the
+same command again resumes from the latest checkpoint. SIGTERM saves the current step and exits 0.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/stage1.py:tiny",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from flexict_jax import trainer  # after flag parsing, so --help stays fast
+    logging.set_verbosity(logging.INFO)
+    try:
+        code = trainer.train(_CONFIG.value, _WORKDIR.value)
+    except (trainer.ConfigError, FileNotFoundError, ValueError) as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,206 @@
+"""The training loop: mesh, sharded state, one jitted step per variant, checkpoints, preemption, metrics.
+
+Stage specifics (model, loss, teacher update) live in `flexict_jax.tasks`; this file only moves pytrees.
+Order of events (big_vision style): resolve config → mesh → abstract state and its shardings → data →
+restore-or-initialise → loop (variant draw, global batch, step, metrics, checkpoint) → final checkpoint.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import signal
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from flexict_jax import checkpointing, distributed, metric_io, optim, schedules, sharding
+from flexict_jax.data import pipeline
+from flexict_jax.tasks import dino
+
+SCHEDULE_NAMES = ("lr", "weight_decay", "momentum", "teacher_temperature")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def validate_config(config: mlc.ConfigDict) -> None:
+    """Fails early, naming the config key, instead of deep inside jit or the data pipeline."""
+    if not config.data.dir:
+        raise ConfigError("config.data.dir is not set: pass --config.data.dir=SLICES_DIR "
+                          "(made by `python -m data_prep.slices`)")
+    if not epath.Path(config.data.dir).exists():
+        raise ConfigError(f"config.data.dir={config.data.dir!r} does not exist")
+    batch, devices, processes = config.global_batch_size, jax.device_count(), jax.process_count()
+    if batch % devices or batch % processes:
+        raise ConfigError(f"config.global_batch_size={batch} must be divisible by the device count ({devices}) "
+                          f"and the process count ({processes})")
+    if config.loss.koleo_group_size and batch % config.loss.koleo_group_size:
+        raise ConfigError(f"config.loss.koleo_group_size={config.loss.koleo_group_size} must divide "
+                          f"config.global_batch_size={batch}")
+    if len(config.patch_sizes) != len(config.patch_size_probs) or abs(sum(config.patch_size_probs) - 1) > 1e-6:
+        raise ConfigError(f"config.patch_size_probs={config.patch_size_probs} must have one probability per "
+                          f"entry of config.patch_sizes={config.patch_sizes} and sum to 1")
+    for p in config.patch_sizes:
+        if config.data.global_crop_size % p or config.data.local_crop_size % p:
+            raise ConfigError(f"config.patch_sizes contains {p}, which does not divide the crop sizes "
+                              f"({config.data.global_crop_size}, {config.data.local_crop_size})")
+    if config.total_steps <= 0:
+        raise ConfigError(f"config.total_steps={config.total_steps} must be positive")
+
+
+def patch_size_for_step(config: mlc.ConfigDict, step: int) -> int:
+    """One patch size per step from an RNG seeded by (seed, step): the same on every host and after a resume
+    (recipe §2.3, fixing §13 #6)."""
+    rng = np.random.default_rng([config.seed, step])
+    return int(config.patch_sizes[rng.choice(len(config.patch_sizes), p=config.patch_size_probs)])
+
+
+class _StopFlag:
+    """SIGTERM (preemption, scancel, Ctrl-\\) → save the current step and exit 0."""
+
+    def __init__(self):
+        self.requested = False
+        if jax.process_count() == 1:  # multi-process runs use JAX's preemption sync service instead
+            signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        logging.warning("received signal %d: saving a checkpoint at the next step boundary", signum)
+        self.requested = True
+
+    def __call__(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+
+def _state_shardings(mesh, abstract_state: dict, param_specs: Any, tx: optax.GradientTransformation) -> Any:
+    replicated = NamedSharding(mesh, P())
+    param_shardings = sharding.named_sharding_tree(mesh, param_specs)
+    opt_shardings = optax.tree_utils.tree_map_params(
+        tx, lambda _, s: s, abstract_state["opt_state"], param_shardings,
+        transform_non_params=lambda _: replicated)
+    return {"step": replicated, "params": param_shardings, "teacher": param_shardings, "opt_state": opt_shardings}
+
+
+def _global_batch(mesh, local: dict[str, np.ndarray], patch_size: int) -> dict[str, jax.Array]:
+    local = {"global_crops": local["global_crops"], "local_crops": local["local_crops"],
+             "masks": local[f"masks_p{patch_size}"]}
+    return {k: jax.make_array_from_process_local_data(NamedSharding(mesh, sharding.batch_spec(v.ndim)), v)
+            for k, v in local.items()}
+
+
+def train(config: mlc.ConfigDict, workdir: str) -> int:
+    """Runs (or resumes) the stage in `workdir`. Returns the process exit code."""
+    distributed.maybe_initialize()
+    validate_config(config)
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_chief = jax.process_index() == 0
+    if is_chief:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    mesh = sharding.make_mesh(config.mesh)
+    tables = {name: jnp.asarray(schedules.table_from_config(config.schedules[name], config.total_steps),
+                                jnp.float32) for name in SCHEDULE_NAMES}
+    writer = metric_io.MetricWriter(workdir, enabled=is_chief)
+
+    with sharding.activate(mesh, config.sharding_rules):
+        abstract_model = nnx.eval_shape(lambda: dino.build_model(config, config.seed))
+        graphdef, abstract_params = nnx.split(abstract_model)
+        param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+        tx = optim.build_optimizer(nnx.to_pure_dict(abstract_params), config.optim, lr_table=tables["lr"],
+                                   wd_table=tables["weight_decay"], depth=config.model.depth)
+
+        def init_state() -> dict:
+            params = nnx.to_pure_dict(nnx.state(dino.build_model(config, config.seed)))
+            return {"step": jnp.zeros((), jnp.int32), "params": params, "teacher": params,
+                    "opt_state": tx.init(params)}
+
+        abstract_state = jax.eval_shape(init_state)
+        state_shardings = _state_shardings(mesh, abstract_state, param_specs, tx)
+        abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                      abstract_state, state_shardings)
+
+        process_batch = config.global_batch_size // jax.process_count()
+        dataset = pipeline.build_stage1_dataset(
+            config.data, seed=config.seed, batch_size=process_batch, patch_sizes=config.patch_sizes,
+            process_index=jax.process_index(), process_count=jax.process_count())
+        data_iterator = iter(dataset)
+
+        ckpt = checkpointing.Checkpointer(workdir / "checkpoints", **config.ckpt.to_dict())
+        latest = ckpt.latest_step()
+        if latest is not None:
+            logging.info("resuming from %s", workdir / "checkpoints" / str(latest))
+            state = ckpt.restore(latest, abstract_state, data_iterator)
+        else:
+            state = jax.jit(init_state, out_shardings=state_shardings)()
+
+        def train_step(state: dict, batch: dict, *, patch_size: int) -> tuple[dict, dict]:
+            step = state["step"]
+            key = jax.random.fold_in(jax.random.key(config.seed), step)
+            at = functools.partial(schedules.value_at, step=step)
+            temperature, momentum = at(tables["teacher_temperature"]), at(tables["momentum"])
+            (loss, terms), grads = jax.value_and_grad(dino.loss_fn, has_aux=True)(
+                state["params"], state["teacher"], batch, key, graphdef=graphdef, abstract_state=abstract_params,
+                config=config, patch_size=patch_size, teacher_temperature=temperature)
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            new = {"step": step + 1, "params": params, "opt_state": opt_state,
+                   "teacher": dino.ema_update(state["teacher"], params, momentum)}
+            # A non-finite loss skips the update (params, optimizer, teacher unchanged) but consumes the batch.
+            finite = jnp.isfinite(loss)
+            new = {k: (v if k == "step" else jax.tree.map(lambda a, b: jnp.where(finite, a, b), v, state[k]))
+                   for k, v in new.items()}
+            metrics = {"loss": loss, **terms, "lr": at(tables["lr"]), "weight_decay": at(tables["weight_decay"]),
+                       "momentum": momentum, "teacher_temperature": temperature,
+                       "grad_norm": optax.global_norm(grads), "finite": finite}
+            return new, metrics
+
+        compiled = {p: jax.jit(functools.partial(train_step, patch_size=p), donate_argnums=(0,),
+                               out_shardings=(state_shardings, None)) for p in config.patch_sizes}
+
+        stop = _StopFlag()
+        step = int(jax.device_get(state["step"]))
+        meta = {"stage": config.stage, "config": json.loads(config.to_json_best_effort())}
+        throughput = metric_io.Throughput(step, config.total_steps)
+        nonfinite_streak, exit_code = 0, 0
+        logging.info("training %s from step %d to %d on a %s mesh", config.stage, step, config.total_steps,
+                     dict(mesh.shape))
+        while step < config.total_steps:
+            if stop(step):
+                logging.warning("stopping at step %d on request; saving", step)
+                ckpt.save(step, state, data_iterator, meta, force=True)
+                break
+            patch_size = patch_size_for_step(config, step)
+            batch = _global_batch(mesh, next(data_iterator), patch_size)
+            state, metrics = compiled[patch_size](state, batch)
+            step += 1
+            if not bool(metrics["finite"]):
+                nonfinite_streak += 1
+                logging.error("step %d: non-finite loss %s; update skipped (%d in a row)", step,
+                              float(metrics["loss"]), nonfinite_streak)
+                if nonfinite_streak >= config.max_consecutive_nonfinite:
+                    logging.error("stopping: %d consecutive non-finite losses; the last good checkpoint is kept",
+                                  nonfinite_streak)
+                    exit_code = 1
+                    break
+            else:
+                nonfinite_streak = 0
+            if step % config.log_every == 0 or step == config.total_steps:
+                scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
+                writer.write(step, {**scalars, "patch_size": patch_size,
+                                    **throughput.update(step, config.global_batch_size)})
+            ckpt.save(step, state, data_iterator, meta, force=step == config.total_steps)
+        ckpt.close()
+        writer.close()
+    return exit_code
