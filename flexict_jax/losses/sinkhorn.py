@@ -14,8 +14,8 @@ import jax.numpy as jnp
 def _divide_or_zero(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
     """`numerator / denominator` for non-negative sums whose terms are all in `numerator`.
 
-    A zero sum means every term is zero (padding rows, or a prototype whose mass underflowed), so the
-    quotient is zero instead of 0/0 = NaN.
+    A zero sum means every term is zero (padding rows, no valid row at all, or a prototype whose mass
+    underflowed), so the quotient is zero instead of 0/0 = NaN.
     """
     return numerator / jnp.where(denominator > 0, denominator, 1.0)
 
@@ -58,8 +58,8 @@ def sinkhorn_knopp(teacher_logits: jax.Array, temperature: float | jax.Array, *,
     # All rows invalid: the max is -inf; any finite shift then gives exp(-inf) = 0 everywhere.
     shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
     q = jnp.exp(scaled - shift)
-    q = q / jnp.sum(q)  # sum >= 1 when any row is valid: the max entry is exp(0)
+    q = _divide_or_zero(q, jnp.sum(q))
     for _ in range(n_iterations):
-        q = _divide_or_zero(q, jnp.sum(q, axis=0, keepdims=True)) / n_prototypes
-        q = _divide_or_zero(q, jnp.sum(q, axis=1, keepdims=True)) / n_valid
+        q = _divide_or_zero(q, jnp.sum(q, axis=0, keepdims=True) * n_prototypes)
+        q = _divide_or_zero(q, jnp.sum(q, axis=1, keepdims=True) * n_valid)
     return q * n_valid
