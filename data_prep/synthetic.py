@@ -237,7 +237,7 @@ def _hounsfield(rng: np.random.Generator, label: np.ndarray, contrast: bool, z, 
     blood = rng.uniform(150.0, 250.0) if contrast else rng.uniform(35.0, 50.0)
     mean_hu = {
         "background": AIR_HU,
-        "soft_tissue": rng.uniform(15.0, 35.0),
+        "soft_tissue": rng.uniform(5.0, 25.0),  # bowel and mesentery, a fat/water mix
         "fat": rng.uniform(-110.0, -90.0),
         "muscle": rng.uniform(35.0, 50.0),
         "lung_left": rng.uniform(-870.0, -830.0),

@@ -169,6 +169,9 @@ def scale_by_param_groups(groups: Any, lr_table: jax.Array, wd_table: jax.Array,
     """
     lr_table = jnp.asarray(lr_table, dtype=jnp.float32)
     wd_table = jnp.asarray(wd_table, dtype=jnp.float32)
+    for name, table in (("lr_table", lr_table), ("wd_table", wd_table)):
+        if table.ndim != 1 or table.shape[0] == 0:
+            raise ValueError(f"{name} must be a non-empty 1-D table of per-step values, got shape {table.shape}")
 
     def init_fn(params):
         del params
@@ -196,14 +199,16 @@ def _checked_config(optim_cfg: ml_collections.ConfigDict) -> None:
     missing = [key for key in OPTIM_KEYS if key not in optim_cfg]
     if missing:
         raise KeyError(f"config optim lacks key(s) {missing}")
-    if not optim_cfg.clip_grad > 0:
-        raise ValueError(f"config optim.clip_grad must be positive, got {optim_cfg.clip_grad}")
-    if len(optim_cfg.betas) != 2 or not all(0 <= b < 1 for b in optim_cfg.betas):
-        raise ValueError(f"config optim.betas must be two numbers in [0, 1), got {optim_cfg.betas}")
-    if not optim_cfg.eps > 0:
-        raise ValueError(f"config optim.eps must be positive, got {optim_cfg.eps}")
-    if optim_cfg.freeze_last_layer_steps < 0:
-        raise ValueError(f"config optim.freeze_last_layer_steps must be >= 0, got {optim_cfg.freeze_last_layer_steps}")
+    for key in ("clip_grad", "eps", "layer_decay", "patch_embed_lr_mult"):
+        value = optim_cfg[key]
+        if not isinstance(value, (int, float)) or not value > 0:  # also rejects NaN
+            raise ValueError(f"config optim.{key} must be a positive number, got {value!r}")
+    betas = optim_cfg.betas
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"config optim.betas must be two numbers in [0, 1), got {betas!r}")
+    if not isinstance(optim_cfg.freeze_last_layer_steps, int) or optim_cfg.freeze_last_layer_steps < 0:
+        raise ValueError("config optim.freeze_last_layer_steps must be an int >= 0, "
+                         f"got {optim_cfg.freeze_last_layer_steps!r}")
 
 
 def build_optimizer(params: Any, optim_cfg: ml_collections.ConfigDict, *, lr_table: jax.Array,

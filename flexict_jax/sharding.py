@@ -73,3 +73,21 @@ def batch_spec(ndim: int) -> P:
 
 def named_sharding_tree(mesh: Mesh, spec_tree: Any) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree, is_leaf=lambda s: isinstance(s, P))
+
+
+def sharding_report(mesh: Mesh, abstract_params: Any, specs: Any, *, warn_bytes: int = 1 << 20) -> dict:
+    """Per-parameter placement: shape, spec and bytes per device; large replicated parameters are flagged
+    (maxtext's `sharding_tolerance` idea: anything big left unsharded wastes memory on every device)."""
+    rows, total, per_device = [], 0, 0
+    flat_specs = dict(jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda s: isinstance(s, P))[0])
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+        spec = flat_specs[path]
+        nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        shards = math.prod(mesh.shape[a] for axes in spec if axes for a in ((axes,) if isinstance(axes, str) else axes))
+        rows.append({"param": jax.tree_util.keystr(path), "shape": list(leaf.shape), "spec": str(spec),
+                     "bytes": nbytes, "bytes_per_device": nbytes // shards,
+                     "replicated_large": shards == 1 and nbytes >= warn_bytes and mesh.size > 1})
+        total += nbytes
+        per_device += nbytes // shards
+    return {"mesh": dict(mesh.shape), "total_bytes": total, "bytes_per_device": per_device,
+            "large_replicated": [r["param"] for r in rows if r["replicated_large"]], "params": rows}

@@ -127,6 +127,13 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
                     "opt_state": tx.init(params)}
 
         abstract_state = jax.eval_shape(init_state)
+        report = sharding.sharding_report(mesh, abstract_state["params"], param_specs)
+        if is_chief:
+            (workdir / "sharding_report.json").write_text(json.dumps(report, indent=1))
+        logging.info("parameters: %.1f MB, %.1f MB per device on mesh %s", report["total_bytes"] / 2**20,
+                     report["bytes_per_device"] / 2**20, report["mesh"])
+        for name in report["large_replicated"]:
+            logging.warning("large parameter %s is replicated on every device; check config.sharding_rules", name)
         state_shardings = _state_shardings(mesh, abstract_state, param_specs, tx)
         abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       abstract_state, state_shardings)
@@ -200,7 +207,8 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
                 scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
                 writer.write(step, {**scalars, "patch_size": patch_size,
                                     **throughput.update(step, config.global_batch_size)})
-            ckpt.save(step, state, data_iterator, meta, force=step == config.total_steps)
+            if nonfinite_streak == 0:  # never checkpoint inside a non-finite streak: keep the last good one
+                ckpt.save(step, state, data_iterator, meta, force=step == config.total_steps)
         ckpt.close()
         writer.close()
     return exit_code

@@ -190,6 +190,8 @@ def test_param_groups_reject_bad_input():
     del cfg.clip_grad
     with pytest.raises(KeyError, match="clip_grad"):
         optim.build_optimizer(params, cfg, lr_table=[1e-3], wd_table=[0.0], depth=2)
+    with pytest.raises(ValueError, match="optim.layer_decay"):
+        optim.build_optimizer(params, _optim_cfg(layer_decay=math.nan), lr_table=[1e-3], wd_table=[0.0], depth=2)
     with pytest.raises(ValueError, match="text_tower"):
         optim.build_optimizer(params, _optim_cfg(unclipped=["text_tower"]), lr_table=[1e-3], wd_table=[0.0], depth=2)
 

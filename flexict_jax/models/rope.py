@@ -1,0 +1,103 @@
+"""Axial rotary position embedding (RoPE) for 2-D and 3-D patch grids (recipe §2.2, torch-format §2.3).
+
+Layout, as upstream: per-axis coordinates in (-1, 1) at patch centres ("separate" normalisation), angles
+2π·c/period flattened axis-major to head_dim/2 values and tiled twice, rotate-half (NeoX) pairing of channel
+j with j + head_dim/2. Only patch tokens are rotated; the prefix (CLS + storage) tokens pass through.
+
+`bf16=True` reproduces the upstream bf16 RoPE op by op: every step of the table is rounded to bfloat16, and q
+and k (all tokens) are rounded to bfloat16 before a bf16 rotation. Released checkpoints need it for ~1e-5
+parity (torch-format §0); fp32 is the sensible choice for new training (recipe §13 item 13). The rounding is
+`reduce_precision` on float32 values rather than bfloat16 arithmetic, because XLA:GPU may keep excess
+precision inside fused bf16 chains (torch-format §2.3); float32 ops followed by a rounding are exactly what
+torch's CPU bf16 kernels do.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+
+def round_bf16(x: jax.Array) -> jax.Array:
+    """Rounds float32 values to the nearest bfloat16 (ties to even), keeping the float32 dtype."""
+    return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
+
+
+def check_head_dim(head_dim: int) -> None:
+    """2-D RoPE needs head_dim % 4 == 0 and 3-D RoPE head_dim % 6 == 0; the backbone carries both."""
+    if head_dim % 12:
+        raise ValueError(
+            f"head_dim = dim / num_heads = {head_dim} must be divisible by 12: 2-D RoPE uses head_dim/4 "
+            f"frequencies per axis and 3-D RoPE head_dim/6 (upstream asserts dim % (6*num_heads) == 0)")
+
+
+def rope_periods(head_dim: int, num_axes: int, base: float = 100.0, bf16: bool = False) -> np.ndarray:
+    """Periods base^(2j / (head_dim/2)) for j < head_dim / (2·num_axes), as float32.
+
+    The denominator is head_dim/2 for 2-D and 3-D alike, so the 3-D periods are the first ones of the 2-D
+    list (recipe §2.2). With `bf16`, every op is rounded to bfloat16 as torch does, which is not the same as
+    rounding the exact values (torch-format §1.3).
+    """
+    check_head_dim(head_dim)
+    exponent = 2.0 * np.arange(head_dim // (2 * num_axes), dtype=np.float32) / np.float32(head_dim // 2)
+    if not bf16:
+        return (float(base) ** exponent.astype(np.float64)).astype(np.float32)
+    bf = ml_dtypes.bfloat16
+    exponent = exponent.astype(bf).astype(np.float32)
+    return (np.float32(base) ** exponent).astype(bf).astype(np.float32)
+
+
+def rope_sincos(grid: Sequence[int], periods: np.ndarray, *, rescale: jax.Array | None = None,
+                bf16: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(sin, cos) tables, each [prod(grid), 2·len(grid)·len(periods)], rows in row-major grid order.
+
+    grid: patch counts per axis, (H, W) or (D, H, W).
+    rescale: optional scalar multiplying all coordinates (the training-time rescale augmentation).
+    """
+    maybe_round = round_bf16 if bf16 else (lambda v: v)
+    axes = []
+    for n in grid:
+        # (i + 0.5) is exact in bf16 up to 128 patches per axis, the range torch-format §2.3 covers.
+        centres = jnp.arange(n, dtype=jnp.float32) + 0.5
+        axes.append(maybe_round(centres / n))
+    coords = jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(grid))
+    coords = maybe_round(2.0 * coords - 1.0)
+    if rescale is not None:
+        coords = maybe_round(coords * rescale)
+    angles = maybe_round(jnp.float32(2 * math.pi) * coords[:, :, None])
+    angles = maybe_round(angles / jnp.asarray(periods, jnp.float32))
+    angles = jnp.tile(angles.reshape(angles.shape[0], -1), 2)
+    return maybe_round(jnp.sin(angles)), maybe_round(jnp.cos(angles))
+
+
+def sample_rescale(key: jax.Array, max_factor: float, bf16: bool = False) -> jax.Array:
+    """One log-uniform scalar s = exp(U(-ln r, ln r)) (recipe §2.2: one per forward, shared by all blocks)."""
+    maybe_round = round_bf16 if bf16 else (lambda v: v)
+    log_max = math.log(max_factor)
+    u = maybe_round(jax.random.uniform(key, (), jnp.float32, -log_max, log_max))
+    return maybe_round(jnp.exp(u))
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+    first, second = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-second, first], axis=-1)
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array, *, bf16: bool = False) -> jax.Array:
+    """Rotates the last sin.shape[0] tokens of x [B, T, heads, head_dim]; earlier (prefix) tokens pass.
+
+    With `bf16`, the whole of x is rounded first: upstream casts q and k to bf16 including the prefix rows.
+    """
+    maybe_round = round_bf16 if bf16 else (lambda v: v)
+    x = maybe_round(x)
+    prefix = x.shape[1] - sin.shape[0]
+    if prefix < 0:
+        raise ValueError(f"RoPE tables cover {sin.shape[0]} tokens, but the sequence has only {x.shape[1]}")
+    # Identity rows (sin 0, cos 1) for the prefix keep the rotation one elementwise op over all tokens.
+    sin = jnp.pad(sin, ((prefix, 0), (0, 0)))[:, None, :]
+    cos = jnp.pad(cos, ((prefix, 0), (0, 0)), constant_values=1.0)[:, None, :]
+    return maybe_round(maybe_round(x * cos) + maybe_round(_rotate_half(x) * sin))

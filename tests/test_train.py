@@ -1,0 +1,167 @@
+"""End-to-end stage-1 training on real CT: ingest → slices → Grain → sharded ViT → losses → Orbax.
+
+Runs the tiny config (seconds per run). Multi-device runs use the 8 fake CPU devices from conftest.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import stage1
+from flexict_jax import checkpointing, trainer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _cli(main, argv) -> int:
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return int(code or 0)
+
+
+@pytest.fixture(scope="module")
+def ct_slices(tmp_path_factory, ct_dir) -> pathlib.Path:
+    """Axial slices of a real abdomen/pelvis CT (ts_example_ct, 3 mm), built with the offline tools."""
+    from data_prep import ingest, slices
+    root = tmp_path_factory.mktemp("stage1_real_ct")
+    assert _cli(ingest.main, ["--input", str(ct_dir / "ts_example_ct.nii.gz"), "--output", str(root / "dataset"),
+                              "--spacing", "3,3,3"]) == 0
+    assert _cli(slices.main, ["--dataset", str(root / "dataset"), "--output", str(root / "slices"),
+                              "--size", "64"]) == 0
+    return root / "slices"
+
+
+def tiny_config(data_dir, **overrides):
+    config = stage1.get_config("tiny")
+    config.data.dir = str(data_dir)
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
+
+
+def metrics(workdir) -> list[dict]:
+    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def saved_params(workdir, step) -> dict:
+    state = ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / "checkpoints" / str(step) / "state")
+    return state["params"]
+
+
+def assert_trees_close(a, b, atol):
+    import jax
+    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    for (path, x), (_, y) in zip(flat_a, flat_b):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0, err_msg=str(path))
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory, ct_slices) -> pathlib.Path:
+    workdir = tmp_path_factory.mktemp("six_steps")
+    assert trainer.train(tiny_config(ct_slices), str(workdir)) == 0
+    return workdir
+
+
+def test_tiny_run_logs_and_checkpoints(six_steps):
+    records = metrics(six_steps)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for r in records:
+        for key in ("loss", "dino_local", "dino_global", "ibot", "koleo", "lr", "teacher_temperature",
+                    "samples_per_s", "eta_min", "patch_size"):
+            assert key in r, key
+        assert np.isfinite(r["loss"])
+    steps = sorted(int(p.name) for p in (six_steps / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [3, 6]
+    assert json.loads((six_steps / "config.json").read_text())["stage"] == "stage1"
+
+
+def test_resume_equals_uninterrupted(six_steps, ct_slices, tmp_path):
+    assert trainer.train(tiny_config(ct_slices, total_steps=3), str(tmp_path)) == 0
+    assert trainer.train(tiny_config(ct_slices), str(tmp_path)) == 0  # resumes at 3, runs to 6
+    assert_trees_close(saved_params(tmp_path, 6), saved_params(six_steps, 6), atol=1e-6)
+    resumed, uninterrupted = metrics(tmp_path), metrics(six_steps)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(resumed, uninterrupted):  # same data order, same patch-size draws
+        assert a["patch_size"] == b["patch_size"]
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+
+
+def test_one_device_mesh_equals_2x4_mesh(ct_slices, tmp_path):
+    sharded = tmp_path / "mesh_2x4"
+    assert trainer.train(tiny_config(ct_slices, total_steps=1, mesh=(2, 4, 1)), str(sharded)) == 0
+    single = tmp_path / "mesh_1x1"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "flexict_jax.train", "--config=configs/stage1.py:tiny", f"--workdir={single}",
+         f"--config.data.dir={ct_slices}", "--config.total_steps=1", "--config.mesh=(1,1,1)"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(metrics(single)[0]["loss"], metrics(sharded)[0]["loss"], atol=1e-5, rtol=0)
+
+    report = json.loads((sharded / "sharding_report.json").read_text())
+    assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    big = [p for p in report["params"] if np.prod(p["shape"]) >= 48 * 48]
+    assert big and all(p["bytes_per_device"] < p["bytes"] for p in big), [p for p in big if "fsdp" not in p["spec"]]
+    assert report["large_replicated"] == []
+
+
+def test_refuses_resume_with_changed_shapes(six_steps, ct_slices):
+    config = tiny_config(ct_slices, total_steps=9)
+    config.heads.num_prototypes = 256
+    with pytest.raises(checkpointing.IncompatibleCheckpointError, match="num_prototypes|last_layer"):
+        trainer.train(config, str(six_steps))
+
+
+def test_nonfinite_loss_skips_updates_and_stops(ct_slices, tmp_path):
+    assert trainer.train(tiny_config(ct_slices, total_steps=3), str(tmp_path)) == 0
+    poisoned = tiny_config(ct_slices, total_steps=12, max_consecutive_nonfinite=2)
+    poisoned.loss.student_temperature = 0.0  # logits / 0 → non-finite loss
+    assert trainer.train(poisoned, str(tmp_path)) == 1
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 3  # the last good checkpoint is kept, nothing saved during the streak
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "flexict_jax.train", "--config=configs/stage1.py:tiny", f"--workdir={tmp_path}",
+         f"--config.data.dir={tmp_path / 'nope'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "config.data.dir" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_sigterm_saves_current_step_and_exits_zero(ct_slices, tmp_path):
+    cmd = [sys.executable, "-m", "flexict_jax.train", "--config=configs/stage1.py:tiny", f"--workdir={tmp_path}",
+           f"--config.data.dir={ct_slices}", "--config.total_steps=100000", "--config.ckpt.every_steps=1000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        path = tmp_path / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= 3:
+            break
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    last_logged = metrics(tmp_path)[-1]["step"]
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [last_logged]
+    # The run then resumes from that step.
+    assert trainer.train(tiny_config(ct_slices, total_steps=last_logged + 2), str(tmp_path)) == 0
+    assert metrics(tmp_path)[-1]["step"] == last_logged + 2
