@@ -6,9 +6,11 @@ restore-or-initialise → loop (variant draw, global batch, step, metrics, check
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -19,7 +21,7 @@ import optax
 from absl import logging
 from etils import epath
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flexict_jax import checkpointing, distributed, metric_io, optim, schedules, sharding
 from flexict_jax.data import pipeline
@@ -99,6 +101,72 @@ def _global_batch(mesh, local: dict[str, np.ndarray], patch_size: int) -> dict[s
             for k, v in local.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """Everything the loop (and the benchmarks) need, built once per run under the active mesh."""
+    mesh: Mesh
+    graphdef: nnx.GraphDef
+    abstract_params: nnx.State
+    param_specs: Any
+    tables: dict[str, jax.Array]
+    tx: optax.GradientTransformation
+    init_state: Callable[[], dict]
+    abstract_state: Any  # ShapeDtypeStructs carrying the state shardings
+    state_shardings: Any
+
+    def train_step(self, config: mlc.ConfigDict, patch_size: int) -> Callable:
+        """The jitted step for one static variant (here: the patch size), with donation of the old state."""
+        return jax.jit(functools.partial(_train_step, program=self, config=config, patch_size=patch_size),
+                       donate_argnums=(0,), out_shardings=(self.state_shardings, None))
+
+
+def build_program(config: mlc.ConfigDict, mesh: Mesh) -> Program:
+    """Abstract model, optimizer and state shardings. Call inside `sharding.activate(mesh, rules)`."""
+    tables = {name: jnp.asarray(schedules.table_from_config(config.schedules[name], config.total_steps),
+                                jnp.float32) for name in SCHEDULE_NAMES}
+    abstract_model = nnx.eval_shape(lambda: dino.build_model(config, config.seed))
+    graphdef, abstract_params = nnx.split(abstract_model)
+    param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+    tx = optim.build_optimizer(nnx.to_pure_dict(abstract_params), config.optim, lr_table=tables["lr"],
+                               wd_table=tables["weight_decay"], depth=config.model.depth)
+
+    def init_state() -> dict:
+        params = nnx.to_pure_dict(nnx.state(dino.build_model(config, config.seed)))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "teacher": params,
+                "opt_state": tx.init(params)}
+
+    abstract_state = jax.eval_shape(init_state)
+    state_shardings = _state_shardings(mesh, abstract_state, param_specs, tx)
+    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract_state, state_shardings)
+    return Program(mesh, graphdef, abstract_params, param_specs, tables, tx, init_state, abstract_state,
+                   state_shardings)
+
+
+def _train_step(state: dict, batch: dict, *, program: Program, config: mlc.ConfigDict,
+                patch_size: int) -> tuple[dict, dict]:
+    step, tables = state["step"], program.tables
+    key = jax.random.fold_in(jax.random.key(config.seed), step)
+    at = functools.partial(schedules.value_at, step=step)
+    temperature, momentum = at(tables["teacher_temperature"]), at(tables["momentum"])
+    (loss, terms), grads = jax.value_and_grad(dino.loss_fn, has_aux=True)(
+        state["params"], state["teacher"], batch, key, graphdef=program.graphdef,
+        abstract_state=program.abstract_params, config=config, patch_size=patch_size,
+        teacher_temperature=temperature)
+    updates, opt_state = program.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = {"step": step + 1, "params": params, "opt_state": opt_state,
+           "teacher": dino.ema_update(state["teacher"], params, momentum)}
+    # A non-finite loss skips the update (params, optimizer, teacher unchanged) but consumes the batch.
+    finite = jnp.isfinite(loss)
+    new = {k: (v if k == "step" else jax.tree.map(lambda a, b: jnp.where(finite, a, b), v, state[k]))
+           for k, v in new.items()}
+    metrics = {"loss": loss, **terms, "lr": at(tables["lr"]), "weight_decay": at(tables["weight_decay"]),
+               "momentum": momentum, "teacher_temperature": temperature,
+               "grad_norm": optax.global_norm(grads), "finite": finite}
+    return new, metrics
+
+
 def train(config: mlc.ConfigDict, workdir: str) -> int:
     """Runs (or resumes) the stage in `workdir`. Returns the process exit code."""
     distributed.maybe_initialize()
@@ -108,35 +176,18 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
     is_chief = jax.process_index() == 0
     if is_chief:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-
     mesh = sharding.make_mesh(config.mesh)
-    tables = {name: jnp.asarray(schedules.table_from_config(config.schedules[name], config.total_steps),
-                                jnp.float32) for name in SCHEDULE_NAMES}
     writer = metric_io.MetricWriter(workdir, enabled=is_chief)
 
     with sharding.activate(mesh, config.sharding_rules):
-        abstract_model = nnx.eval_shape(lambda: dino.build_model(config, config.seed))
-        graphdef, abstract_params = nnx.split(abstract_model)
-        param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
-        tx = optim.build_optimizer(nnx.to_pure_dict(abstract_params), config.optim, lr_table=tables["lr"],
-                                   wd_table=tables["weight_decay"], depth=config.model.depth)
-
-        def init_state() -> dict:
-            params = nnx.to_pure_dict(nnx.state(dino.build_model(config, config.seed)))
-            return {"step": jnp.zeros((), jnp.int32), "params": params, "teacher": params,
-                    "opt_state": tx.init(params)}
-
-        abstract_state = jax.eval_shape(init_state)
-        report = sharding.sharding_report(mesh, abstract_state["params"], param_specs)
+        program = build_program(config, mesh)
+        report = sharding.sharding_report(mesh, program.abstract_state["params"], program.param_specs)
         if is_chief:
             (workdir / "sharding_report.json").write_text(json.dumps(report, indent=1))
         logging.info("parameters: %.1f MB, %.1f MB per device on mesh %s", report["total_bytes"] / 2**20,
                      report["bytes_per_device"] / 2**20, report["mesh"])
         for name in report["large_replicated"]:
             logging.warning("large parameter %s is replicated on every device; check config.sharding_rules", name)
-        state_shardings = _state_shardings(mesh, abstract_state, param_specs, tx)
-        abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                      abstract_state, state_shardings)
 
         process_batch = config.global_batch_size // jax.process_count()
         dataset = pipeline.build_stage1_dataset(
@@ -148,33 +199,10 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
         latest = ckpt.latest_step()
         if latest is not None:
             logging.info("resuming from %s", workdir / "checkpoints" / str(latest))
-            state = ckpt.restore(latest, abstract_state, data_iterator)
+            state = ckpt.restore(latest, program.abstract_state, data_iterator)
         else:
-            state = jax.jit(init_state, out_shardings=state_shardings)()
-
-        def train_step(state: dict, batch: dict, *, patch_size: int) -> tuple[dict, dict]:
-            step = state["step"]
-            key = jax.random.fold_in(jax.random.key(config.seed), step)
-            at = functools.partial(schedules.value_at, step=step)
-            temperature, momentum = at(tables["teacher_temperature"]), at(tables["momentum"])
-            (loss, terms), grads = jax.value_and_grad(dino.loss_fn, has_aux=True)(
-                state["params"], state["teacher"], batch, key, graphdef=graphdef, abstract_state=abstract_params,
-                config=config, patch_size=patch_size, teacher_temperature=temperature)
-            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
-            new = {"step": step + 1, "params": params, "opt_state": opt_state,
-                   "teacher": dino.ema_update(state["teacher"], params, momentum)}
-            # A non-finite loss skips the update (params, optimizer, teacher unchanged) but consumes the batch.
-            finite = jnp.isfinite(loss)
-            new = {k: (v if k == "step" else jax.tree.map(lambda a, b: jnp.where(finite, a, b), v, state[k]))
-                   for k, v in new.items()}
-            metrics = {"loss": loss, **terms, "lr": at(tables["lr"]), "weight_decay": at(tables["weight_decay"]),
-                       "momentum": momentum, "teacher_temperature": temperature,
-                       "grad_norm": optax.global_norm(grads), "finite": finite}
-            return new, metrics
-
-        compiled = {p: jax.jit(functools.partial(train_step, patch_size=p), donate_argnums=(0,),
-                               out_shardings=(state_shardings, None)) for p in config.patch_sizes}
+            state = jax.jit(program.init_state, out_shardings=program.state_shardings)()
+        compiled = {p: program.train_step(config, p) for p in config.patch_sizes}
 
         stop = _StopFlag()
         step = int(jax.device_get(state["step"]))

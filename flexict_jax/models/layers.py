@@ -1,0 +1,117 @@
+"""Transformer building blocks of the FlexiCT backbone and heads (recipe §2.1, torch-format §2.4).
+
+Every parameter carries logical axis names (`nnx.with_partitioning`); the config maps them onto the mesh.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flexict_jax.models import rope
+
+LAYER_NORM_EPS = 1e-6  # recipe §2.1
+
+
+def trunc_normal(std: float = 0.02) -> nnx.Initializer:
+    """torch `trunc_normal_(std=std)`: N(0, std²) cut at ±2 in absolute units, i.e. at ±2/std sigmas.
+
+    jax's `truncated_normal(std)` cuts at ±2 sigmas and rescales, a visibly narrower distribution.
+    """
+    def init(key, shape, dtype=jnp.float32):
+        return std * jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, shape, dtype)
+    return init
+
+
+def linear(in_features: int, out_features: int, names: tuple[str | None, str | None], *, use_bias: bool = True,
+           rngs: nnx.Rngs) -> nnx.Linear:
+    """Linear layer with trunc-normal(0.02) kernel and zero bias (recipe §2.1); bias named by the output axis."""
+    return nnx.Linear(
+        in_features, out_features, use_bias=use_bias, rngs=rngs,
+        kernel_init=nnx.with_partitioning(trunc_normal(0.02), names),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)))
+
+
+def layer_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # Two-pass variance, as torch computes it (torch-format §2.7).
+    return nnx.LayerNorm(
+        dim, epsilon=LAYER_NORM_EPS, use_fast_variance=False, rngs=rngs,
+        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)))
+
+
+class LayerScale(nnx.Module):
+    def __init__(self, dim: int, init_value: float):
+        self.gamma = nnx.Param(jnp.full((dim,), init_value, jnp.float32), out_sharding=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x * self.gamma[...]
+
+
+class Mlp(nnx.Module):
+    def __init__(self, dim: int, hidden_dim: int, *, rngs: nnx.Rngs):
+        self.fc1 = linear(dim, hidden_dim, ("embed", "mlp"), rngs=rngs)
+        self.fc2 = linear(hidden_dim, dim, ("mlp", "embed"), rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with a fused bias-free qkv and RoPE on the patch tokens.
+
+    qkv kernel column = s·dim + h·head_dim + d for s in (q, k, v): the torch row order (torch-format §1.5).
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, rope_bf16: bool, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.rope_bf16 = rope_bf16
+        self.qkv = linear(dim, 3 * dim, ("embed", "qkv"), use_bias=False, rngs=rngs)
+        self.proj = linear(dim, dim, ("heads", "embed"), rngs=rngs)
+
+    def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+        batch, length, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q = rope.apply_rope(q, sin, cos, bf16=self.rope_bf16)
+        k = rope.apply_rope(k, sin, cos, bf16=self.rope_bf16)
+        out = jax.nn.dot_product_attention(q, k, v, scale=(dim // self.num_heads) ** -0.5)
+        return self.proj(out.reshape(batch, length, dim))
+
+
+def batch_subset_residual(x: jax.Array, branch: Callable[[jax.Array], jax.Array], rate: float,
+                          key: jax.Array | None) -> jax.Array:
+    """x + branch(x), with DINOv2's batch-subset stochastic depth when `key` is given (recipe §2.1).
+
+    A random subset of max(int(B·(1-rate)), 1) samples gets the branch, scaled by B/subset; the others skip
+    it. Unlike per-sample Bernoulli drop-path, the branch is only computed for the subset.
+    """
+    batch = x.shape[0]
+    subset = max(int(batch * (1.0 - rate)), 1)
+    if key is None or subset == batch:
+        return x + branch(x)
+    index = jax.random.permutation(key, batch)[:subset]
+    return x.at[index].add(branch(x[index]) * (batch / subset))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block with LayerScale on both residual branches (torch-format §2.4)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, layerscale_init: float,
+                 drop_path_rate: float, rope_bf16: bool, rngs: nnx.Rngs):
+        self.drop_path_rate = drop_path_rate
+        self.norm1 = layer_norm(dim, rngs=rngs)
+        self.attn = Attention(dim, num_heads, rope_bf16=rope_bf16, rngs=rngs)
+        self.ls1 = LayerScale(dim, layerscale_init)
+        self.norm2 = layer_norm(dim, rngs=rngs)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs)
+        self.ls2 = LayerScale(dim, layerscale_init)
+
+    def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """key: None for the deterministic forward; otherwise drives stochastic depth (train mode)."""
+        attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
+        x = batch_subset_residual(
+            x, lambda h: self.ls1(self.attn(self.norm1(h), sin, cos)), self.drop_path_rate, attn_key)
+        return batch_subset_residual(x, lambda h: self.ls2(self.mlp(self.norm2(h))), self.drop_path_rate, mlp_key)
