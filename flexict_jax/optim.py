@@ -3,7 +3,7 @@
 The trainable parameters are a nested dict {submodule: {...}} (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`).
 `param_groups` gives every leaf its static group info; `build_optimizer` turns it into
 
-    per-submodule grad-norm clip → Adam moments (idle leaves excluded) → torch-style lr / weight-decay scaling
+    drop idle gradients → per-submodule grad-norm clip → Adam → torch-style lr / weight-decay scaling
 
 with the schedule step kept in the optimizer state, so a restored state resumes the schedules.
 """
@@ -35,7 +35,7 @@ class ParamGroup:
     lr_mult: float  # layer-wise decay × patch-embed multiplier
     wd_mult: float  # 0 or 1
     is_last_layer: bool  # head prototype layer: LR 0 during the last-layer freeze
-    is_frozen: bool  # idle in this stage: no update, no weight decay, no Adam moments
+    is_frozen: bool  # idle in this stage: no gradient, no update, no weight decay
     clip_group: str  # top-level submodule whose gradient norm is clipped together
 
 
@@ -129,12 +129,22 @@ def param_groups(params: Any, *, depth: int, layer_decay: float, patch_embed_lr_
     return jax.tree_util.tree_map_with_path(group, params)
 
 
+def drop_idle_gradients(groups: Any) -> optax.GradientTransformation:
+    """Zeroes the gradient of idle leaves. Torch has no gradient for them at all, so they count in no clip
+    norm and their Adam moments stay zero (recipe §14.1)."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, info: jnp.zeros_like(u) if info.is_frozen else u, updates, groups), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def submodule_norms(updates: Any, groups: Any) -> dict[str, jax.Array]:
-    """Global L2 norm of `updates` per clip group (top-level submodule); idle leaves do not count."""
+    """Global L2 norm of `updates` per clip group (top-level submodule)."""
     squares: dict[str, list[jax.Array]] = {}
     for update, info in zip(jax.tree.leaves(updates), jax.tree.leaves(groups)):
-        if not info.is_frozen:
-            squares.setdefault(info.clip_group, []).append(jnp.sum(jnp.square(update.astype(jnp.float32))))
+        squares.setdefault(info.clip_group, []).append(jnp.sum(jnp.square(update.astype(jnp.float32))))
     return {name: jnp.sqrt(sum(terms)) for name, terms in squares.items()}
 
 
@@ -228,10 +238,12 @@ def build_optimizer(params: Any, optim_cfg: ml_collections.ConfigDict, *, lr_tab
     unknown = sorted(set(optim_cfg.unclipped) - submodules)
     if unknown:
         raise ValueError(f"config optim.unclipped names {unknown}, which are not submodules {sorted(submodules)}")
-    trainable = jax.tree.map(lambda info: not info.is_frozen, groups)
     b1, b2 = optim_cfg.betas
+    # Idle leaves keep (zero) Adam moments instead of being masked out: the state then mirrors the params
+    # everywhere, so optax.tree_utils.tree_map_params can shard it, at the cost of two idle patch-embed copies.
     return optax.chain(
+        drop_idle_gradients(groups),
         clip_by_submodule_norm(groups, float(optim_cfg.clip_grad), list(optim_cfg.unclipped)),
-        optax.masked(optax.scale_by_adam(b1=b1, b2=b2, eps=optim_cfg.eps), trainable),
+        optax.scale_by_adam(b1=b1, b2=b2, eps=optim_cfg.eps),
         scale_by_param_groups(groups, lr_table, wd_table, int(optim_cfg.freeze_last_layer_steps)),
     )

@@ -1,0 +1,109 @@
+"""The FlexiCT ViT backbone (`fleximeddinov3_base`; recipe §2.1, torch-format §1–§2).
+
+One module serves 2-D slices and 3-D volumes: the input rank picks the patch embedding and the RoPE, as
+upstream does, and both patch embeddings always exist (every FlexiCT checkpoint carries both).
+Token order is [CLS, storage×4, patches]; patches are row-major over (D,) H, W.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flexict_jax import sharding
+from flexict_jax.models import rope
+from flexict_jax.models.layers import Block, layer_norm
+from flexict_jax.models.patch_embed import PatchEmbed
+
+RESIDUAL_AXES = ("batch", "length", "act_embed")
+
+
+class VisionTransformer(nnx.Module):
+    """Defaults are the released 144M backbone: 864 wide, 16 deep, 12 heads, 4 storage tokens, patch 8."""
+
+    def __init__(self, *, dim: int = 864, depth: int = 16, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 num_storage_tokens: int = 4, in_chans: int = 1, base_patch_size: int = 8,
+                 layerscale_init: float = 1e-5, drop_path_rate: float = 0.0, rope_base: float = 100.0,
+                 rope_rescale: float | None = 2.0, rope_bf16: bool = False, remat: bool = False,
+                 rngs: nnx.Rngs):
+        """
+        drop_path_rate: batch-subset stochastic depth, the same rate in every block (recipe §2.1).
+        rope_rescale: r of the training-time coordinate rescale s = exp(U(-ln r, ln r)); None = off.
+        rope_bf16: emulate upstream's bf16 RoPE (needed for parity with released checkpoints).
+        remat: recompute each block in the backward pass instead of storing its activations.
+        """
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        rope.check_head_dim(dim // num_heads)
+        if rope_rescale is not None and rope_rescale < 1.0:
+            raise ValueError(f"rope_rescale must be >= 1 (a max factor) or None, got {rope_rescale}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        self.dim = dim
+        self.num_storage_tokens = num_storage_tokens
+        self.drop_path_rate = drop_path_rate
+        self.rope_rescale = rope_rescale
+        self.rope_bf16 = rope_bf16
+        self.remat = remat
+        head_dim = dim // num_heads
+        # Constants, not parameters: the exporter writes them as the `rope_embed_*.periods` buffers.
+        self.rope_periods = {n: rope.rope_periods(head_dim, n, rope_base, bf16=rope_bf16) for n in (2, 3)}
+
+        self.patch_embed_2d = PatchEmbed(2, in_chans, dim, base_patch_size, rngs=rngs)
+        self.patch_embed_3d = PatchEmbed(3, in_chans, dim, base_patch_size, rngs=rngs)
+        token_init = nnx.initializers.normal(0.02)
+        self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, dim)), out_sharding=(None, None, "embed"))
+        self.storage_tokens = nnx.Param(token_init(rngs.params(), (1, num_storage_tokens, dim)),
+                                        out_sharding=(None, None, "embed"))
+        self.mask_token = nnx.Param(jnp.zeros((1, dim)), out_sharding=(None, "embed"))
+        self.blocks = nnx.List([
+            Block(dim, num_heads, mlp_ratio, layerscale_init=layerscale_init, drop_path_rate=drop_path_rate,
+                  rope_bf16=rope_bf16, rngs=rngs)
+            for _ in range(depth)])
+        self.norm = layer_norm(dim, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, patch_size: int, masks: jax.Array | None = None, train: bool = False,
+                 key: jax.Array | None = None) -> dict[str, jax.Array]:
+        """Encodes [B, H, W, C] slices or [B, D, H, W, C] volumes.
+
+        masks: bool [B, N]; masked patch embeddings are replaced by the mask token (iBOT).
+        train: stochastic depth and the RoPE coordinate rescale, all randomness drawn from `key`.
+        Returns cls [B, dim], storage [B, S, dim], patch [B, N, dim] (after the final norm) and prenorm
+        [B, 1+S+N, dim] (before it).
+        """
+        if x.ndim not in (4, 5):
+            raise ValueError(f"expected [B, H, W, C] or [B, D, H, W, C] input, got shape {x.shape}")
+        patch_embed = self.patch_embed_2d if x.ndim == 4 else self.patch_embed_3d
+        tokens, grid = patch_embed(x, patch_size)
+        batch = tokens.shape[0]
+        if masks is not None:
+            if masks.shape != tokens.shape[:2]:
+                raise ValueError(f"masks shape {masks.shape} does not match the {tokens.shape[:2]} patch tokens")
+            tokens = jnp.where(masks[..., None], self.mask_token[...][None], tokens)
+        prefix = [jnp.broadcast_to(self.cls_token[...], (batch, 1, self.dim)),
+                  jnp.broadcast_to(self.storage_tokens[...], (batch, self.num_storage_tokens, self.dim))]
+        h = sharding.constrain(jnp.concatenate(prefix + [tokens], axis=1), RESIDUAL_AXES)
+
+        block_keys = [None] * len(self.blocks)
+        rescale = None
+        if train and (self.drop_path_rate > 0.0 or self.rope_rescale is not None):
+            if key is None:
+                raise ValueError("train=True needs a PRNG `key` for stochastic depth and the RoPE rescale")
+            rope_key, blocks_key = jax.random.split(key)
+            if self.drop_path_rate > 0.0:
+                block_keys = list(jax.random.split(blocks_key, len(self.blocks)))
+            if self.rope_rescale is not None:
+                rescale = rope.sample_rescale(rope_key, self.rope_rescale, bf16=self.rope_bf16)
+        sin, cos = rope.rope_sincos(grid, self.rope_periods[len(grid)], rescale=rescale, bf16=self.rope_bf16)
+
+        for block, block_key in zip(self.blocks, block_keys):
+            if self.remat:
+                h = nnx.remat(Block.__call__)(block, h, sin, cos, block_key)
+            else:
+                h = block(h, sin, cos, block_key)
+            h = sharding.constrain(h, RESIDUAL_AXES)
+
+        normed = self.norm(h)
+        prefix_len = 1 + self.num_storage_tokens
+        return {"cls": normed[:, 0], "storage": normed[:, 1:prefix_len], "patch": normed[:, prefix_len:],
+                "prenorm": h}
