@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import platform
 import statistics
 import sys
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import common, stage1  # noqa: E402
 from flexict_jax import sharding, trainer  # noqa: E402
 
@@ -128,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
-        __import__("pathlib").Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        __import__("pathlib").Path(args.out).write_text(text)
+        out = pathlib.Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections as mlc
 
 from configs import common
+from flexict_jax.optim import lr_scale_sqrt_1024
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
@@ -56,8 +57,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         # the loss independent of the device count
         student_temperature=0.1, sinkhorn_iterations=3))
 
-    # Recipe §4: lr = base * 4 * sqrt(global_batch / 1024) (`sqrt_wrt_1024`), peak and end alike.
-    lr_scale = 4 * (c.get_ref("global_batch_size") / 1024) ** 0.5
+    # Recipe §4: lr = base * 4 * sqrt(global_batch / 1024) (`sqrt_wrt_1024`), peak and end alike; a reference,
+    # so --config.global_batch_size=... rescales it.
+    lr_scale = lr_scale_sqrt_1024(c.get_ref("global_batch_size"))
     c.schedules = mlc.ConfigDict(dict(
         lr=common.schedule(0.0, 2e-4 * lr_scale, 2e-4 * lr_scale, warmup_steps=30_000),
         weight_decay=common.constant(0.04),

@@ -10,7 +10,7 @@ with the schedule step kept in the optimizer state, so a restored state resumes 
 from __future__ import annotations
 
 import dataclasses
-import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -39,11 +39,14 @@ class ParamGroup:
     clip_group: str  # top-level submodule whose gradient norm is clipped together
 
 
-def lr_scale_sqrt_1024(global_batch: int) -> float:
-    """LR factor of the `sqrt_wrt_1024` scaling rule (recipe §4), applied to peak and end LR."""
-    if global_batch <= 0:
+def lr_scale_sqrt_1024(global_batch: Any) -> Any:
+    """LR factor of the `sqrt_wrt_1024` scaling rule, 4·√(global_batch/1024), for peak and end LR (recipe §4).
+
+    Also takes an ml_collections FieldReference, so a config's LR follows later overrides of the batch size.
+    """
+    if isinstance(global_batch, numbers.Real) and not global_batch > 0:
         raise ValueError(f"global batch must be positive, got {global_batch}")
-    return 4.0 * math.sqrt(global_batch / 1024)
+    return 4 * (global_batch / 1024) ** 0.5
 
 
 def leaf_path(path: tuple[Any, ...]) -> str:
@@ -227,7 +230,7 @@ def build_optimizer(params: Any, optim_cfg: ml_collections.ConfigDict, *, lr_tab
 
     `optim_cfg` keys: clip_grad, unclipped, betas, eps, layer_decay, patch_embed_lr_mult,
     freeze_last_layer_steps, idle_patterns, and optionally no_weight_decay (path prefixes, see
-    `param_groups`). `lr_table`/`wd_table` hold one value per step (`schedules.schedule_table`).
+    `param_groups`). `lr_table`/`wd_table` hold one value per step (`schedules.table_from_config`).
     """
     _checked_config(optim_cfg)
     groups = param_groups(params, depth=depth, layer_decay=optim_cfg.layer_decay,

@@ -41,19 +41,18 @@ def linear_warmup_cosine_decay(*, start: float, peak: float, end: float, warmup_
     return np.concatenate([warmup, cosine, constant]).astype(np.float64)
 
 
-def schedule_table(section: ml_collections.ConfigDict, total_steps: int, *, scale: float = 1.0,
-                   name: str = "schedule") -> jax.Array:
+def table_from_config(section: ml_collections.ConfigDict, total_steps: int, *, name: str = "schedule") -> jax.Array:
     """A float32 device table from a config section with keys start, peak, end, warmup_steps, cosine_steps.
 
-    `scale` multiplies peak and end but not start, as the LR batch-scaling rule does (recipe §4). `name` is the
-    section's config path, used in error messages. `cosine_steps` may be None for "the rest of training".
+    `cosine_steps` may be None for "the rest of training". `name` is the section's config path (e.g.
+    "schedules.lr"), used in error messages.
     """
     missing = [key for key in SCHEDULE_KEYS if key not in section]
     if missing:
         raise KeyError(f"config {name} lacks key(s) {missing}; a schedule needs {list(SCHEDULE_KEYS)}")
     try:
         table = linear_warmup_cosine_decay(
-            start=float(section.start), peak=float(section.peak) * scale, end=float(section.end) * scale,
+            start=float(section.start), peak=float(section.peak), end=float(section.end),
             warmup_steps=int(section.warmup_steps), total_steps=int(total_steps),
             cosine_steps=None if section.cosine_steps is None else int(section.cosine_steps))
     except ValueError as e:

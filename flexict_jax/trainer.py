@@ -122,8 +122,9 @@ class Program:
 
 def build_program(config: mlc.ConfigDict, mesh: Mesh) -> Program:
     """Abstract model, optimizer and state shardings. Call inside `sharding.activate(mesh, rules)`."""
-    tables = {name: jnp.asarray(schedules.table_from_config(config.schedules[name], config.total_steps),
-                                jnp.float32) for name in SCHEDULE_NAMES}
+    tables = {name: schedules.table_from_config(config.schedules[name], config.total_steps,
+                                                name=f"schedules.{name}")
+              for name in SCHEDULE_NAMES}
     abstract_model = nnx.eval_shape(lambda: dino.build_model(config, config.seed))
     graphdef, abstract_params = nnx.split(abstract_model)
     param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))

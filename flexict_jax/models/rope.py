@@ -51,7 +51,7 @@ def rope_periods(head_dim: int, num_axes: int, base: float = 100.0, bf16: bool =
     return (np.float32(base) ** exponent).astype(bf).astype(np.float32)
 
 
-def rope_sincos(grid: Sequence[int], periods: np.ndarray, *, rescale: jax.Array | None = None,
+def rope_sincos(grid: Sequence[int], periods: Sequence[float] | np.ndarray, *, rescale: jax.Array | None = None,
                 bf16: bool = False) -> tuple[jax.Array, jax.Array]:
     """(sin, cos) tables, each [prod(grid), 2·len(grid)·len(periods)], rows in row-major grid order.
 

@@ -47,7 +47,8 @@ class VisionTransformer(nnx.Module):
         self.remat = remat
         head_dim = dim // num_heads
         # Constants, not parameters: the exporter writes them as the `rope_embed_*.periods` buffers.
-        self.rope_periods = {n: rope.rope_periods(head_dim, n, rope_base, bf16=rope_bf16) for n in (2, 3)}
+        self.rope_periods_2d = tuple(rope.rope_periods(head_dim, 2, rope_base, bf16=rope_bf16).tolist())
+        self.rope_periods_3d = tuple(rope.rope_periods(head_dim, 3, rope_base, bf16=rope_bf16).tolist())
 
         self.patch_embed_2d = PatchEmbed(2, in_chans, dim, base_patch_size, rngs=rngs)
         self.patch_embed_3d = PatchEmbed(3, in_chans, dim, base_patch_size, rngs=rngs)
@@ -94,7 +95,8 @@ class VisionTransformer(nnx.Module):
                 block_keys = list(jax.random.split(blocks_key, len(self.blocks)))
             if self.rope_rescale is not None:
                 rescale = rope.sample_rescale(rope_key, self.rope_rescale, bf16=self.rope_bf16)
-        sin, cos = rope.rope_sincos(grid, self.rope_periods[len(grid)], rescale=rescale, bf16=self.rope_bf16)
+        periods = self.rope_periods_2d if len(grid) == 2 else self.rope_periods_3d
+        sin, cos = rope.rope_sincos(grid, periods, rescale=rescale, bf16=self.rope_bf16)
 
         for block, block_key in zip(self.blocks, block_keys):
             if self.remat:

@@ -1,0 +1,47 @@
+"""DINO / iBOT projection head (recipe §2.4): the two heads are separate instances of this one class."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flexict_jax.models.layers import linear
+
+NORMALIZE_EPS = 1e-12  # torch F.normalize
+
+
+class DINOHead(nnx.Module):
+    """3-layer GELU MLP -> L2-normalised bottleneck -> prototype logits (no bias, no weight norm).
+
+    Parameters: mlp.fc1, mlp.fc2, mlp.fc3 (kernel, bias) and last_layer.kernel; trunc-normal(0.02), zero bias.
+    """
+
+    def __init__(self, in_dim: int, *, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 num_prototypes: int = 65536, rngs: nnx.Rngs):
+        self.mlp = _HeadMlp(in_dim, hidden_dim, bottleneck_dim, rngs=rngs)
+        self.last_layer = linear(bottleneck_dim, num_prototypes, ("bottleneck", "proto"), use_bias=False, rngs=rngs)
+
+    def bottleneck(self, x: jax.Array) -> jax.Array:
+        """The L2-normalised bottleneck features [..., bottleneck_dim]."""
+        z = self.mlp(x)
+        norm = jnp.linalg.norm(z, axis=-1, keepdims=True)
+        return z / jnp.maximum(norm, NORMALIZE_EPS)
+
+    def prototypes(self, z: jax.Array) -> jax.Array:
+        """Prototype logits [..., num_prototypes] of normalised bottleneck features."""
+        return self.last_layer(z)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.prototypes(self.bottleneck(x))
+
+
+class _HeadMlp(nnx.Module):
+    def __init__(self, in_dim: int, hidden_dim: int, bottleneck_dim: int, *, rngs: nnx.Rngs):
+        self.fc1 = linear(in_dim, hidden_dim, ("embed", "head_mlp"), rngs=rngs)
+        self.fc2 = linear(hidden_dim, hidden_dim, ("head_mlp", "head_mlp2"), rngs=rngs)
+        self.fc3 = linear(hidden_dim, bottleneck_dim, ("head_mlp2", "bottleneck"), rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jax.nn.gelu(self.fc1(x), approximate=False)
+        x = jax.nn.gelu(self.fc2(x), approximate=False)
+        return self.fc3(x)
