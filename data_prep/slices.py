@@ -42,13 +42,14 @@ import uuid
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+import tensorstore as ts
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from flexict_jax.data import records, volume_store
 from flexict_jax.data.slice_source import INDEX_FILE, SLICES_FORMAT
 from flexict_jax.progress import Progress
 
-BODY_HU = -500.0  # above this a voxel is tissue rather than air or lung-free background
+BODY_HU = -500.0  # above this a voxel is body tissue (air is about -1000 HU, fat about -100 HU)
 PAD_HU = -1000.0  # air, what upstream pads with (recipe §5)
 READ_CHUNK_Z = 32  # slices read from the store at a time; bounds memory on large volumes
 WRITER_OPTIONS = "group_size:1,zstd:3"  # group_size 1: every record is randomly accessible (jax_stack.md)
@@ -110,12 +111,12 @@ def fov_weights(n_in: int, spacing_in: float, centre_mm: float, fov_mm: float, s
     return matrix, matrix.sum(axis=1)
 
 
-def body_centre(volume, shape: Sequence[int], spacing: Sequence[float]) -> tuple[float, float]:
+def body_centre(volume: ts.TensorStore, shape: Sequence[int], spacing: Sequence[float]) -> tuple[float, float]:
     """(y, x) mm of the centre of the body bounding box over all slices; the grid centre if there is no body."""
     nz, ny, nx = shape
     footprint = np.zeros((ny, nx), bool)
     for z0 in range(0, nz, READ_CHUNK_Z):
-        chunk = volume[z0:z0 + READ_CHUNK_Z].read().result()
+        chunk = volume[z0:min(z0 + READ_CHUNK_Z, nz)].read().result()  # TensorStore does not clip
         footprint |= (chunk > BODY_HU).any(axis=0)
     centre = []
     for axis, n, step in ((1, ny, spacing[1]), (0, nx, spacing[2])):
@@ -125,19 +126,21 @@ def body_centre(volume, shape: Sequence[int], spacing: Sequence[float]) -> tuple
     return centre[0], centre[1]
 
 
-def _checked_geometry(entry: dict, volume) -> tuple[tuple[int, int, int], tuple[float, float, float], float]:
-    """(shape, spacing, S of z_index 0) of a manifest entry, checked against the stored array."""
+def _checked_geometry(entry: dict, volume: ts.TensorStore, path: pathlib.Path
+                      ) -> tuple[tuple[int, int, int], tuple[float, float, float], float]:
+    """(shape, spacing, S of z_index 0) of a manifest entry, checked against the stored array at `path`."""
     shape = tuple(int(n) for n in volume.shape)
     if volume.dtype.numpy_dtype != np.int16 or len(shape) != 3:
-        raise ValueError(f"expected an int16 (z, y, x) volume, found {volume.dtype.numpy_dtype} {list(shape)}")
+        raise ValueError(f"{path}: expected an int16 (z, y, x) volume, "
+                         f"found {volume.dtype.numpy_dtype} {list(shape)}")
     if list(shape) != list(entry["shape"]):
-        raise ValueError(f"stored shape {list(shape)} differs from the manifest shape {entry['shape']}")
+        raise ValueError(f"{path}: stored shape {list(shape)} differs from the manifest shape {entry['shape']}")
     spacing = tuple(float(s) for s in entry["spacing"])
     if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(f"manifest spacing {entry['spacing']} is not three positive mm values")
+        raise ValueError(f"{path}: manifest spacing {entry['spacing']} is not three positive mm values")
     origin = [float(o) for o in entry["origin_lps"]]
     if len(origin) != 3 or not all(math.isfinite(o) for o in origin):
-        raise ValueError(f"manifest origin_lps {entry['origin_lps']} is not three finite mm values")
+        raise ValueError(f"{path}: manifest origin_lps {entry['origin_lps']} is not three finite mm values")
     return shape, spacing, origin[2]
 
 
@@ -145,8 +148,9 @@ def volume_slices(dataset_dir: pathlib.Path, entry: dict, options: SliceOptions)
     """Resamples and filters the axial slices of one manifest entry; never raises for a bad volume."""
     result = VolumeSlices(volume_id=str(entry.get("id")), subject=entry.get("subject"))
     try:
-        volume = volume_store.open_volume(dataset_dir / entry["path"])
-        shape, spacing, s_origin = _checked_geometry(entry, volume)
+        path = dataset_dir / entry["path"]
+        volume = volume_store.open_volume(path)
+        shape, spacing, s_origin = _checked_geometry(entry, volume, path)
         centre_y, centre_x = body_centre(volume, shape, spacing)
         wy, inside_y = fov_weights(shape[1], spacing[1], centre_y, options.fov_mm, options.size)
         wx, inside_x = fov_weights(shape[2], spacing[2], centre_x, options.fov_mm, options.size)
@@ -338,7 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="side of the square field of view in mm (default %(default)s, recipe §5)")
     parser.add_argument("--size", type=int, default=defaults.size, help="stored pixels per side (default %(default)s)")
     parser.add_argument("--min-body-fraction", type=float, default=defaults.min_body_fraction,
-                        help="keep slices whose field of view is at least this fraction > -500 HU (default %(default)s)")
+                        help="keep slices whose field of view is at least this fraction > -500 HU "
+                             "(default %(default)s)")
     parser.add_argument("--every", type=int, default=defaults.every,
                         help="keep every K-th axial slice, z_index %% K == 0 (default %(default)s)")
     parser.add_argument("--split", default=None, help="only volumes whose manifest split is this (default: all)")

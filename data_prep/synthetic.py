@@ -108,7 +108,7 @@ def make_phantom(seed: int, index: int, shape: Sequence[int] = DEFAULT_SHAPE,
         in_plane_fov, z_extent = rng.uniform(340.0, 380.0), rng.uniform(180.0, 240.0)
         spacing = (z_extent / shape[0], in_plane_fov / shape[1], in_plane_fov / shape[2])
     spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != 3 or min(spacing) <= 0:
+    if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
         raise ValueError(f"spacing must be three positive sizes in mm (sz, sy, sx), got {spacing}")
     sz, sy, sx = spacing
     nz, ny, nx = shape
@@ -209,7 +209,7 @@ def make_phantom(seed: int, index: int, shape: Sequence[int] = DEFAULT_SHAPE,
     if lesions:
         _add_lesions(rng, label, x, y, z)
 
-    hu = _hounsfield(rng, label, contrast, z, y_vert, r_vert, x, y)
+    hu = _hounsfield(rng, label, contrast, x, y, y_vert, r_vert)
     origin_lps = (rng.uniform(-220.0, -150.0), rng.uniform(-220.0, -150.0), rng.uniform(-700.0, -100.0))
     return Phantom(hu=hu, label=label, spacing=spacing, origin_lps=origin_lps,
                    orientation=ORIENTATIONS[index % len(ORIENTATIONS)])
@@ -231,7 +231,7 @@ def _add_lesions(rng: np.random.Generator, label: np.ndarray, x, y, z) -> None:
         _paint(label, _ellipsoid(x, y, z, centre, radii), "lesion", where=(host,))
 
 
-def _hounsfield(rng: np.random.Generator, label: np.ndarray, contrast: bool, z, y_vert, r_vert, x, y
+def _hounsfield(rng: np.random.Generator, label: np.ndarray, contrast: bool, x, y, y_vert: float, r_vert: float
                 ) -> np.ndarray:
     """Per-label HU (textbook values, jittered per volume), partial-volume blur and scanner noise."""
     blood = rng.uniform(150.0, 250.0) if contrast else rng.uniform(35.0, 50.0)
@@ -248,7 +248,7 @@ def _hounsfield(rng: np.random.Generator, label: np.ndarray, contrast: bool, z, 
         "heart": blood,
         "vertebrae": rng.uniform(900.0, 1100.0),  # cortical shell; the cancellous core is set below
         "ribs": rng.uniform(700.0, 900.0),
-        "lesion": 0.0,  # set per lesion host below
+        "lesion": 0.0,  # set per lesion below
     }
     mean_hu["lung_right"] = mean_hu["lung_left"]
     mean_hu["kidney_right"] = mean_hu["kidney_left"]
@@ -298,7 +298,7 @@ def nifti_pair(phantom: Phantom) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     return images[0], images[1]
 
 
-def output_paths(output: pathlib.Path, count: int) -> list[pathlib.Path]:
+def _output_paths(output: pathlib.Path, count: int) -> list[pathlib.Path]:
     names = [f"phantom_{i:03d}{suffix}.nii.gz" for i in range(count) for suffix in ("", "_label")]
     return [output / name for name in names] + [output / "labels.json"]
 
@@ -326,7 +326,7 @@ def write_phantoms(output: pathlib.Path, count: int, seed: int = 0, shape: Seque
     output = pathlib.Path(output)
     if output.exists() and not output.is_dir():
         raise NotADirectoryError(f"{output} exists and is not a directory")
-    existing = [p for p in output_paths(output, count) if p.exists()]
+    existing = [p for p in _output_paths(output, count) if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{len(existing)} output file(s) already exist in {output}, e.g. {existing[0].name}; "
                               "pass --overwrite to replace them")
@@ -344,6 +344,7 @@ def write_phantoms(output: pathlib.Path, count: int, seed: int = 0, shape: Seque
             bar.advance(1, f"{path.name} {phantom.orientation}")
     if bar:
         bar.close()
+    # labels.json goes last: its presence marks a complete set (launch/quickstart.sh relies on it).
     labels_json = output / "labels.json"
     tmp = labels_json.with_name(f".tmp-{os.getpid()}-labels.json")
     tmp.write_text(json.dumps({str(k): v for k, v in LABELS.items()}, indent=1) + "\n")

@@ -7,7 +7,6 @@ Pure numpy/scipy on 2-D float32 images. Each transform reproduces the MONAI clas
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import numpy as np
@@ -58,22 +57,12 @@ def scale_intensity(image: np.ndarray, factor: float) -> np.ndarray:
     return (image * np.float32(1.0 + factor)).astype(np.float32)
 
 
-def _nearest_matrix(in_size: int, out_size: int) -> np.ndarray:
+def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
     # torch F.interpolate(mode="nearest") (legacy, not "nearest-exact"): source index floor(dst·in/out), with
-    # the scale and the product in float32 as torch computes them.
+    # the scale and the product in float32 as torch computes them (float64 picks other pixels, e.g. 60 -> 44).
     scale = np.float32(in_size) / np.float32(out_size)
-    src = np.minimum(np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64), in_size - 1)
-    matrix = np.zeros((out_size, in_size), dtype=np.float32)
-    matrix[np.arange(out_size), src] = 1.0
-    return matrix
-
-
-@functools.lru_cache(maxsize=512)
-def _low_resolution_matrix(size: int, low: int) -> np.ndarray:
-    # Nearest down to `low`, then linear (align_corners=False) back up: one [size, size] operator per axis.
-    matrix = resize.resize_matrix(low, size, "linear", antialias=False).astype(np.float32) @ _nearest_matrix(size, low)
-    matrix.flags.writeable = False
-    return matrix
+    src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(src, in_size - 1)
 
 
 def simulate_low_resolution(image: np.ndarray, zoom: float) -> np.ndarray:
@@ -82,10 +71,12 @@ def simulate_low_resolution(image: np.ndarray, zoom: float) -> np.ndarray:
     Upstream keeps MONAI's default `upsample_mode="trilinear"`, which MONAI maps to bilinear for 2-D input; no
     antialiasing on either step, align_corners=False.
     """
-    low = [max(int(v), 1) for v in np.round(np.array(image.shape) * zoom)]
-    rows = _low_resolution_matrix(image.shape[0], low[0])
-    cols = _low_resolution_matrix(image.shape[1], low[1])
-    return rows @ image.astype(np.float32, copy=False) @ cols.T
+    (height, width), image = image.shape, image.astype(np.float32, copy=False)
+    low_h, low_w = (max(int(v), 1) for v in np.round(np.array(image.shape) * zoom))
+    low = image[np.ix_(_nearest_indices(height, low_h), _nearest_indices(width, low_w))]
+    rows = resize.resize_matrix(low_h, height, "linear", antialias=False).astype(np.float32)
+    cols = resize.resize_matrix(low_w, width, "linear", antialias=False).astype(np.float32)
+    return rows @ low @ cols.T
 
 
 def adjust_contrast(image: np.ndarray, gamma: float) -> np.ndarray:

@@ -1,0 +1,434 @@
+"""Offline CT ingest: NIfTI files and DICOM series -> canonical LPS, resampled, int16 zarr3 volumes + manifest.
+
+    python -m data_prep.ingest --input RAW_DIR [MORE ...] --output DATASET_DIR [--spacing 1.5,1.5,1.5]
+
+Each source volume is reoriented to LPS (axes z, y, x), resampled in float to the target spacing (linear for
+images, nearest for label maps; `--spacing native` only reorients, exactly), rounded, clipped to int16 HU and
+written with `flexict_jax.data.volume_store`, which defines the output format. Label maps sit beside their
+image as `<name>_label.nii.gz` or `<name>_seg.nii.gz` (for a DICOM series folder `X/`, `X_label.nii.gz` beside
+the folder) and are mapped onto the image's output grid through world coordinates.
+
+Oblique sources (direction cosines off the world axes) are resampled in world space onto the axis-aligned
+bounding box of their voxels; the corners outside the source get -1024 HU (labels 0).
+
+Re-running skips sources already in the manifest (same content sha256). A volume is listed only after its
+arrays are committed; temporary and unlisted arrays left by an interrupted run are removed on the next run.
+A bad source is reported with its path and the reason, and the rest of the batch goes on.
+Exit status: 0 all written or already present, 2 some sources refused, 1 fatal (nothing to ingest, bad
+arguments, unreadable manifest, another ingest running on DATASET_DIR).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import csv
+import dataclasses
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from data_prep import dicom, geometry, readers
+from flexict_jax.data import volume_store
+from flexict_jax.progress import Progress
+
+EXIT_OK, EXIT_FATAL, EXIT_REFUSED = 0, 1, 2
+DEFAULT_SPACING = (1.5, 1.5, 1.5)  # recipe §5: the slice builder's README spacing, mm (z, y, x)
+IMAGE_FILL_HU = -1024  # air, outside the source field of view
+LABEL_FILL = 0
+LOCK_NAME = ".ingest.lock"
+
+
+class FatalError(Exception):
+    """Stops the whole run (exit 1)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One source volume found in the inputs."""
+    name: str                          # volume id before de-duplication, from the file or folder name
+    source: str                        # the NIfTI file or DICOM series folder, as given on the command line
+    series: dicom.DicomSeries | None   # None for NIfTI
+    label: str | None                  # the label-map NIfTI beside it
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    candidate: Candidate
+    volume_id: str
+    source_sha256: str
+    subject: str
+    dataset_dir: str
+    spacing: tuple[float, float, float] | None   # None = native
+    extra: dict                                  # licence / split, copied into the manifest entry
+
+
+# --- discovery -----------------------------------------------------------------------------------------------
+
+def _walk(given: str, skip: set[str]) -> Iterator[str]:
+    """Files under `given` in sorted order, as paths that start with `given`; hidden entries, zarr arrays and
+    `skip` (the output directory) are left out."""
+    for root, dirs, files in os.walk(given):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.endswith(".zarr")
+                         and os.path.realpath(os.path.join(root, d)) not in skip)
+        yield from (os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
+
+
+def _labels_beside(directory: str, name: str) -> list[str]:
+    return [os.path.join(directory, name + suffix + ext) for suffix in readers.LABEL_SUFFIXES
+            for ext in readers.NIFTI_SUFFIXES if os.path.isfile(os.path.join(directory, name + suffix + ext))]
+
+
+def sanitize_id(name: str) -> str:
+    """A volume id usable as a file name: [A-Za-z0-9._-], not hidden."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "volume"
+
+
+def discover(inputs: Sequence[str], output_dir: str) -> tuple[list[Candidate], list[str], int]:
+    """Finds the source volumes in `inputs` (files or folders, searched recursively).
+
+    Returns (candidates sorted by source, problems as "path: reason", number of ignored non-CT files).
+    """
+    skip = {os.path.realpath(output_dir)}
+    images, labels, others = [], [], []
+    for given in inputs:
+        if os.path.isdir(given):
+            files = list(_walk(given, skip))
+        elif os.path.isfile(given):
+            files = [given]
+        else:
+            raise FatalError(f"{given}: no such file or directory")
+        for f in files:
+            (labels if readers.is_label_name(f) else images if readers.is_nifti(f) else others).append(f)
+
+    problems = []
+    series, damaged, not_dicom = dicom.find_series(others)
+    problems += [f"{path}: {reason}" for path, reason in damaged]
+    found: dict[str, Candidate] = {}  # realpath of the source -> candidate (an input may be given twice)
+
+    def add(name: str, source: str, series_: dicom.DicomSeries | None, beside: tuple[str, str] | None) -> None:
+        """`beside` = (folder, name) of the image whose label maps to look for; None: no label possible."""
+        labels_found = _labels_beside(*beside) if beside else []
+        if len(labels_found) > 1:
+            problems.append(f"{source}: several label maps beside it ({', '.join(labels_found)}); keep one")
+            return
+        found.setdefault(os.path.realpath(source), Candidate(sanitize_id(name), source, series_,
+                                                             labels_found[0] if labels_found else None))
+
+    for f in images:
+        add(readers.nifti_stem(f), f, None, (os.path.dirname(f), readers.nifti_stem(f)))
+    folders = [s.folder for s in series]
+    for s in series:
+        if folders.count(s.folder) > 1:  # several series in one folder: name each by its UID, no label
+            add(s.uid or s.folder.name, str(s.folder), s, None)
+        else:
+            add(s.folder.name, str(s.folder), s, (str(s.folder.parent), s.folder.name))
+
+    attached = {os.path.realpath(c.label) for c in found.values() if c.label}
+    for f in labels:
+        if os.path.realpath(f) not in attached:
+            stem = readers.nifti_stem(f)
+            image = next(stem[:-len(s)] for s in readers.LABEL_SUFFIXES if stem.endswith(s))
+            problems.append(f"{f}: label map without an image beside it (expected {image}.nii.gz or a DICOM "
+                            f"series folder {image}/)")
+    candidates = sorted(found.values(), key=lambda c: c.source)
+    return candidates, sorted(set(problems)), len(not_dicom)
+
+
+# --- per-volume work (runs in worker processes) -----------------------------------------------------------
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def source_sha256(candidate: Candidate) -> str:
+    """Content hash of a source: the file's sha256, or for a DICOM series the hash of its sha256sum listing."""
+    return dicom.series_sha256(candidate.series) if candidate.series else file_sha256(candidate.source)
+
+
+def _read_image(candidate: Candidate) -> readers.SourceVolume:
+    if candidate.series:
+        return dicom.read_series(candidate.series)
+    return readers.read_nifti(candidate.source)
+
+
+def _to_int16_hu(values: np.ndarray) -> np.ndarray:
+    info = np.iinfo(np.int16)
+    return np.clip(np.rint(values), info.min, info.max).astype(np.int16)
+
+
+def _attributes(job: Job, grid: geometry.Grid, kind: str, source: str, sha256: str,
+                source_volume: readers.SourceVolume) -> dict:
+    return {
+        "id": job.volume_id, "kind": kind, "subject": job.subject,
+        "axes": "zyx", "orientation": "LPS", "shape": list(grid.shape),
+        "spacing": list(grid.spacing), "origin_lps": list(grid.origin_lps),
+        "affine_zyx_to_lps": grid.affine.tolist(),
+        "dtype": "int16" if kind == "image" else "uint8", "units": "HU" if kind == "image" else "class index",
+        "fill_value": IMAGE_FILL_HU if kind == "image" else LABEL_FILL,
+        "interpolation": "linear" if kind == "image" else "nearest",
+        "target_spacing": "native" if job.spacing is None else list(job.spacing),
+        "source": source, "source_sha256": sha256,
+        "source_format": "dicom" if job.candidate.series and kind == "image" else "nifti",
+        "source_shape": list(source_volume.array.shape),
+        "source_orientation": geometry.orientation_code(source_volume.affine),
+        "source_affine_lps": np.asarray(source_volume.affine).tolist(),
+    }
+
+
+def ingest_volume(job: Job) -> tuple[dict | None, str | None]:
+    """Converts and writes one volume; returns (manifest entry, None) or (None, "path: reason")."""
+    candidate, dataset_dir = job.candidate, Path(job.dataset_dir)
+    written: list[Path] = []
+    try:
+        image = _read_image(candidate)
+        readers.check_ct_intensity(image.array, candidate.source)
+        grid = geometry.canonical_grid(image.array.shape, image.affine, job.spacing)
+        entry = {"id": job.volume_id, "path": f"{volume_store.VOLUMES_DIR}/{job.volume_id}.zarr",
+                 "label_path": None, "shape": list(grid.shape), "spacing": list(grid.spacing),
+                 "origin_lps": list(grid.origin_lps), "subject": job.subject, "source": candidate.source,
+                 "source_sha256": job.source_sha256, **job.extra}
+        if candidate.label:
+            label = readers.read_nifti(candidate.label, "label map")
+            label_map = readers.as_label_map(label.array, candidate.label)
+            label_sha = file_sha256(candidate.label)
+            label_path = f"{volume_store.LABELS_DIR}/{job.volume_id}.zarr"
+            volume_store.write_volume(
+                dataset_dir / label_path, geometry.to_grid(label_map, label.affine, grid, 0, LABEL_FILL),
+                _attributes(job, grid, "label", candidate.label, label_sha, label))
+            written.append(dataset_dir / label_path)
+            entry.update(label_path=label_path, label_source=candidate.label, label_sha256=label_sha)
+        hu = _to_int16_hu(geometry.to_grid(image.array, image.affine, grid, 1, IMAGE_FILL_HU))
+        volume_store.write_volume(dataset_dir / entry["path"], hu,
+                                  _attributes(job, grid, "image", candidate.source, job.source_sha256, image))
+        return entry, None
+    except Exception as e:  # a bad volume is reported and skipped; the batch goes on
+        for path in written:  # our own, never listed: do not leave a label without its image
+            shutil.rmtree(path, ignore_errors=True)
+        reason = str(e) if isinstance(e, readers.SourceError) else f"{type(e).__name__}: {e}"
+        return None, reason if reason.startswith(candidate.source) else f"{candidate.source}: {reason}"
+
+
+# --- the run ----------------------------------------------------------------------------------------------
+
+def parse_spacing(text: str) -> tuple[float, float, float] | None:
+    """'native' -> None; 'Z,Y,X' or one isotropic value -> (sz, sy, sx) in mm."""
+    if text.strip().lower() == "native":
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"--spacing {text!r}: expected 'native', 'Z,Y,X' or one value, "
+                                         f"positive mm")
+    return tuple(values)
+
+
+def load_subjects(path: str) -> dict[str, str]:
+    """Volume id or source file name -> subject id, from a JSON object or a two-column CSV (optional header
+    whose second cell is 'subject')."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise FatalError(f"{path}: cannot read the subjects file ({e})") from e
+    if path.endswith(".json"):
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise FatalError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+            raise FatalError(f"{path}: expected a JSON object mapping volume id or file name to subject id")
+        return mapping
+    mapping = {}
+    for line_no, row in enumerate(csv.reader(text.splitlines()), start=1):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise FatalError(f"{path}:{line_no}: expected 'volume id or file name,subject id', got {row}")
+        if line_no == 1 and row[1].strip().lower() == "subject":
+            continue
+        mapping[row[0].strip()] = row[1].strip()
+    return mapping
+
+
+@contextlib.contextmanager
+def _exclusive(dataset_dir: Path) -> Iterator[None]:
+    """Holds DATASET_DIR's ingest lock: one ingest per dataset (the manifest has a single writer)."""
+    with open(dataset_dir / LOCK_NAME, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise FatalError(f"{dataset_dir}: another ingest is writing to this dataset") from e
+        yield
+
+
+def remove_interrupted(dataset_dir: Path, entries: list[dict]) -> list[Path]:
+    """Removes temporary arrays and arrays never listed in the manifest (both left by an interrupted run)."""
+    listed = {p for e in entries for p in (e["path"], e["label_path"]) if p}
+    removed = []
+    for sub in (volume_store.VOLUMES_DIR, volume_store.LABELS_DIR):
+        folder = dataset_dir / sub
+        if not folder.is_dir():
+            continue
+        for child in sorted(folder.iterdir()):
+            unlisted = child.name.endswith(".zarr") and f"{sub}/{child.name}" not in listed
+            if child.name.startswith(volume_store.TMP_PREFIX) or unlisted:
+                shutil.rmtree(child)
+                removed.append(child)
+    return removed
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # bad arguments are fatal: exit 1, keeping 2 for refused sources
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_FATAL, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m data_prep.ingest", description=__doc__.split("\n\n")[0],
+                     epilog="Exit status: 0 all written or already present, 2 some sources refused, 1 fatal.")
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="NIfTI files (.nii, .nii.gz), DICOM files or folders (searched recursively)")
+    parser.add_argument("--output", required=True, metavar="DATASET_DIR",
+                        help="dataset folder: manifest.jsonl, volumes/<id>.zarr, labels/<id>.zarr")
+    parser.add_argument("--spacing", type=parse_spacing, default=DEFAULT_SPACING, metavar="Z,Y,X|native",
+                        help="target voxel spacing in mm (default 1.5,1.5,1.5, recipe §5); 'native' keeps "
+                             "the source spacing and only reorients (exact)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="worker processes, one volume each (default 1: in this process)")
+    parser.add_argument("--licence", help="licence string recorded for every volume of this run")
+    parser.add_argument("--split", help="split (train/val/test...) recorded for every volume of this run")
+    parser.add_argument("--subjects", metavar="FILE",
+                        help="CSV or JSON mapping volume id or source file name to subject id "
+                             "(default subject = volume id)")
+    return parser
+
+
+def _report(message: str) -> None:
+    """A line on stderr; on a terminal it first clears the progress line being redrawn there."""
+    print(("\r\033[K" if sys.stderr.isatty() else "") + message, file=sys.stderr)
+
+
+def _subject(mapping: dict[str, str], volume_id: str, candidate: Candidate) -> str:
+    for key in (volume_id, os.path.basename(candidate.source.rstrip(os.sep)), candidate.name):
+        if key in mapping:
+            return mapping[key]
+    return volume_id
+
+
+def _results(fn, items: list, pool: concurrent.futures.Executor | None, ordered: bool) -> Iterator:
+    """fn over items, lazily in this process without a pool; in completion order when not `ordered`."""
+    if pool is None:
+        yield from map(fn, items)
+    elif ordered:
+        yield from pool.map(fn, items)
+    else:
+        for future in concurrent.futures.as_completed([pool.submit(fn, item) for item in items]):
+            yield future.result()
+
+
+def run(args: argparse.Namespace) -> int:
+    dataset_dir = Path(args.output)
+    if args.workers < 1:
+        raise FatalError(f"--workers {args.workers}: need at least 1")
+    subjects = load_subjects(args.subjects) if args.subjects else {}
+    candidates, problems, ignored = discover(args.input, args.output)
+    for problem in problems:
+        _report(f"refused: {problem}")
+    if ignored:
+        _report(f"ignored {ignored} files that are neither NIfTI nor DICOM image slices")
+    if not candidates:
+        raise FatalError(f"no NIfTI file or DICOM CT series found in {' '.join(args.input)}")
+
+    try:
+        dataset_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FatalError(f"{dataset_dir}: cannot create the dataset folder ({e})") from e
+    extra = {k: v for k, v in (("licence", args.licence), ("split", args.split)) if v is not None}
+    written = skipped = 0
+    refused = len(problems)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_exclusive(dataset_dir))
+        entries = volume_store.read_manifest(dataset_dir) if (dataset_dir / volume_store.MANIFEST_NAME).exists() \
+            else []
+        for path in remove_interrupted(dataset_dir, entries):
+            _report(f"removed {path}: left unlisted by an interrupted run")
+        pool = None
+        if args.workers > 1:  # spawn: TensorStore's threads do not survive fork
+            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+                args.workers, mp_context=multiprocessing.get_context("spawn")))
+
+        progress = Progress(len(candidates), "hashing sources")
+        hashes = []
+        for sha in _results(source_sha256, candidates, pool, ordered=True):
+            hashes.append(sha)
+            progress.advance(1)
+        progress.close()
+
+        known = {e["source_sha256"]: e["id"] for e in entries}
+        taken = {e["id"] for e in entries}
+        jobs = []
+        for candidate, sha in zip(candidates, hashes):
+            if sha in known:
+                skipped += 1  # same content already in the manifest or earlier in this run
+                continue
+            volume_id = candidate.name if candidate.name not in taken else f"{candidate.name}-{sha[:8]}"
+            if volume_id in taken:
+                _report(f"refused: {candidate.source}: volume id {volume_id} is already taken")
+                refused += 1
+                continue
+            known[sha] = volume_id
+            taken.add(volume_id)
+            jobs.append(Job(candidate, volume_id, sha, _subject(subjects, volume_id, candidate),
+                            str(dataset_dir), args.spacing, extra))
+
+        progress = Progress(len(jobs), "ingest")
+        for entry, error in _results(ingest_volume, jobs, pool, ordered=False):
+            if error is None:
+                volume_store.append_manifest(dataset_dir, entry)  # only the parent appends
+                written += 1
+            else:
+                _report(f"refused: {error}")
+                refused += 1
+            progress.advance(1, entry["id"] if entry else "")
+        progress.close()
+
+    print(f"ingest: {written} written, {skipped} skipped (already ingested), {refused} refused "
+          f"-> {dataset_dir / volume_store.MANIFEST_NAME}")
+    if refused and not (written or skipped):
+        print("ingest: no volume could be ingested", file=sys.stderr)
+        return EXIT_FATAL
+    return EXIT_REFUSED if refused else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (FatalError, ValueError, OSError) as e:  # also a corrupt manifest, an unwritable dataset folder
+        print(f"ingest: error: {e}", file=sys.stderr)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        print("\ningest: interrupted; volumes listed in the manifest are complete, re-run to continue",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

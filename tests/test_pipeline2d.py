@@ -1,0 +1,241 @@
+"""Stage-1 Grain pipeline over synthetic slice records: determinism, resume, host split, workers, shapes, errors."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from configs import stage1
+from flexict_jax.data import pipeline, records, slice_source
+
+S, G, L = 64, 32, 16
+PATCH_SIZES = (8, 16)
+NUM_RECORDS = 24
+CELL = 8  # record k carries a 1000 HU marker in cell k of an 8x8 grid of 8-px cells
+
+
+def synthetic_slice(k: int) -> np.ndarray:
+    """int16 HU: ellipse body (40 HU) with a lung-like region (-850 HU) in air, plus record k's marker cell."""
+    rng = np.random.default_rng(k)
+    yy, xx = np.mgrid[:S, :S] / S
+    ry, rx = rng.uniform(0.3, 0.45), rng.uniform(0.25, 0.4)
+    hu = np.full((S, S), -1000, np.int16)
+    hu[((yy - 0.5) / ry) ** 2 + ((xx - 0.5) / rx) ** 2 < 1] = 40
+    hu[((yy - 0.55) / 0.15) ** 2 + ((xx - 0.4) / 0.1) ** 2 < 1] = -850
+    r, c = divmod(k, S // CELL)
+    hu[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL] = 1000
+    return hu
+
+
+def write_slices_dir(path, num_records: int = NUM_RECORDS, num_shards: int = 3, corrupt: int | None = None):
+    os.makedirs(path, exist_ok=True)
+    names = [f"slices-{i:05d}-of-{num_shards:05d}.arrayrecord" for i in range(num_shards)]
+    writers = [ArrayRecordWriter(os.path.join(path, n), "group_size:1") for n in names]
+    for k in range(num_records):
+        meta = dict(volume_id=f"vol{k // 8}", subject=f"sub{k // 8}", z_index=k % 8, z_mm=1.5 * (k % 8),
+                    pixel_spacing_mm=1.0, fov_mm=float(S), body_fraction=0.5, split="train")
+        record = b"garbage" if k == corrupt else records.encode_array(synthetic_slice(k), meta)
+        writers[k * num_shards // num_records].write(record)
+    for w in writers:
+        w.close()
+    index = dict(format="flexict_slices/1", shards=names, num_records=num_records, size=S, fov_mm=float(S),
+                 pixel_spacing_mm=1.0)
+    with open(os.path.join(path, "index.json"), "w") as f:
+        json.dump(index, f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def slices_dir(tmp_path_factory):
+    return write_slices_dir(tmp_path_factory.mktemp("slices"))
+
+
+def data_config(slices_dir, **overrides):
+    data = stage1.get_config("tiny").data  # the lead's config: the key names are the contract
+    data.dir = str(slices_dir)
+    data.update(dict(global_crop_size=G, local_crop_size=L, n_global_crops=2, n_local_crops=3, num_workers=0,
+                     read_threads=1, prefetch_buffer_size=2))
+    data.update(overrides)
+    return data
+
+
+def take(ds_or_iter, n):
+    it = iter(ds_or_iter)
+    return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_batch_shapes_dtypes_and_stats(slices_dir):
+    b = 4
+    batches = take(pipeline.build_stage1_dataset(data_config(slices_dir), seed=0, batch_size=b,
+                                                 patch_sizes=PATCH_SIZES), 3)
+    for t, batch in enumerate(batches):
+        assert set(batch) == {"global_crops", "local_crops", "masks_p8", "masks_p16", "index"}
+        assert batch["global_crops"].shape == (b, 2, G, G, 1) and batch["global_crops"].dtype == np.float32
+        assert batch["local_crops"].shape == (b, 3, L, L, 1) and batch["local_crops"].dtype == np.float32
+        assert batch["masks_p8"].shape == (b, 2, (G // 8) ** 2) and batch["masks_p8"].dtype == bool
+        assert batch["masks_p16"].shape == (b, 2, (G // 16) ** 2) and batch["masks_p16"].dtype == bool
+        assert batch["index"].dtype == np.int64
+        np.testing.assert_array_equal(batch["index"], np.arange(t * b, (t + 1) * b))
+    crops = np.concatenate([x["global_crops"].ravel() for x in batches])
+    assert np.isfinite(crops).all()
+    # Crops of a z-scored slice (after mild intensity augmentation): roughly zero mean, unit spread.
+    assert abs(crops.mean()) < 0.75 and 0.4 < crops.std() < 2.0
+
+
+def test_unaugmented_full_crop_is_the_z_scored_slice(slices_dir):
+    data = data_config(slices_dir, global_crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip_prob=0.0)
+    data.intensity.update(dict(noise_prob=0.0, smooth_prob=0.0, scale_prob=0.0, lowres_prob=0.0,
+                               contrast_prob=0.0))
+    crops = take(pipeline.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES), 1)[0]
+    g = crops["global_crops"][..., 0]
+    np.testing.assert_array_equal(g[:, 0], g[:, 1])  # both global crops are the whole slice
+    assert np.abs(g.mean(axis=(-1, -2))).max() < 0.05
+    assert np.abs(g.std(axis=(-1, -2)) - 1.0).max() < 0.1
+
+
+def test_masks_exact_counts_one_masked_global_crop(slices_dir):
+    batches = take(pipeline.build_stage1_dataset(data_config(slices_dir), seed=1, batch_size=4,
+                                                 patch_sizes=PATCH_SIZES), 4)
+    counts8 = np.concatenate([x["masks_p8"].sum(-1) for x in batches])  # [examples, 2 crops]
+    assert (np.count_nonzero(counts8, axis=1) == 1).all()  # round(2 * 0.5) = 1 masked crop per example
+    assert ((counts8.max(axis=1) >= int(0.1 * 16)) & (counts8.max(axis=1) <= int(0.5 * 16))).all()
+    assert set(counts8.argmax(axis=1)) == {0, 1}  # which crop is masked is random
+    counts16 = np.concatenate([x["masks_p16"].sum(-1) for x in batches])
+    assert (counts16.max(axis=1) <= int(0.5 * 4)).all() and (np.count_nonzero(counts16, axis=1) <= 1).all()
+
+
+def test_same_seed_same_batches_different_seed_differs(slices_dir):
+    data = data_config(slices_dir)
+    a = take(pipeline.build_stage1_dataset(data, seed=3, batch_size=4, patch_sizes=PATCH_SIZES), 2)
+    b = take(pipeline.build_stage1_dataset(data, seed=3, batch_size=4, patch_sizes=PATCH_SIZES), 2)
+    c = take(pipeline.build_stage1_dataset(data, seed=4, batch_size=4, patch_sizes=PATCH_SIZES), 2)
+    assert_batches_equal(a, b)
+    assert not np.array_equal(a[0]["global_crops"], c[0]["global_crops"])
+
+
+def test_every_epoch_is_a_new_permutation_of_all_records(slices_dir):
+    # Full-slice global crops without augmentation reveal which record each example is (its marker cell).
+    data = data_config(slices_dir, global_crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip_prob=0.0)
+    data.intensity.update(dict(noise_prob=0.0, smooth_prob=0.0, scale_prob=0.0, lowres_prob=0.0,
+                               contrast_prob=0.0))
+    batches = take(pipeline.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES),
+                   2 * NUM_RECORDS // 4)
+    cell = CELL * G // S
+    ids = []
+    for batch in batches:
+        for crop in batch["global_crops"][:, 0, :, :, 0]:
+            r, c = np.unravel_index(np.argmax(crop), crop.shape)
+            ids.append(int(r // cell * (G // cell) + c // cell))
+    first, second = ids[:NUM_RECORDS], ids[NUM_RECORDS:]
+    assert sorted(first) == list(range(NUM_RECORDS)) and sorted(second) == list(range(NUM_RECORDS))
+    assert first != second and first != sorted(first)
+
+
+def test_process_shards_concatenate_to_the_single_process_batch(slices_dir):
+    data = data_config(slices_dir)
+    whole = take(pipeline.build_stage1_dataset(data, seed=5, batch_size=4, patch_sizes=PATCH_SIZES), 3)
+    parts = [take(pipeline.build_stage1_dataset(data, seed=5, batch_size=2, patch_sizes=PATCH_SIZES,
+                                                process_index=p, process_count=2), 3) for p in range(2)]
+    assembled = [{k: np.concatenate([parts[0][t][k], parts[1][t][k]]) for k in whole[t]} for t in range(3)]
+    assert_batches_equal(whole, assembled)
+    np.testing.assert_array_equal(parts[1][1]["index"], [6, 7])  # contiguous rows, not interleaved
+
+
+def test_restored_iterator_continues_with_the_next_batches(slices_dir):
+    ds = pipeline.build_stage1_dataset(data_config(slices_dir), seed=6, batch_size=4, patch_sizes=PATCH_SIZES)
+    it = iter(ds)
+    take(it, 2)
+    state = it.get_state()
+    expected = take(it, 2)
+    fresh = iter(pipeline.build_stage1_dataset(data_config(slices_dir), seed=6, batch_size=4,
+                                               patch_sizes=PATCH_SIZES))
+    fresh.set_state(state)
+    assert_batches_equal(take(fresh, 2), expected)
+
+
+def test_two_grain_workers_match_in_process(slices_dir):
+    in_process = take(pipeline.build_stage1_dataset(data_config(slices_dir), seed=7, batch_size=4,
+                                                    patch_sizes=PATCH_SIZES), 3)
+    ds = pipeline.build_stage1_dataset(data_config(slices_dir, num_workers=2), seed=7, batch_size=4,
+                                       patch_sizes=PATCH_SIZES)
+    it = iter(ds)
+    try:
+        assert_batches_equal(take(it, 3), in_process)
+    finally:
+        it.close()
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("no_dir", "does not exist"),
+    ("no_index", "index.json: missing"),
+    ("bad_json", "not valid JSON"),
+    ("wrong_format", "key 'format'"),
+    ("missing_shard", "missing file"),
+    ("zero_records", "key 'num_records' must be a positive"),
+    ("count_mismatch", "shards hold 24 records"),
+])
+def test_bad_slices_dir_gives_clear_error(tmp_path, breakage, message):
+    path = write_slices_dir(tmp_path / "slices")
+    index_path = path / "index.json"
+    index = json.loads(index_path.read_text())
+    if breakage == "no_dir":
+        path = tmp_path / "nowhere"
+    elif breakage == "no_index":
+        index_path.unlink()
+    elif breakage == "bad_json":
+        index_path.write_text("{not json")
+    else:
+        if breakage == "wrong_format":
+            index["format"] = "something_else/2"
+        elif breakage == "missing_shard":
+            (path / index["shards"][1]).unlink()
+        elif breakage == "zero_records":
+            index["num_records"] = 0
+        elif breakage == "count_mismatch":
+            index["num_records"] = 25
+        index_path.write_text(json.dumps(index))
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        pipeline.build_stage1_dataset(data_config(path), seed=0, batch_size=4, patch_sizes=PATCH_SIZES)
+
+
+def test_unset_data_dir_names_the_config_key(slices_dir):
+    data = data_config(slices_dir)
+    data.dir = None
+    with pytest.raises(KeyError, match="data.dir"):
+        pipeline.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES)
+
+
+def test_bad_config_values_name_their_key(slices_dir):
+    data = data_config(slices_dir)
+    data.intensity.noise_probability = 0.5
+    with pytest.raises(KeyError, match="data.intensity has unknown key.*noise_probability"):
+        pipeline.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES)
+    with pytest.raises(ValueError, match="data.local_crop_scale"):
+        pipeline.build_stage1_dataset(data_config(slices_dir, local_crop_scale=(0.5, 0.1)), seed=0,
+                                      batch_size=4, patch_sizes=PATCH_SIZES)
+
+
+def test_corrupt_record_error_names_the_example(tmp_path):
+    path = write_slices_dir(tmp_path / "slices", num_records=8, num_shards=1, corrupt=3)
+    ds = pipeline.build_stage1_dataset(data_config(path), seed=0, batch_size=8, patch_sizes=PATCH_SIZES)
+    with pytest.raises(ValueError, match=r"stage-1 example \d+ \(seed 0\): bad slice record: not a flexict_jax"):
+        take(ds, 1)
+
+
+def test_slice_source_reads_records_in_index_order(slices_dir):
+    source = slice_source.open_slice_source(slices_dir)
+    assert len(source) == NUM_RECORDS
+    hu, meta = slice_source.decode_slice(source[9])
+    np.testing.assert_array_equal(hu, synthetic_slice(9))
+    assert meta["volume_id"] == "vol1" and meta["z_index"] == 1
