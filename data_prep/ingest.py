@@ -113,7 +113,7 @@ def discover(inputs: Sequence[str], output_dir: str) -> tuple[list[Candidate], l
     problems = []
     series, damaged, not_dicom = dicom.find_series(others)
     problems += [f"{path}: {reason}" for path, reason in damaged]
-    found: dict[str, Candidate] = {}  # realpath of the source -> candidate (an input may be given twice)
+    found: dict[tuple[str, str], Candidate] = {}
 
     def add(name: str, source: str, series_: dicom.DicomSeries | None, beside: tuple[str, str] | None) -> None:
         """`beside` = (folder, name) of the image whose label maps to look for; None: no label possible."""
@@ -121,7 +121,8 @@ def discover(inputs: Sequence[str], output_dir: str) -> tuple[list[Candidate], l
         if len(labels_found) > 1:
             problems.append(f"{source}: several label maps beside it ({', '.join(labels_found)}); keep one")
             return
-        found.setdefault(os.path.realpath(source), Candidate(sanitize_id(name), source, series_,
+        key = (os.path.realpath(source), series_.uid if series_ else "")  # an input may be given twice
+        found.setdefault(key, Candidate(sanitize_id(name), source, series_,
                                                              labels_found[0] if labels_found else None))
 
     for f in images:
@@ -140,7 +141,7 @@ def discover(inputs: Sequence[str], output_dir: str) -> tuple[list[Candidate], l
             image = next(stem[:-len(s)] for s in readers.LABEL_SUFFIXES if stem.endswith(s))
             problems.append(f"{f}: label map without an image beside it (expected {image}.nii.gz or a DICOM "
                             f"series folder {image}/)")
-    candidates = sorted(found.values(), key=lambda c: c.source)
+    candidates = sorted(found.values(), key=lambda c: (c.source, c.name))
     return candidates, sorted(set(problems)), len(not_dicom)
 
 
@@ -201,6 +202,8 @@ def ingest_volume(job: Job) -> tuple[dict | None, str | None]:
                  "label_path": None, "shape": list(grid.shape), "spacing": list(grid.spacing),
                  "origin_lps": list(grid.origin_lps), "subject": job.subject, "source": candidate.source,
                  "source_sha256": job.source_sha256, **job.extra}
+        if candidate.series and candidate.series.uid:
+            entry["series_uid"] = candidate.series.uid
         if candidate.label:
             label = readers.read_nifti(candidate.label, "label map")
             label_map = readers.as_label_map(label.array, candidate.label)

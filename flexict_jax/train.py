@@ -8,10 +8,16 @@ same command again resumes from the latest checkpoint. SIGTERM saves the current
 """
 from __future__ import annotations
 
+import logging as py_logging
+import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# Grain workers are spawned processes that inherit this; one BLAS thread per worker avoids oversubscribing the
+# host cores (measured 2x slower crops with threaded OpenBLAS, bench/bench_pipeline2d.py).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/stage1.py:tiny",
                                           lock_config=True)
@@ -19,11 +25,21 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _LibraryInfoFilter(py_logging.Filter):
+    """Orbax and Grain log several INFO lines per checkpoint; keep their warnings, drop their chatter."""
+
+    _QUIET = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}")
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return record.levelno >= py_logging.WARNING or not any(q in record.pathname for q in self._QUIET)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from flexict_jax import trainer  # after flag parsing, so --help stays fast
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_LibraryInfoFilter())
     try:
         code = trainer.train(_CONFIG.value, _WORKDIR.value)
     except (trainer.ConfigError, FileNotFoundError, ValueError) as e:

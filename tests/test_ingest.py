@@ -154,10 +154,13 @@ def test_labels_stay_aligned(ingested, ct_dir, dicom_dir):
         foreground = np.argwhere(labels > 0)
         zyx = np.concatenate([foreground[rng.choice(len(foreground), 200)],
                               np.argwhere(labels >= 0)[rng.choice(labels.size, 200)]])
-        nearest = np.rint(_source_index(source_img, _world_lps(entry, zyx))).astype(int)
-        inside = np.all((nearest >= 0) & (nearest < source.shape), axis=1)
-        agree = labels[tuple(zyx[inside].T)] == source[tuple(nearest[inside].T)]
-        assert agree.mean() >= 0.97, (volume_id, agree.mean())  # rounding ties may differ at boundaries
+        ijk = _source_index(source_img, _world_lps(entry, zyx))
+        nearest = np.rint(ijk).astype(int)
+        tie = np.any(np.abs(ijk - np.floor(ijk) - 0.5) < 1e-6, axis=1)  # halfway: either neighbour is right
+        use = np.all((nearest >= 0) & (nearest < source.shape), axis=1) & ~tie
+        assert use.mean() > 0.25, volume_id  # 2 mm -> 3 mm puts every other slice on a tie
+        np.testing.assert_array_equal(labels[tuple(zyx[use].T)], source[tuple(nearest[use].T)],
+                                      err_msg=volume_id)
 
         if LIVER in labels and SPLEEN in labels:  # liver on the patient's right: smaller L than the spleen
             liver_l = _world_lps(entry, np.argwhere(labels == LIVER).astype(float))[:, 0].mean()
@@ -204,13 +207,14 @@ def test_oblique_volume_is_resampled_in_world_space(tmp_path, capsys):
     affine_ras = np.eye(4)
     affine_ras[:3, :3] = rotation @ np.diag([2.0, 2.0, 3.0])
     affine_ras[:3, 3] = [-30.0, 12.0, 100.0]
-    gradient_lps, offset = np.array([9.0, -6.0, 4.0]), -200.0
+    gradient_lps = np.array([9.0, -6.0, 4.0])
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in (30, 26, 20)], indexing="ij"), -1).reshape(-1, 3)
+    lps = (ijk @ affine_ras[:3, :3].T + affine_ras[:3, 3]) * [-1, -1, 1]
+    offset = -1100 - (lps @ gradient_lps).min()  # from air upward, so that it passes as CT
 
     def ramp(lps):
         return lps @ gradient_lps + offset
 
-    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in (30, 26, 20)], indexing="ij"), -1).reshape(-1, 3)
-    lps = (ijk @ affine_ras[:3, :3].T + affine_ras[:3, 3]) * [-1, -1, 1]
     _save_nifti(tmp_path / "oblique.nii.gz", ramp(lps).reshape(30, 26, 20).astype(np.float32), affine_ras)
 
     code, _, err = _run(["--input", tmp_path / "oblique.nii.gz", "--output", tmp_path / "out",

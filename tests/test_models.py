@@ -179,6 +179,13 @@ def test_rope_rescale_alone_changes_the_train_forward(images):
     assert not np.allclose(train["patch"], _forward(model, images, patch_size=8)["patch"], atol=1e-6)
 
 
+def test_bf16_rope_backbone_is_close_to_fp32(images):
+    # Same seed, same parameters (the periods are constants); only the RoPE precision differs.
+    fp32, bf16 = (VisionTransformer(**TINY, layerscale_init=0.5, rope_bf16=b, rngs=nnx.Rngs(0)) for b in (False, True))
+    a, b = (_forward(m, images, patch_size=8)["prenorm"] for m in (fp32, bf16))
+    assert 0 < float(jnp.abs(a - b).max()) < 5e-2 * float(jnp.abs(a).max())
+
+
 def test_batch_subset_stochastic_depth():
     x = jnp.zeros((5, 3, 2))
     out = batch_subset_residual(x, lambda h: h + 1.0, 0.5, jax.random.key(0))

@@ -10,6 +10,8 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from configs import stage1
 from flexict_jax.data import pipeline, records, slice_source
+from flexict_jax.data.crops2d import resized_crop
+from flexict_jax.data.intensity import normalize_hu
 
 S, G, L = 64, 32, 16
 PATCH_SIZES = (8, 16)
@@ -30,14 +32,19 @@ def synthetic_slice(k: int) -> np.ndarray:
     return hu
 
 
-def write_slices_dir(path, num_records: int = NUM_RECORDS, num_shards: int = 3, corrupt: int | None = None):
+def write_slices_dir(path, num_records: int = NUM_RECORDS, num_shards: int = 3, corrupt: int | None = None,
+                     slices=None):
+    """A slices dir in the data_prep contract; `slices` (int16 HU [n, S, S]) replaces the synthetic ones."""
     os.makedirs(path, exist_ok=True)
+    if slices is not None:
+        num_records = len(slices)
     names = [f"slices-{i:05d}-of-{num_shards:05d}.arrayrecord" for i in range(num_shards)]
     writers = [ArrayRecordWriter(os.path.join(path, n), "group_size:1") for n in names]
     for k in range(num_records):
         meta = dict(volume_id=f"vol{k // 8}", subject=f"sub{k // 8}", z_index=k % 8, z_mm=1.5 * (k % 8),
                     pixel_spacing_mm=1.0, fov_mm=float(S), body_fraction=0.5, split="train")
-        record = b"garbage" if k == corrupt else records.encode_array(synthetic_slice(k), meta)
+        hu = synthetic_slice(k) if slices is None else slices[k]
+        record = b"garbage" if k == corrupt else records.encode_array(hu, meta)
         writers[k * num_shards // num_records].write(record)
     for w in writers:
         w.close()
@@ -59,6 +66,14 @@ def data_config(slices_dir, **overrides):
     data.update(dict(global_crop_size=G, local_crop_size=L, n_global_crops=2, n_local_crops=3, num_workers=0,
                      read_threads=1, prefetch_buffer_size=2))
     data.update(overrides)
+    return data
+
+
+def unaugmented(data):
+    """Global crops = the whole slice, no flip, no intensity augmentation (in place; returns `data`)."""
+    data.update(dict(global_crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip_prob=0.0))
+    data.intensity.update(dict(noise_prob=0.0, smooth_prob=0.0, scale_prob=0.0, lowres_prob=0.0,
+                               contrast_prob=0.0))
     return data
 
 
@@ -94,14 +109,32 @@ def test_batch_shapes_dtypes_and_stats(slices_dir):
 
 
 def test_unaugmented_full_crop_is_the_z_scored_slice(slices_dir):
-    data = data_config(slices_dir, global_crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip_prob=0.0)
-    data.intensity.update(dict(noise_prob=0.0, smooth_prob=0.0, scale_prob=0.0, lowres_prob=0.0,
-                               contrast_prob=0.0))
+    data = unaugmented(data_config(slices_dir))
     crops = take(pipeline.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES), 1)[0]
     g = crops["global_crops"][..., 0]
     np.testing.assert_array_equal(g[:, 0], g[:, 1])  # both global crops are the whole slice
     assert np.abs(g.mean(axis=(-1, -2))).max() < 0.05
     assert np.abs(g.std(axis=(-1, -2)) - 1.0).max() < 0.1
+
+
+def test_real_ct_slices(ct_dir, tmp_path):
+    nib = pytest.importorskip("nibabel")
+    volume = np.asarray(nib.load(ct_dir / "vtk_headsq.nii.gz").dataobj)  # 64 x 64 x 93 int16 HU, head & neck
+    hu = np.ascontiguousarray(np.moveaxis(volume[:, :, 30:70:5], -1, 0)).astype(np.int16)  # 8 axial slices
+    path = write_slices_dir(tmp_path / "slices", num_shards=2, slices=hu)
+    data = data_config(path)
+    batches = take(pipeline.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES), 4)
+    for batch in batches:
+        assert np.isfinite(batch["global_crops"]).all() and np.isfinite(batch["local_crops"]).all()
+        assert (np.count_nonzero(batch["masks_p8"].sum(-1), axis=1) == 1).all()
+    # Without augmentation a full-slice crop is the z-scored real slice, bicubic-resized to G.
+    unaugmented(data)
+    crops = take(pipeline.build_stage1_dataset(data, seed=0, batch_size=8, patch_sizes=PATCH_SIZES), 1)[0]
+    expected = {k: resized_crop(normalize_hu(hu[k]), (0, 0, S, S), G) for k in range(len(hu))}
+    for crop in crops["global_crops"][:, 0, :, :, 0]:
+        assert min(np.abs(crop - e).max() for e in expected.values()) < 1e-5
+    assert len({min(expected, key=lambda k: np.abs(crop - expected[k]).max())
+                for crop in crops["global_crops"][:, 0, :, :, 0]}) == len(hu)  # one epoch: every slice once
 
 
 def test_masks_exact_counts_one_masked_global_crop(slices_dir):
@@ -126,9 +159,7 @@ def test_same_seed_same_batches_different_seed_differs(slices_dir):
 
 def test_every_epoch_is_a_new_permutation_of_all_records(slices_dir):
     # Full-slice global crops without augmentation reveal which record each example is (its marker cell).
-    data = data_config(slices_dir, global_crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip_prob=0.0)
-    data.intensity.update(dict(noise_prob=0.0, smooth_prob=0.0, scale_prob=0.0, lowres_prob=0.0,
-                               contrast_prob=0.0))
+    data = unaugmented(data_config(slices_dir))
     batches = take(pipeline.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES),
                    2 * NUM_RECORDS // 4)
     cell = CELL * G // S

@@ -118,7 +118,7 @@ class IntensityAugment:
                 raise ValueError(f"data.intensity.{name} must satisfy 0 < min <= max, got {(lo, hi)}")
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Augmented float32 copy of a 2-D (z-scored) slice."""
+        """Augmented float32 2-D (z-scored) slice; the input itself when no transform fires."""
         if rng.random() < self.noise_prob:
             image = gaussian_noise(image, rng, self.noise_std)
         if rng.random() < self.smooth_prob:

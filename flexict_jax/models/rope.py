@@ -27,6 +27,10 @@ def round_bf16(x: jax.Array) -> jax.Array:
     return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
 
 
+def _rounding(bf16: bool):
+    return round_bf16 if bf16 else (lambda x: x)
+
+
 def check_head_dim(head_dim: int) -> None:
     """2-D RoPE needs head_dim % 4 == 0 and 3-D RoPE head_dim % 6 == 0; the backbone carries both."""
     if head_dim % 12:
@@ -43,11 +47,11 @@ def rope_periods(head_dim: int, num_axes: int, base: float = 100.0, bf16: bool =
     rounding the exact values (torch-format §1.3).
     """
     check_head_dim(head_dim)
-    exponent = 2.0 * np.arange(head_dim // (2 * num_axes), dtype=np.float32) / np.float32(head_dim // 2)
+    j = np.arange(head_dim // (2 * num_axes))
     if not bf16:
-        return (float(base) ** exponent.astype(np.float64)).astype(np.float32)
+        return (float(base) ** (2.0 * j / (head_dim // 2))).astype(np.float32)
     bf = ml_dtypes.bfloat16
-    exponent = exponent.astype(bf).astype(np.float32)
+    exponent = (2.0 * j.astype(np.float32) / np.float32(head_dim // 2)).astype(bf).astype(np.float32)
     return (np.float32(base) ** exponent).astype(bf).astype(np.float32)
 
 
@@ -58,7 +62,7 @@ def rope_sincos(grid: Sequence[int], periods: Sequence[float] | np.ndarray, *, r
     grid: patch counts per axis, (H, W) or (D, H, W).
     rescale: optional scalar multiplying all coordinates (the training-time rescale augmentation).
     """
-    maybe_round = round_bf16 if bf16 else (lambda v: v)
+    maybe_round = _rounding(bf16)
     axes = []
     for n in grid:
         # (i + 0.5) is exact in bf16 up to 128 patches per axis, the range torch-format §2.3 covers.
@@ -76,7 +80,7 @@ def rope_sincos(grid: Sequence[int], periods: Sequence[float] | np.ndarray, *, r
 
 def sample_rescale(key: jax.Array, max_factor: float, bf16: bool = False) -> jax.Array:
     """One log-uniform scalar s = exp(U(-ln r, ln r)) (recipe §2.2: one per forward, shared by all blocks)."""
-    maybe_round = round_bf16 if bf16 else (lambda v: v)
+    maybe_round = _rounding(bf16)
     log_max = math.log(max_factor)
     u = maybe_round(jax.random.uniform(key, (), jnp.float32, -log_max, log_max))
     return maybe_round(jnp.exp(u))
@@ -92,7 +96,7 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array, *, bf16: bool = Fal
 
     With `bf16`, the whole of x is rounded first: upstream casts q and k to bf16 including the prefix rows.
     """
-    maybe_round = round_bf16 if bf16 else (lambda v: v)
+    maybe_round = _rounding(bf16)
     x = maybe_round(x)
     prefix = x.shape[1] - sin.shape[0]
     if prefix < 0:

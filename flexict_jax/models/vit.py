@@ -46,7 +46,8 @@ class VisionTransformer(nnx.Module):
         self.rope_bf16 = rope_bf16
         self.remat = remat
         head_dim = dim // num_heads
-        # Constants, not parameters: the exporter writes them as the `rope_embed_*.periods` buffers.
+        # Constants, not parameters. (Torch checkpoints hold them as bf16 `rope_embed_*.periods` buffers,
+        # i.e. rope.rope_periods(..., bf16=True), whatever precision this model computes RoPE in.)
         self.rope_periods_2d = tuple(rope.rope_periods(head_dim, 2, rope_base, bf16=rope_bf16).tolist())
         self.rope_periods_3d = tuple(rope.rope_periods(head_dim, 3, rope_base, bf16=rope_bf16).tolist())
 
@@ -98,12 +99,9 @@ class VisionTransformer(nnx.Module):
         periods = self.rope_periods_2d if len(grid) == 2 else self.rope_periods_3d
         sin, cos = rope.rope_sincos(grid, periods, rescale=rescale, bf16=self.rope_bf16)
 
+        apply_block = nnx.remat(Block.__call__) if self.remat else Block.__call__
         for block, block_key in zip(self.blocks, block_keys):
-            if self.remat:
-                h = nnx.remat(Block.__call__)(block, h, sin, cos, block_key)
-            else:
-                h = block(h, sin, cos, block_key)
-            h = sharding.constrain(h, RESIDUAL_AXES)
+            h = sharding.constrain(apply_block(block, h, sin, cos, block_key), RESIDUAL_AXES)
 
         normed = self.norm(h)
         prefix_len = 1 + self.num_storage_tokens

@@ -1,0 +1,151 @@
+"""The DICOM series reader on the real JPEG 2000 series ../shared/data/dicom/ts_torso_20 and broken copies."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+
+from data_prep import dicom, geometry, ingest, readers
+from flexict_jax.data import volume_store as vs
+
+
+@pytest.fixture(scope="module")
+def series_files(dicom_dir) -> list:
+    """The 20 files ordered by ImagePositionPatient z, inferior first (data README table)."""
+    files = sorted((dicom_dir / "ts_torso_20").iterdir())
+    return sorted(files, key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+
+
+def _copy_series(files, folder, edit=None) -> list:
+    """Copies `files` into `folder`; `edit(index, dataset)` may change a copy's header before it is saved."""
+    folder.mkdir(parents=True)
+    copies = []
+    for i, path in enumerate(files):
+        target = folder / path.name
+        if edit is None:
+            shutil.copy(path, target)
+        else:
+            ds = pydicom.dcmread(path)
+            edit(i, ds)
+            ds.save_as(target)
+        copies.append(target)
+    return copies
+
+
+def _series(folder) -> dicom.DicomSeries:
+    series, damaged, _ = dicom.find_series(sorted(folder.iterdir()))
+    assert len(series) == 1 and not damaged
+    return series[0]
+
+
+def test_reader_reproduces_reference_conversion(dicom_dir, ct_dir):
+    """README note 3: the series must give the world geometry and HU of ct/ts_torso_20.nii.gz."""
+    series = _series(dicom_dir / "ts_torso_20")
+    volume = dicom.read_series(series)
+    reference = readers.read_nifti(ct_dir / "ts_torso_20.nii.gz")
+    assert volume.array.shape == (20, 512, 512)
+    # Slice step from the positions (2 mm), not SliceThickness (3 mm); pixels 0.9765625 mm.
+    np.testing.assert_allclose(np.linalg.norm(volume.affine[:3, :3], axis=0), [2.0, 0.9765625, 0.9765625])
+    assert geometry.orientation_code(volume.affine) == "SPL"  # (slice, row, column) of IOP 1,0,0,0,1,0
+
+    got, got_grid = geometry.reorient(volume.array, volume.affine)
+    expected, expected_grid = geometry.reorient(reference.array, reference.affine)
+    assert got_grid.same_as(expected_grid)
+    np.testing.assert_array_equal(got, expected)
+    assert got.min() == -1024 and got.max() == 1839  # RescaleIntercept -1024 applied (README)
+    # The same voxel through both affines lands on the same world point.
+    corner_dicom = volume.affine @ [19, 511, 0, 1]   # top slice, last row, first column
+    corner_nifti = reference.affine @ [0, 0, 19, 1]  # LAS: j flipped relative to the DICOM rows
+    np.testing.assert_allclose(corner_dicom, corner_nifti, atol=1e-4)
+
+
+def test_series_hash_is_the_readme_checksum(dicom_dir):
+    assert dicom.series_sha256(_series(dicom_dir / "ts_torso_20")) == (
+        "cb296a70a6457e000d4244a78eec9240766a55f4aaf7b41682619bc30d617810")
+
+
+def _refusal(folder) -> str:
+    with pytest.raises(readers.SourceError) as error:
+        dicom.read_series(_series(folder))
+    return str(error.value)
+
+
+def test_missing_slice_is_refused(series_files, tmp_path):
+    files = series_files[:10] + series_files[11:]
+    _copy_series(files, tmp_path / "missing")
+    message = _refusal(tmp_path / "missing")
+    assert str(tmp_path / "missing") in message and "missing slice" in message
+    assert files[9].name in message and files[10].name in message  # the gap is named
+    assert "step 4.000 mm" in message
+
+
+def test_duplicate_position_is_refused(series_files, tmp_path):
+    def duplicate(i, ds):
+        if i == 7:
+            ds.ImagePositionPatient = list(pydicom.dcmread(series_files[6]).ImagePositionPatient)
+
+    _copy_series(series_files, tmp_path / "dup", duplicate)
+    message = _refusal(tmp_path / "dup")
+    assert "duplicate slice position -792.500 mm" in message
+    assert series_files[6].name in message and series_files[7].name in message
+
+
+def test_mixed_orientation_is_refused(series_files, tmp_path):
+    def rotate(i, ds):
+        if i == 5:
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # a coronal slice in an axial series
+
+    _copy_series(series_files, tmp_path / "mixed", rotate)
+    message = _refusal(tmp_path / "mixed")
+    assert "mixed orientations" in message and series_files[5].name in message
+
+
+def test_gantry_tilt_is_refused(series_files, tmp_path):
+    def tilt(i, ds):  # positions step 0.5 mm posterior per 2 mm slice: a 14 degree tilted stack
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + 0.5 * i, z]
+
+    _copy_series(series_files, tmp_path / "tilt", tilt)
+    assert "gantry tilt" in _refusal(tmp_path / "tilt")
+
+
+def test_non_ct_modality_is_refused(series_files, tmp_path):
+    def to_mr(i, ds):
+        ds.Modality = "MR"
+
+    _copy_series(series_files[:3], tmp_path / "mr", to_mr)
+    assert "Modality is 'MR', not CT" in _refusal(tmp_path / "mr")
+
+
+def test_series_sharing_a_folder_are_split_by_uid(series_files, tmp_path):
+    def assign_uid(i, ds):
+        ds.SeriesInstanceUID = "1.2.3.4" if i < 10 else "1.2.3.5"
+
+    _copy_series(series_files, tmp_path / "two", assign_uid)
+    series, _, others = dicom.find_series(sorted((tmp_path / "two").iterdir()))
+    assert [(s.uid, len(s.files)) for s in series] == [("1.2.3.4", 10), ("1.2.3.5", 10)]
+    assert others == []
+    candidates, problems, _ = ingest.discover([str(tmp_path / "two")], str(tmp_path / "out"))
+    assert [c.name for c in candidates] == ["1.2.3.4", "1.2.3.5"] and not problems
+
+
+def test_ingest_refuses_a_broken_series_and_writes_the_rest(series_files, dicom_dir, tmp_path, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    os.symlink(dicom_dir / "ts_torso_20", raw / "good")
+    shutil.copy(dicom_dir / "ts_torso_20_label.nii.gz", raw / "good_label.nii.gz")
+    _copy_series(series_files[:10] + series_files[11:], raw / "gap")
+    code = ingest.main(["--input", str(raw / "good"), str(raw / "gap"), "--output", str(tmp_path / "out"),
+                        "--spacing", "4"])
+    err = capsys.readouterr().err
+    assert code == ingest.EXIT_REFUSED
+    assert f"refused: {raw / 'gap'}: non-uniform slice positions (missing slice?)" in err
+    (entry,) = vs.read_manifest(tmp_path / "out")
+    assert entry["id"] == "good" and entry["label_path"] == "labels/good.zarr"
+    assert entry["shape"] == [10, 128, 128] and entry["spacing"] == [4.0, 4.0, 4.0]  # 40 mm x 500 mm FOV
+    labels = vs.open_volume(tmp_path / "out" / entry["label_path"]).read().result()
+    liver, spleen = np.argwhere(labels == 5)[:, 2].mean(), np.argwhere(labels == 1)[:, 2].mean()
+    assert liver < spleen  # x grows toward patient left: the liver (patient right) has the smaller x
