@@ -20,7 +20,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from data_prep.readers import SourceError, SourceVolume
+from data_prep.readers import SourceError, SourceVolume, file_sha256
 
 # Two slices closer than this (mm) along the normal are the same position.
 DUPLICATE_TOL_MM = 1e-2
@@ -75,17 +75,9 @@ def find_series(files: Iterable[Path]) -> tuple[list[DicomSeries], list[tuple[Pa
 def series_sha256(series: DicomSeries) -> str:
     """sha256 of the series' `sha256sum` listing (one `<hex>  <path relative to the folder>` line per file,
     sorted by path), i.e. `cd folder && sha256sum * | sha256sum` for a flat folder (shared/data README)."""
-    listing = "".join(f"{_file_sha256(p)}  {p.relative_to(series.folder)}\n"
+    listing = "".join(f"{file_sha256(p)}  {p.relative_to(series.folder)}\n"
                       for p in sorted(series.files, key=lambda p: str(p.relative_to(series.folder))))
     return hashlib.sha256(listing.encode()).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _floats(ds: pydicom.Dataset, keyword: str, count: int, path: Path) -> np.ndarray:
@@ -153,15 +145,15 @@ def stack_geometry(headers: Sequence[pydicom.Dataset], paths: Sequence[Path], wh
     deviation = np.abs(steps - step)
     if deviation.max() > STEP_REL_TOL * step + STEP_ABS_TOL_MM:
         i = int(np.argmax(deviation))
-        raise SourceError(f"{where}: non-uniform slice positions (missing slice?): step {steps[i]:.3f} mm between "
-                          f"{names[i]} and {names[i + 1]}, mean step {step:.3f} mm; steps range "
+        raise SourceError(f"{where}: non-uniform slice positions (missing slice?): step {steps[i]:.3f} mm "
+                          f"between {names[i]} and {names[i + 1]}, mean step {step:.3f} mm; steps range "
                           f"{steps.min():.3f}..{steps.max():.3f} mm")
     drift = positions - positions[0] - np.outer(along - along[0], normal)
     drift_mm = float(np.linalg.norm(drift, axis=1).max())
     if drift_mm > TILT_TOL_PIXELS * spacings[0].min():
         tilt = headers[0].get("GantryDetectorTilt")
-        raise SourceError(f"{where}: gantry tilt or sheared stack: slice positions drift {drift_mm:.2f} mm off the "
-                          f"slice normal (GantryDetectorTilt {tilt}); refusing to stack it as a regular grid")
+        raise SourceError(f"{where}: gantry tilt or sheared stack: slice positions drift {drift_mm:.2f} mm off "
+                          f"the slice normal (GantryDetectorTilt {tilt}); refusing to stack it as a regular grid")
 
     row_spacing, column_spacing = spacings[0]  # PixelSpacing = (between rows, between columns)
     affine = np.eye(4)

@@ -25,7 +25,6 @@ import contextlib
 import csv
 import dataclasses
 import fcntl
-import hashlib
 import json
 import multiprocessing
 import os
@@ -122,8 +121,8 @@ def discover(inputs: Sequence[str], output_dir: str) -> tuple[list[Candidate], l
             problems.append(f"{source}: several label maps beside it ({', '.join(labels_found)}); keep one")
             return
         key = (os.path.realpath(source), series_.uid if series_ else "")  # an input may be given twice
-        found.setdefault(key, Candidate(sanitize_id(name), source, series_,
-                                                             labels_found[0] if labels_found else None))
+        label = labels_found[0] if labels_found else None
+        found.setdefault(key, Candidate(sanitize_id(name), source, series_, label))
 
     for f in images:
         add(readers.nifti_stem(f), f, None, (os.path.dirname(f), readers.nifti_stem(f)))
@@ -139,25 +138,17 @@ def discover(inputs: Sequence[str], output_dir: str) -> tuple[list[Candidate], l
         if os.path.realpath(f) not in attached:
             stem = readers.nifti_stem(f)
             image = next(stem[:-len(s)] for s in readers.LABEL_SUFFIXES if stem.endswith(s))
-            problems.append(f"{f}: label map without an image beside it (expected {image}.nii.gz or a DICOM "
-                            f"series folder {image}/)")
+            problems.append(f"{f}: label map without its image among the inputs (expected {image}.nii.gz "
+                            f"or a DICOM series folder {image}/ beside it)")
     candidates = sorted(found.values(), key=lambda c: (c.source, c.name))
     return candidates, sorted(set(problems)), len(not_dicom)
 
 
 # --- per-volume work (runs in worker processes) -----------------------------------------------------------
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def source_sha256(candidate: Candidate) -> str:
     """Content hash of a source: the file's sha256, or for a DICOM series the hash of its sha256sum listing."""
-    return dicom.series_sha256(candidate.series) if candidate.series else file_sha256(candidate.source)
+    return dicom.series_sha256(candidate.series) if candidate.series else readers.file_sha256(candidate.source)
 
 
 def _read_image(candidate: Candidate) -> readers.SourceVolume:
@@ -168,6 +159,8 @@ def _read_image(candidate: Candidate) -> readers.SourceVolume:
 
 def _to_int16_hu(values: np.ndarray) -> np.ndarray:
     info = np.iinfo(np.int16)
+    if values.dtype == np.int16:  # exact reorientation of int16 HU: nothing to round or clip
+        return values
     return np.clip(np.rint(values), info.min, info.max).astype(np.int16)
 
 
@@ -207,11 +200,14 @@ def ingest_volume(job: Job) -> tuple[dict | None, str | None]:
         if candidate.label:
             label = readers.read_nifti(candidate.label, "label map")
             label_map = readers.as_label_map(label.array, candidate.label)
-            label_sha = file_sha256(candidate.label)
+            label_sha = readers.file_sha256(candidate.label)
             label_path = f"{volume_store.LABELS_DIR}/{job.volume_id}.zarr"
-            volume_store.write_volume(
-                dataset_dir / label_path, geometry.to_grid(label_map, label.affine, grid, 0, LABEL_FILL),
-                _attributes(job, grid, "label", candidate.label, label_sha, label))
+            on_grid = geometry.to_grid(label_map, label.affine, grid, 0, LABEL_FILL)
+            if label_map.any() and not on_grid.any():
+                raise readers.SourceError(f"{candidate.label}: label map does not overlap its image "
+                                          f"{candidate.source} in world space")
+            volume_store.write_volume(dataset_dir / label_path, on_grid,
+                                      _attributes(job, grid, "label", candidate.label, label_sha, label))
             written.append(dataset_dir / label_path)
             entry.update(label_path=label_path, label_source=candidate.label, label_sha256=label_sha)
         hu = _to_int16_hu(geometry.to_grid(image.array, image.affine, grid, 1, IMAGE_FILL_HU))
@@ -374,8 +370,10 @@ def run(args: argparse.Namespace) -> int:
             _report(f"removed {path}: left unlisted by an interrupted run")
         pool = None
         if args.workers > 1:  # spawn: TensorStore's threads do not survive fork
-            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
-                args.workers, mp_context=multiprocessing.get_context("spawn")))
+            pool = concurrent.futures.ProcessPoolExecutor(args.workers,
+                                                          mp_context=multiprocessing.get_context("spawn"))
+            # On an error or Ctrl-C, drop the queued volumes instead of converting them all first.
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
 
         progress = Progress(len(candidates), "hashing sources")
         hashes = []

@@ -5,6 +5,7 @@ DICOM series reading lives in `data_prep.dicom`; both produce a `SourceVolume`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import nibabel as nib
@@ -32,6 +33,14 @@ class SourceError(ValueError):
 class SourceVolume:
     array: np.ndarray    # voxels in stored order (any real dtype), HU for images after rescale
     affine: np.ndarray   # 4x4 map from a voxel index of `array` to LPS mm
+
+
+def file_sha256(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def is_nifti(path: Path | str) -> bool:

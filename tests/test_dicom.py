@@ -145,7 +145,7 @@ def test_ingest_refuses_a_broken_series_and_writes_the_rest(series_files, dicom_
     assert f"refused: {raw / 'gap'}: non-uniform slice positions (missing slice?)" in err
     (entry,) = vs.read_manifest(tmp_path / "out")
     assert entry["id"] == "good" and entry["label_path"] == "labels/good.zarr"
-    assert entry["shape"] == [10, 128, 128] and entry["spacing"] == [4.0, 4.0, 4.0]  # 40 mm x 500 mm FOV
+    assert entry["shape"] == [10, 125, 125] and entry["spacing"] == [4.0, 4.0, 4.0]  # 40 mm x 500 mm FOV
     labels = vs.open_volume(tmp_path / "out" / entry["label_path"]).read().result()
     liver, spleen = np.argwhere(labels == 5)[:, 2].mean(), np.argwhere(labels == 1)[:, 2].mean()
     assert liver < spleen  # x grows toward patient left: the liver (patient right) has the smaller x

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep import ingest
+from data_prep import ingest, readers
 from flexict_jax.data import volume_store as vs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -250,10 +250,15 @@ def _write_bad_inputs(folder) -> dict[str, str]:
     _save_nifti(folder / "photo.nii.gz", ((_phantom() + 1024) // 16).clip(0, 255).astype(np.uint8))
     _save_nifti(folder / "unit.nii.gz", ((_phantom() + 1024) / 4000).astype(np.float32))
     _save_nifti(folder / "ghost_label.nii.gz", np.zeros((4, 4, 4), np.uint8))
+    _save_nifti(folder / "far.nii.gz", _phantom(seed=3))
+    far_affine = np.diag([-2.0, -2.0, 3.0, 1.0])
+    far_affine[2, 3] = 1000.0  # a label map of some other region
+    _save_nifti(folder / "far_label.nii.gz", (_phantom() > 0).astype(np.uint8), far_affine)
     (folder / "notes.txt").write_text("not a volume")
-    return {"truncated.nii.gz": "truncated", "flat.nii.gz": "not a 3D volume", "series.nii.gz": "4D",
+    return {"far.nii.gz": "does not overlap its image", "truncated.nii.gz": "truncated",
+            "flat.nii.gz": "not a 3D volume", "series.nii.gz": "4D",
             "nan.nii.gz": "NaN", "photo.nii.gz": "not CT HU", "unit.nii.gz": "not CT HU",
-            "ghost_label.nii.gz": "without an image"}
+            "ghost_label.nii.gz": "without its image"}
 
 
 def test_bad_inputs_are_reported_and_the_rest_written(tmp_path, capsys):
@@ -265,7 +270,7 @@ def test_bad_inputs_are_reported_and_the_rest_written(tmp_path, capsys):
     assert len(refused_lines) == len(refusals), err
     for name, reason in refusals.items():
         assert any(str(tmp_path / "raw" / name) in line and reason in line for line in refused_lines), (name, err)
-    assert "2 written, 0 skipped (already ingested), 7 refused" in stdout
+    assert "2 written, 0 skipped (already ingested), 8 refused" in stdout
     entries = {e["id"]: e for e in vs.read_manifest(out)}
     assert sorted(entries) == ["good", "squeezable"]
     assert entries["good"]["label_path"] == "labels/good.zarr" and entries["squeezable"]["label_path"] is None
@@ -275,7 +280,7 @@ def test_bad_inputs_are_reported_and_the_rest_written(tmp_path, capsys):
     # Re-running skips what is done and refuses the same files again.
     code, stdout, _ = _run(["--input", tmp_path / "raw", "--output", out, "--spacing", "native"], capsys)
     assert code == ingest.EXIT_REFUSED
-    assert "0 written, 2 skipped (already ingested), 7 refused" in stdout
+    assert "0 written, 2 skipped (already ingested), 8 refused" in stdout
     assert len(vs.read_manifest(out)) == 2
 
 
@@ -291,6 +296,11 @@ def test_fatal_errors_exit_1(tmp_path, capsys):
     _save_nifti(tmp_path / "nan.nii.gz", np.full((4, 4, 4), np.nan, np.float32))
     code, _, err = _run(["--input", tmp_path / "nan.nii.gz", "--output", tmp_path / "out"], capsys)
     assert code == ingest.EXIT_FATAL and "no volume could be ingested" in err
+
+    (tmp_path / "out" / vs.MANIFEST_NAME).write_text("{not json\n")
+    _save_nifti(tmp_path / "good.nii.gz", _phantom())
+    code, _, err = _run(["--input", tmp_path / "good.nii.gz", "--output", tmp_path / "out"], capsys)
+    assert code == ingest.EXIT_FATAL and "manifest.jsonl:1: corrupt manifest line" in err
 
     with pytest.raises(SystemExit) as exit_info:
         ingest.main(["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--spacing", "1,x,2"])
@@ -343,7 +353,7 @@ def test_duplicate_names_subjects_and_provenance(tmp_path, capsys):
     assert code == 0, err
     assert "2 written, 1 skipped" in stdout
     entries = {e["id"]: e for e in vs.read_manifest(tmp_path / "out")}
-    b_sha = ingest.file_sha256(str(tmp_path / "b" / "vol.nii.gz"))
+    b_sha = readers.file_sha256(str(tmp_path / "b" / "vol.nii.gz"))
     assert sorted(entries) == sorted(["vol", f"vol-{b_sha[:8]}"])
     assert entries["vol"]["source"] == str(tmp_path / "a" / "vol.nii.gz")
     for entry in entries.values():  # the suffixed id falls back to its base name `vol`

@@ -86,7 +86,7 @@ def test_resize_2d_keeps_float32_and_promotes_integers():
     assert resize_2d(image.astype(np.float32), (3, 4)).dtype == np.float32
     out = resize_2d(image, (12, 16), "cubic", antialias=False)
     assert out.dtype == np.float64
-    # Cubic overshoot survives: an integer result would have been truncated.
+    # Fractional values survive: an integer result would have been truncated.
     assert not np.allclose(out, np.round(out))
 
 
