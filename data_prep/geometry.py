@@ -199,11 +199,16 @@ def resample(array: np.ndarray, affine: np.ndarray, grid: Grid, order: int, fill
     return out
 
 
+def needs_resampling(shape: tuple[int, ...], affine: np.ndarray, grid: Grid) -> bool:
+    """False when an exact reorientation of the source already gives `grid`."""
+    return not (is_axis_aligned(affine) and _reorientation(shape, affine)[2].same_as(grid))
+
+
 def to_grid(array: np.ndarray, affine: np.ndarray, grid: Grid, order: int, fill: float) -> np.ndarray:
     """`array` on `grid`: exact reorientation when that already gives `grid`, else world-space resampling."""
     if is_axis_aligned(affine):
         array, native = reorient(array, affine)
-        if native.same_as(grid):
+        if not needs_resampling(array.shape, native.affine, grid):
             return array
         affine = native.affine
     return resample(array, affine, grid, order, fill)

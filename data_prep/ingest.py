@@ -11,6 +11,9 @@ the folder) and are mapped onto the image's output grid through world coordinate
 Oblique sources (direction cosines off the world axes) are resampled in world space onto the axis-aligned
 bounding box of their voxels; the corners outside the source get -1024 HU (labels 0).
 
+Volume ids come from the file name (`foo.nii.gz` -> `foo`) or the DICOM series folder (the SeriesInstanceUID
+when several series share a folder); a name already taken by other content gets `-<8 hex of its sha256>`.
+
 Re-running skips sources already in the manifest (same content sha256). A volume is listed only after its
 arrays are committed; temporary and unlisted arrays left by an interrupted run are removed on the next run.
 A bad source is reported with its path and the reason, and the rest of the batch goes on.
@@ -146,9 +149,15 @@ def discover(inputs: Sequence[str], output_dir: str) -> tuple[list[Candidate], l
 
 # --- per-volume work (runs in worker processes) -----------------------------------------------------------
 
-def source_sha256(candidate: Candidate) -> str:
-    """Content hash of a source: the file's sha256, or for a DICOM series the hash of its sha256sum listing."""
-    return dicom.series_sha256(candidate.series) if candidate.series else readers.file_sha256(candidate.source)
+def source_sha256(candidate: Candidate) -> tuple[str | None, str | None]:
+    """(content hash, None) or (None, "path: reason"). The hash is the file's sha256, or for a DICOM series
+    the sha256 of its sha256sum listing."""
+    try:
+        if candidate.series:
+            return dicom.series_sha256(candidate.series), None
+        return readers.file_sha256(candidate.source), None
+    except OSError as e:
+        return None, f"{candidate.source}: cannot read ({e})"
 
 
 def _read_image(candidate: Candidate) -> readers.SourceVolume:
@@ -173,7 +182,9 @@ def _attributes(job: Job, grid: geometry.Grid, kind: str, source: str, sha256: s
         "affine_zyx_to_lps": grid.affine.tolist(),
         "dtype": "int16" if kind == "image" else "uint8", "units": "HU" if kind == "image" else "class index",
         "fill_value": IMAGE_FILL_HU if kind == "image" else LABEL_FILL,
-        "interpolation": "linear" if kind == "image" else "nearest",
+        "resampling": ("linear" if kind == "image" else "nearest")
+        if geometry.needs_resampling(source_volume.array.shape, source_volume.affine, grid)
+        else "exact reorientation",
         "target_spacing": "native" if job.spacing is None else list(job.spacing),
         "source": source, "source_sha256": sha256,
         "source_format": "dicom" if job.candidate.series and kind == "image" else "nifti",
@@ -377,8 +388,11 @@ def run(args: argparse.Namespace) -> int:
 
         progress = Progress(len(candidates), "hashing sources")
         hashes = []
-        for sha in _results(source_sha256, candidates, pool, ordered=True):
+        for sha, error in _results(source_sha256, candidates, pool, ordered=True):
             hashes.append(sha)
+            if error:
+                _report(f"refused: {error}")
+                refused += 1
             progress.advance(1)
         progress.close()
 
@@ -386,6 +400,8 @@ def run(args: argparse.Namespace) -> int:
         taken = {e["id"] for e in entries}
         jobs = []
         for candidate, sha in zip(candidates, hashes):
+            if sha is None:
+                continue
             if sha in known:
                 skipped += 1  # same content already in the manifest or earlier in this run
                 continue

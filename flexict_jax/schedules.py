@@ -18,7 +18,7 @@ SCHEDULE_KEYS = ("start", "peak", "end", "warmup_steps", "cosine_steps")
 
 def linear_warmup_cosine_decay(*, start: float, peak: float, end: float, warmup_steps: int, total_steps: int,
                                cosine_steps: int | None = None) -> np.ndarray:
-    """float64 table of length `total_steps` (recipe §4 `linear_warmup_cosine_decay`).
+    """float64 table of length `total_steps` (recipe §4 `linear_warmup_cosine_decay`), truncated if shorter.
 
     Steps [0, warmup): linear start → peak, endpoint excluded. Then `cosine_steps` (default: the rest) of a
     half-cosine peak → end whose last value is one step short of `end`. Then constant `end`.
@@ -31,14 +31,16 @@ def linear_warmup_cosine_decay(*, start: float, peak: float, end: float, warmup_
     if warmup_steps < 0:
         raise ValueError(f"schedule warmup_steps must be >= 0, got {warmup_steps}")
     if cosine_steps is None:
-        cosine_steps = total_steps - warmup_steps
-    if cosine_steps < 0 or warmup_steps + cosine_steps > total_steps:
-        raise ValueError(f"schedule warmup_steps + cosine_steps = {warmup_steps} + {cosine_steps} must lie "
-                         f"within total_steps = {total_steps}")
+        cosine_steps = max(total_steps - warmup_steps, 0)
+    if cosine_steps < 0:
+        raise ValueError(f"schedule cosine_steps must be >= 0, got {cosine_steps}")
+    # A run shorter than warmup + cosine (a debug run, a test) sees the planned schedule cut off, the way an
+    # interrupted upstream run would; the values at a given step never depend on where the run stops.
+    length = max(total_steps, warmup_steps + cosine_steps)
     warmup = np.linspace(start, peak, warmup_steps, endpoint=False)
-    cosine = end + (peak - end) * 0.5 * (1.0 + np.cos(np.pi * np.arange(cosine_steps) / cosine_steps))
-    constant = np.full(total_steps - warmup_steps - cosine_steps, end, dtype=np.float64)
-    return np.concatenate([warmup, cosine, constant]).astype(np.float64)
+    cosine = end + (peak - end) * 0.5 * (1.0 + np.cos(np.pi * np.arange(cosine_steps) / max(cosine_steps, 1)))
+    constant = np.full(length - warmup_steps - cosine_steps, end, dtype=np.float64)
+    return np.concatenate([warmup, cosine, constant]).astype(np.float64)[:total_steps]
 
 
 def table_from_config(section: ml_collections.ConfigDict, total_steps: int, *, name: str = "schedule") -> jax.Array:

@@ -177,6 +177,9 @@ def test_stored_attributes(ingested):
     attrs = vs.read_attributes(out / entry["path"])
     assert attrs["orientation"] == "LPS" and attrs["axes"] == "zyx" and attrs["kind"] == "image"
     assert attrs["source_orientation"] == "RAS" and attrs["source_sha256"] == entry["source_sha256"]
+    assert attrs["resampling"] == "exact reorientation"  # already 3 mm: only axes flipped
+    assert vs.read_attributes(out / entries["pyrad_lung1"]["path"])["resampling"] == "linear"
+    assert vs.read_attributes(out / entries["pyrad_lung1"]["label_path"])["resampling"] == "nearest"
     affine = np.array(attrs["affine_zyx_to_lps"])
     np.testing.assert_allclose(affine @ [2, 3, 4, 1], [*_world_lps(entry, np.array([[2.0, 3, 4]]))[0], 1])
 

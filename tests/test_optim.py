@@ -103,7 +103,14 @@ def test_upward_cosine_ramp_stage_1_1():
     np.testing.assert_array_equal(table[10:], 5e-5)
 
 
-@pytest.mark.parametrize("kwargs", [dict(warmup_steps=6, cosine_steps=5), dict(warmup_steps=-1),
+def test_schedule_shorter_run_is_a_prefix_of_the_planned_one():
+    args = dict(start=0.0, peak=1.0, end=0.5, warmup_steps=6, cosine_steps=8)
+    full = schedules.linear_warmup_cosine_decay(total_steps=20, **args)
+    short = schedules.linear_warmup_cosine_decay(total_steps=4, **args)
+    np.testing.assert_array_equal(short, full[:4])
+
+
+@pytest.mark.parametrize("kwargs", [dict(cosine_steps=-5), dict(warmup_steps=-1),
                                     dict(total_steps=0), dict(peak=math.nan)])
 def test_schedule_rejects_bad_arguments(kwargs):
     args = dict(start=0.0, peak=1.0, end=0.0, warmup_steps=2, total_steps=10, cosine_steps=None) | kwargs
@@ -123,7 +130,7 @@ def test_schedule_table_from_config_and_value_at():
     del section.cosine_steps
     with pytest.raises(KeyError, match="schedules.lr.*cosine_steps"):
         schedules.table_from_config(section, 10, name="schedules.lr")
-    bad = ml_collections.ConfigDict(dict(start=0.0, peak=1.0, end=1.0, warmup_steps=20, cosine_steps=None))
+    bad = ml_collections.ConfigDict(dict(start=0.0, peak=1.0, end=1.0, warmup_steps=-2, cosine_steps=None))
     with pytest.raises(ValueError, match="schedules.weight_decay"):
         schedules.table_from_config(bad, 10, name="schedules.weight_decay")
 
