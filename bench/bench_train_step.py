@@ -23,6 +23,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import common, stage1  # noqa: E402
 from flexict_jax import sharding, trainer  # noqa: E402
+from flexict_jax.tasks import dino  # noqa: E402
+from flexict_jax.variants import Variant  # noqa: E402
 
 # Benchmark shapes: the config's model with a batch/crop budget a CPU can time in minutes.
 VARIANTS = {
@@ -80,9 +82,10 @@ def bench_variant(name: str, patch_size: int, steps: int, peak: float) -> dict:
     with sharding.activate(mesh, config.sharding_rules):
         program = trainer.build_program(config, mesh)
         state = jax.jit(program.init_state, out_shardings=program.state_shardings)()
-        batch = trainer._global_batch(mesh, synthetic_batch(config, patch_size), patch_size)
+        local = dino.step_batch(synthetic_batch(config, patch_size), Variant(patch_size))
+        batch = trainer.global_batch(mesh, local)
         t0 = time.perf_counter()
-        compiled = program.train_step(config, patch_size).lower(state, batch).compile()
+        compiled = program.train_step(config, Variant(patch_size), local).lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
         cost = compiled.cost_analysis()
         flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", float("nan")))

@@ -68,6 +68,16 @@ def constant(value: float) -> mlc.ConfigDict:
     return schedule(value, value, value, 0)
 
 
+def init_section(mode: str = "none") -> mlc.ConfigDict:
+    """Where a run starts when its workdir has no checkpoint yet: `--config.init.from=PREVIOUS_WORKDIR`
+    [`--config.init.step=N`] takes that run's EMA teacher (recipe §1: every stage hands its teacher on).
+    `mode`: "continue" (backbone + heads), "inflate_2d_to_3d" (stage 2: inflate the patch embedding, new heads,
+    recipe §7), "backbone" (backbone only, new heads)."""
+    section = mlc.ConfigDict(dict(step=mlc.config_dict.placeholder(int), mode=mode))
+    section["from"] = mlc.config_dict.placeholder(str)
+    return section
+
+
 def mesh_and_checkpoint(config: mlc.ConfigDict) -> None:
     config.mesh = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
     config.sharding_rules = SHARDING_RULES

@@ -39,6 +39,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.patch_size_probs = (0.5, 0.5)
 
     c.data = mlc.ConfigDict(dict(
+        kind="slices2d",
         dir=mlc.config_dict.placeholder(str),  # the slices dir from `python -m data_prep.slices`
         global_crop_size=256, local_crop_size=112, n_global_crops=2, n_local_crops=8,  # recipe §5
         global_crop_scale=(0.32, 1.0), local_crop_scale=(0.05, 0.32), crop_ratio=(3 / 4, 4 / 3),
@@ -70,6 +71,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         freeze_last_layer_steps=3000,
         idle_patterns=["backbone/patch_embed_3d"]))  # 2D stage: the 3D patch embedding gets no update/decay
 
+    # Stage hand-off (stage 1 starts from scratch; upstream's 1-channel ImageNet backbone is not public, §5).
+    c.init = common.init_section()
     common.mesh_and_checkpoint(c)
 
     if variant == "tiny":

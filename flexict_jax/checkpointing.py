@@ -7,6 +7,7 @@ resume that would change shapes is refused before anything is loaded.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grain
@@ -79,3 +80,52 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def latest_step(workdir: epath.PathLike) -> int | None:
+    directory = epath.Path(workdir) / "checkpoints"
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
+    return max(steps) if steps else None
+
+
+def read_subtree(workdir: epath.PathLike, name: str, step: int | None = None) -> tuple[Any, int, dict]:
+    """Host (numpy) copy of one top-level entry of a run's saved state, e.g. its EMA "teacher", plus the step and
+    the run's meta — without building that run's trainer, optimizer or data pipeline (a partial restore)."""
+    workdir = epath.Path(workdir)
+    step = latest_step(workdir) if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {workdir / 'checkpoints'}")
+    step_dir = workdir / "checkpoints" / str(step)
+    if not (step_dir / "state").exists():
+        raise FileNotFoundError(f"no checkpoint state at {step_dir}")
+    checkpointer = ocp.PyTreeCheckpointer()
+    saved = checkpointer.metadata(step_dir / "state").item_metadata
+    if name not in saved:
+        raise KeyError(f"{step_dir / 'state'} has no {name!r} entry (it has {sorted(saved.keys())})")
+    target = {name: jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), saved[name])}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    tree = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))[name]
+    meta_path = step_dir / "meta" / "metadata"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return tree, step, meta
+
+
+def conform(tree: Any, like: Any, *, what: str) -> Any:
+    """`tree` rearranged into the structure of `like` (keys matched by name, so checkpoint string keys such as
+    "0" meet integer block keys), with a clear error on a missing key or a shape mismatch."""
+    by_name = {_key_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    leaves = []
+    for path, ref in jax.tree_util.tree_flatten_with_path(like)[0]:
+        key = _key_path(path)
+        if key not in by_name:
+            raise KeyError(f"{what}: no parameter {key}")
+        value = by_name[key]
+        if tuple(np.shape(value)) != tuple(ref.shape):
+            raise ValueError(f"{what}: parameter {key} has shape {np.shape(value)}, expected {tuple(ref.shape)}")
+        leaves.append(np.asarray(value, dtype=ref.dtype))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
+
+
+def _key_path(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)

@@ -1,8 +1,9 @@
 """The training loop: mesh, sharded state, one jitted step per variant, checkpoints, preemption, metrics.
 
-Stage specifics (model, loss, teacher update) live in `flexict_jax.tasks`; this file only moves pytrees.
-Order of events (big_vision style): resolve config → mesh → abstract state and its shardings → data →
-restore-or-initialise → loop (variant draw, global batch, step, metrics, checkpoint) → final checkpoint.
+Stage specifics (model, loss, teacher update, which batch arrays a step needs) live in `flexict_jax.tasks`;
+data in `flexict_jax.data.datasets`; this file only moves pytrees. Order of events (big_vision style): config →
+mesh → abstract state and its shardings → data → restore, or hand-off from a previous stage, or scratch →
+loop (variant draw, global batch, step, metrics, checkpoint) → final checkpoint.
 """
 from __future__ import annotations
 
@@ -24,10 +25,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flexict_jax import checkpointing, distributed, metric_io, optim, schedules, sharding
-from flexict_jax.data import pipeline
+from flexict_jax.data import datasets
+from flexict_jax.models import inflate
 from flexict_jax.tasks import dino
+from flexict_jax.variants import Variant
 
 SCHEDULE_NAMES = ("lr", "weight_decay", "momentum", "teacher_temperature")
+INIT_MODES = ("continue", "inflate_2d_to_3d", "backbone")
 
 
 class ConfigError(ValueError):
@@ -37,8 +41,9 @@ class ConfigError(ValueError):
 def validate_config(config: mlc.ConfigDict) -> None:
     """Fails early, naming the config key, instead of deep inside jit or the data pipeline."""
     if not config.data.dir:
-        raise ConfigError("config.data.dir is not set: pass --config.data.dir=SLICES_DIR "
-                          "(made by `python -m data_prep.slices`)")
+        raise ConfigError("config.data.dir is not set: pass --config.data.dir=DIR (slices from "
+                          "`python -m data_prep.slices` for 2D stages, a dataset from `python -m data_prep.ingest` "
+                          "for 3D stages)")
     if not epath.Path(config.data.dir).exists():
         raise ConfigError(f"config.data.dir={config.data.dir!r} does not exist")
     batch, devices, processes = config.global_batch_size, jax.device_count(), jax.process_count()
@@ -57,13 +62,11 @@ def validate_config(config: mlc.ConfigDict) -> None:
                               f"({config.data.global_crop_size}, {config.data.local_crop_size})")
     if config.total_steps <= 0:
         raise ConfigError(f"config.total_steps={config.total_steps} must be positive")
-
-
-def patch_size_for_step(config: mlc.ConfigDict, step: int) -> int:
-    """One patch size per step from an RNG seeded by (seed, step): the same on every host and after a resume
-    (recipe §2.3, fixing §13 #6)."""
-    rng = np.random.default_rng([config.seed, step])
-    return int(config.patch_sizes[rng.choice(len(config.patch_sizes), p=config.patch_size_probs)])
+    if config.init["from"]:
+        if config.init.mode not in INIT_MODES:
+            raise ConfigError(f"config.init.mode={config.init.mode!r} must be one of {INIT_MODES}")
+        if not epath.Path(config.init["from"]).exists():
+            raise ConfigError(f"config.init.from={config.init['from']!r} does not exist")
 
 
 class _StopFlag:
@@ -94,16 +97,15 @@ def _state_shardings(mesh, abstract_state: dict, param_specs: Any, tx: optax.Gra
     return {"step": replicated, "params": param_shardings, "teacher": param_shardings, "opt_state": opt_shardings}
 
 
-def _global_batch(mesh, local: dict[str, np.ndarray], patch_size: int) -> dict[str, jax.Array]:
-    local = {"global_crops": local["global_crops"], "local_crops": local["local_crops"],
-             "masks": local[f"masks_p{patch_size}"]}
+def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Global arrays, batch-sharded over the mesh, from this process's rows of the batch."""
     return {k: jax.make_array_from_process_local_data(NamedSharding(mesh, sharding.batch_spec(v.ndim)), v)
             for k, v in local.items()}
 
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-    """Everything the loop (and the benchmarks) need, built once per run under the active mesh."""
+    """Everything the loop (and the benchmarks/planner) need, built once per run under the active mesh."""
     mesh: Mesh
     graphdef: nnx.GraphDef
     abstract_params: nnx.State
@@ -114,10 +116,13 @@ class Program:
     abstract_state: Any  # ShapeDtypeStructs carrying the state shardings
     state_shardings: Any
 
-    def train_step(self, config: mlc.ConfigDict, patch_size: int) -> Callable:
-        """The jitted step for one static variant (here: the patch size), with donation of the old state."""
-        return jax.jit(functools.partial(_train_step, program=self, config=config, patch_size=patch_size),
-                       donate_argnums=(0,), out_shardings=(self.state_shardings, None))
+    def train_step(self, config: mlc.ConfigDict, variant: Variant, batch_example: dict[str, Any]) -> Callable:
+        """The jitted step for one static variant, explicit in/out shardings, the old state donated."""
+        batch_shardings = {k: NamedSharding(self.mesh, sharding.batch_spec(np.ndim(v)))
+                           for k, v in batch_example.items()}
+        return jax.jit(functools.partial(_train_step, program=self, config=config, variant=variant),
+                       in_shardings=(self.state_shardings, batch_shardings),
+                       out_shardings=(self.state_shardings, None), donate_argnums=(0,))
 
 
 def build_program(config: mlc.ConfigDict, mesh: Mesh) -> Program:
@@ -145,14 +150,14 @@ def build_program(config: mlc.ConfigDict, mesh: Mesh) -> Program:
 
 
 def _train_step(state: dict, batch: dict, *, program: Program, config: mlc.ConfigDict,
-                patch_size: int) -> tuple[dict, dict]:
+                variant: Variant) -> tuple[dict, dict]:
     step, tables = state["step"], program.tables
     key = jax.random.fold_in(jax.random.key(config.seed), step)
     at = functools.partial(schedules.value_at, step=step)
     temperature, momentum = at(tables["teacher_temperature"]), at(tables["momentum"])
     (loss, terms), grads = jax.value_and_grad(dino.loss_fn, has_aux=True)(
         state["params"], state["teacher"], batch, key, graphdef=program.graphdef,
-        abstract_state=program.abstract_params, config=config, patch_size=patch_size,
+        abstract_state=program.abstract_params, config=config, patch_size=variant.patch_size,
         teacher_temperature=temperature)
     updates, opt_state = program.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -166,6 +171,32 @@ def _train_step(state: dict, batch: dict, *, program: Program, config: mlc.Confi
                "momentum": momentum, "teacher_temperature": temperature,
                "grad_norm": optax.global_norm(grads), "finite": finite}
     return new, metrics
+
+
+def handoff_state(config: mlc.ConfigDict, program: Program) -> tuple[dict, dict]:
+    """The first state of a stage that continues another run's EMA teacher (recipe §1), and a record of it.
+
+    The previous teacher becomes both student and teacher; the optimizer starts fresh; heads are kept
+    ("continue") or re-initialised ("backbone", "inflate_2d_to_3d" — upstream drops head keys, recipe §7).
+    """
+    source, mode = config.init["from"], config.init.mode
+    teacher, step, source_meta = checkpointing.read_subtree(source, "teacher", config.init.step)
+    fresh = jax.device_get(jax.jit(program.init_state)())
+    params = dict(fresh["params"])
+    reference = jax.tree.map(lambda a: a, program.abstract_state["params"])
+    if mode == "inflate_2d_to_3d":
+        teacher = dict(teacher, backbone=inflate.inflate_patch_embed(teacher["backbone"]))
+    parts = ("backbone",) if mode in ("backbone", "inflate_2d_to_3d") else tuple(params)
+    for part in parts:
+        if part not in teacher:
+            raise checkpointing.IncompatibleCheckpointError(
+                f"config.init.from={source}: its teacher has no {part!r} (it has {sorted(teacher)})")
+        params[part] = checkpointing.conform(teacher[part], reference[part], what=f"config.init.from={source}")
+    state = {"step": np.zeros((), np.int32), "params": params, "teacher": params,
+             "opt_state": jax.device_get(program.tx.init(params))}
+    state = jax.device_put(state, program.state_shardings)
+    record = {"from": str(source), "step": step, "mode": mode, "from_stage": source_meta.get("stage")}
+    return state, record
 
 
 def train(config: mlc.ConfigDict, workdir: str) -> int:
@@ -190,24 +221,27 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
         for name in report["large_replicated"]:
             logging.warning("large parameter %s is replicated on every device; check config.sharding_rules", name)
 
-        process_batch = config.global_batch_size // jax.process_count()
-        dataset = pipeline.build_stage1_dataset(
-            config.data, seed=config.seed, batch_size=process_batch, patch_sizes=config.patch_sizes,
-            process_index=jax.process_index(), process_count=jax.process_count())
+        dataset = datasets.build_dataset(config, process_index=jax.process_index(),
+                                         process_count=jax.process_count())
         data_iterator = iter(dataset)
-
         ckpt = checkpointing.Checkpointer(workdir / "checkpoints", **config.ckpt.to_dict())
+        meta = {"stage": config.stage, "config": json.loads(config.to_json_best_effort())}
         latest = ckpt.latest_step()
-        if latest is not None:
+        if latest is not None:  # our own checkpoint always wins: a resume never re-applies the hand-off
             logging.info("resuming from %s", workdir / "checkpoints" / str(latest))
             state = ckpt.restore(latest, program.abstract_state, data_iterator)
+            meta["init"] = ckpt.read_meta(latest).get("init")
+        elif config.init["from"]:
+            state, meta["init"] = handoff_state(config, program)
+            logging.info("starting from %s (step %d, mode %s)", meta["init"]["from"], meta["init"]["step"],
+                         meta["init"]["mode"])
+            ckpt.save(0, state, data_iterator, meta, force=True)  # the converted start is a checkpoint itself
         else:
             state = jax.jit(program.init_state, out_shardings=program.state_shardings)()
-        compiled = {p: program.train_step(config, p) for p in config.patch_sizes}
 
         stop = _StopFlag()
         step = int(jax.device_get(state["step"]))
-        meta = {"stage": config.stage, "config": json.loads(config.to_json_best_effort())}
+        compiled: dict[Variant, Callable] = {}
         throughput = metric_io.Throughput(step, config.total_steps)
         nonfinite_streak, exit_code = 0, 0
         logging.info("training %s from step %d to %d on a %s mesh", config.stage, step, config.total_steps,
@@ -217,9 +251,11 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
                 logging.warning("stopping at step %d on request; saving", step)
                 ckpt.save(step, state, data_iterator, meta, force=True)
                 break
-            patch_size = patch_size_for_step(config, step)
-            batch = _global_batch(mesh, next(data_iterator), patch_size)
-            state, metrics = compiled[patch_size](state, batch)
+            variant = datasets.variant_for_step(config, step)
+            local = dino.step_batch(next(data_iterator), variant)
+            if variant not in compiled:  # one compiled step per variant, built on first use
+                compiled[variant] = program.train_step(config, variant, local)
+            state, metrics = compiled[variant](state, global_batch(mesh, local))
             step += 1
             if not bool(metrics["finite"]):
                 nonfinite_streak += 1
@@ -234,7 +270,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
                 nonfinite_streak = 0
             if step % config.log_every == 0 or step == config.total_steps:
                 scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
-                writer.write(step, {**scalars, "patch_size": patch_size,
+                writer.write(step, {**scalars, "patch_size": variant.patch_size,
                                     **throughput.update(step, config.global_batch_size)})
             if nonfinite_streak == 0:  # never checkpoint inside a non-finite streak: keep the last good one
                 ckpt.save(step, state, data_iterator, meta, force=step == config.total_steps)

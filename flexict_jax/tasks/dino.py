@@ -1,4 +1,4 @@
-"""The DINO/iBOT/KoLeo self-distillation task of stage 1 (2D) — recipe §3, §5.
+"""The DINO/iBOT/KoLeo self-distillation task of stages 1 (2D) and 2 (3D) — recipe §3, §5, §7.
 
 Pure functions over pytrees: `loss_fn` computes the student loss given the EMA teacher, `ema_update` moves the
 teacher. The trainer owns sharding, the optimizer and the loop; this file owns what is specific to DINO.
@@ -11,11 +11,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
+import numpy as np
 from flax import nnx
 
+from flexict_jax.data import datasets
 from flexict_jax.losses import dino, ibot, koleo, sinkhorn
 from flexict_jax.models.heads import DINOHead
 from flexict_jax.models.vit import VisionTransformer
+from flexict_jax.variants import Variant
 
 Params = dict[str, Any]
 
@@ -36,13 +39,19 @@ def build_model(config: mlc.ConfigDict, seed: int) -> DinoModel:
     return DinoModel(config.model.to_dict(), config.heads.to_dict(), rngs=nnx.Rngs(seed))
 
 
+def step_batch(local: Mapping[str, np.ndarray], variant: Variant) -> dict[str, np.ndarray]:
+    """The arrays one step needs: the crops and the iBOT masks of this step's patch size."""
+    return {"global_crops": local["global_crops"], "local_crops": local["local_crops"],
+            "masks": local[f"masks_p{variant.patch_size}"]}
+
+
 def masked_token_capacity(config: mlc.ConfigDict, patch_size: int) -> int:
     """Static size of the iBOT masked-token buffer: the most tokens the data pipeline can mask in one batch.
 
     Per example round(n_global * probability) global crops are masked, each with at most
     int(max_ratio * n_tokens) tokens (see flexict_jax.data.masking).
     """
-    n_tokens = (config.data.global_crop_size // patch_size) ** 2
+    n_tokens = (config.data.global_crop_size // patch_size) ** datasets.spatial_dims(config)
     masked_crops = round(config.data.n_global_crops * config.data.mask.probability)
     return config.global_batch_size * masked_crops * int(config.data.mask.ratio[1] * n_tokens)
 
