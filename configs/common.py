@@ -38,6 +38,60 @@ SHARDING_RULES = (
 )
 
 
+INTENSITY_AUGMENT = dict(  # MONAI transforms applied once per slice/volume before cropping (recipe §5, §7)
+    noise_prob=0.1, noise_std=0.1, smooth_prob=0.2, smooth_sigma=(0.5, 1.0), scale_prob=0.15, scale_factor=0.25,
+    lowres_prob=0.25, lowres_zoom=(0.5, 1.0), contrast_prob=0.1, contrast_gamma=(0.7, 1.5))
+
+
+def ssl_config(stage: str, variant: str, *, global_batch_size: int, total_steps: int) -> mlc.ConfigDict:
+    """The sections every DINO-style stage shares (recipe §2–§4); stage files fill in data, schedules, init."""
+    from flexict_jax.optim import lr_scale_sqrt_1024
+    c = mlc.ConfigDict()
+    c.stage = stage
+    c.variant = variant
+    c.seed = 0
+    c.global_batch_size = mlc.FieldReference(global_batch_size)
+    c.total_steps = total_steps
+    c.model = mlc.ConfigDict(dict(
+        **BACKBONES["base"], mlp_ratio=4.0, num_storage_tokens=4, in_chans=1, base_patch_size=8,
+        layerscale_init=1e-5, drop_path_rate=0.2,  # recipe §2.1: same rate in every block
+        rope_base=100.0, rope_rescale=2.0,  # recipe §2.2: training-time coordinate rescale in [1/2, 2]
+        rope_bf16=False,  # fp32 RoPE for new training (recipe §13 #13); True emulates upstream
+        remat=False))
+    c.heads = mlc.ConfigDict(HEADS["base"])
+    # Recipe §2.3: one patch size per step, 16 or 8 with probability 1/2, drawn from a step-seeded RNG.
+    c.patch_sizes = (16, 8)
+    c.patch_size_probs = (0.5, 0.5)
+    c.loss = mlc.ConfigDict(dict(
+        dino_weight=1.0, dino_local_weight=1.0, ibot_weight=1.0,
+        koleo_weight=0.1,  # applied x n_global_crops, as upstream (recipe §3.6): effective 0.2
+        koleo_group_size=100,  # upstream KoLeo runs per GPU batch (recipe §3.4); fixed groups keep the loss
+        # independent of the device count; None = the whole global batch
+        student_temperature=0.1, sinkhorn_iterations=3))
+    # Recipe §4: lr = base * 4 * sqrt(global_batch / 1024) (`sqrt_wrt_1024`), peak and end alike; a reference,
+    # so --config.global_batch_size=... rescales it.
+    c.lr_scale = lr_scale_sqrt_1024(c.get_ref("global_batch_size"))
+    c.optim = mlc.ConfigDict(dict(
+        clip_grad=3.0, unclipped=[], betas=(0.9, 0.999), eps=1e-8, layer_decay=0.9, patch_embed_lr_mult=0.2,
+        freeze_last_layer_steps=3000, idle_patterns=[]))
+    c.init = init_section()
+    mesh_and_checkpoint(c)
+    return c
+
+
+def cpu_sized(c: mlc.ConfigDict, variant: str) -> None:
+    """Shrinks the model for the `tiny` (tests, seconds) and `demo` (quickstart, minutes) variants."""
+    c.model.update(BACKBONES[variant])
+    c.heads = mlc.ConfigDict(HEADS[variant])
+    c.data.update(dict(num_workers=0, read_threads=1, prefetch_buffer_size=2))
+    if variant == "tiny":
+        c.ckpt.update(every_steps=3, keep_last=2, async_save=False)
+        c.log_every = 1
+    else:
+        c.model.drop_path_rate = 0.1
+        c.ckpt.update(every_steps=100, keep_last=2)
+
+
 def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
     """big_vision-style `--config=file.py:variant,key=value` argument.
 
