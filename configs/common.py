@@ -127,9 +127,10 @@ def init_section(mode: str = "none") -> mlc.ConfigDict:
     [`--config.init.step=N`] takes that run's EMA teacher (recipe §1: every stage hands its teacher on).
     `mode`: "continue" (backbone + heads), "inflate_2d_to_3d" (stage 2: inflate the patch embedding, new heads,
     recipe §7), "backbone" (backbone only, new heads)."""
-    section = mlc.ConfigDict(dict(step=mlc.config_dict.placeholder(int), mode=mode))
-    section["from"] = mlc.config_dict.placeholder(str)
-    return section
+    # Stored as `from_workdir`: ml_collections cannot address a key named `from` on the command line, so
+    # flexict_jax.train rewrites `--config.init.from=` to it.
+    return mlc.ConfigDict(dict(from_workdir=mlc.config_dict.placeholder(str), step=mlc.config_dict.placeholder(int),
+                               mode=mode))
 
 
 def mesh_and_checkpoint(config: mlc.ConfigDict) -> None:

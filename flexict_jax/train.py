@@ -53,5 +53,12 @@ def main(argv: list[str]) -> None:
     sys.exit(code)
 
 
+def _spell_init_from(argv: list[str]) -> list[str]:
+    """`--config.init.from=DIR` is the documented spelling; ml_collections cannot parse a key named `from`."""
+    return [a.replace("--config.init.from=", "--config.init.from_workdir=", 1) if a.startswith("--config.init.from=")
+            else a for a in argv]
+
+
 if __name__ == "__main__":
+    sys.argv = _spell_init_from(sys.argv)  # config_flags reads override flags from sys.argv itself
     app.run(main)

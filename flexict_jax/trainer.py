@@ -62,11 +62,11 @@ def validate_config(config: mlc.ConfigDict) -> None:
                               f"({config.data.global_crop_size}, {config.data.local_crop_size})")
     if config.total_steps <= 0:
         raise ConfigError(f"config.total_steps={config.total_steps} must be positive")
-    if config.init["from"]:
+    if config.init.from_workdir:
         if config.init.mode not in INIT_MODES:
             raise ConfigError(f"config.init.mode={config.init.mode!r} must be one of {INIT_MODES}")
-        if not epath.Path(config.init["from"]).exists():
-            raise ConfigError(f"config.init.from={config.init['from']!r} does not exist")
+        if not epath.Path(config.init.from_workdir).exists():
+            raise ConfigError(f"config.init.from={config.init.from_workdir!r} does not exist")
 
 
 class _StopFlag:
@@ -179,7 +179,7 @@ def handoff_state(config: mlc.ConfigDict, program: Program) -> tuple[dict, dict]
     The previous teacher becomes both student and teacher; the optimizer starts fresh; heads are kept
     ("continue") or re-initialised ("backbone", "inflate_2d_to_3d" — upstream drops head keys, recipe §7).
     """
-    source, mode = config.init["from"], config.init.mode
+    source, mode = config.init.from_workdir, config.init.mode
     teacher, step, source_meta = checkpointing.read_subtree(source, "teacher", config.init.step)
     fresh = jax.device_get(jax.jit(program.init_state)())
     params = dict(fresh["params"])
@@ -231,7 +231,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
             logging.info("resuming from %s", workdir / "checkpoints" / str(latest))
             state = ckpt.restore(latest, program.abstract_state, data_iterator)
             meta["init"] = ckpt.read_meta(latest).get("init")
-        elif config.init["from"]:
+        elif config.init.from_workdir:
             state, meta["init"] = handoff_state(config, program)
             logging.info("starting from %s (step %d, mode %s)", meta["init"]["from"], meta["init"]["step"],
                          meta["init"]["mode"])
