@@ -8,6 +8,7 @@ resume that would change shapes is refused before anything is loaded.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import grain
@@ -19,6 +20,12 @@ from etils import epath
 
 class IncompatibleCheckpointError(RuntimeError):
     pass
+
+
+def absolute(path: epath.PathLike) -> epath.Path:
+    """Orbax refuses relative paths; cloud paths (gs://...) are absolute already."""
+    text = str(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 def _shapes(tree: Any) -> dict[str, list[int]]:
@@ -37,7 +44,7 @@ class Checkpointer:
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
             create=True)
-        self.directory = epath.Path(directory)
+        self.directory = absolute(directory)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
@@ -91,7 +98,7 @@ def latest_step(workdir: epath.PathLike) -> int | None:
 def read_subtree(workdir: epath.PathLike, name: str, step: int | None = None) -> tuple[Any, int, dict]:
     """Host (numpy) copy of one top-level entry of a run's saved state, e.g. its EMA "teacher", plus the step and
     the run's meta — without building that run's trainer, optimizer or data pipeline (a partial restore)."""
-    workdir = epath.Path(workdir)
+    workdir = absolute(workdir)
     step = latest_step(workdir) if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {workdir / 'checkpoints'}")
