@@ -13,10 +13,10 @@ BACKBONES = {
     "demo": dict(dim=96, depth=4, num_heads=4),
     "tiny": dict(dim=48, depth=2, num_heads=2),
 }
-HEADS = {  # recipe §2.4: 2048 -> 256 -> 65,536
-    "base": dict(hidden_dim=2048, bottleneck_dim=256, num_prototypes=65536),
-    "demo": dict(hidden_dim=256, bottleneck_dim=64, num_prototypes=1024),
-    "tiny": dict(hidden_dim=64, bottleneck_dim=32, num_prototypes=128),
+HEADS = {  # recipe §2.4: 2048 -> 256 -> 65,536, last layer trunc-normal(0.02)
+    "base": dict(hidden_dim=2048, bottleneck_dim=256, num_prototypes=65536, last_layer_init_std=0.02),
+    "demo": dict(hidden_dim=256, bottleneck_dim=64, num_prototypes=1024, last_layer_init_std=0.02),
+    "tiny": dict(hidden_dim=64, bottleneck_dim=32, num_prototypes=128, last_layer_init_std=0.02),
 }
 
 # Logical axis -> mesh axes (maxtext style). Default = pure FSDP within a slice (jax_stack.md §C4): the batch is

@@ -115,11 +115,11 @@ def test_one_device_mesh_equals_2x4_mesh(ct_slices, tmp_path):
     assert trainer.train(tiny_config(ct_slices, mesh=(2, 4, 1), **overrides), str(sharded)) == 0
     single = tmp_path / "mesh_1x1"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "flexict_jax.train", "--config=configs/stage1.py:tiny", f"--workdir={single}",
-         f"--config.data.dir={ct_slices}", "--config.mesh=(1,1,1)"]
+    proc = subprocess.run(  # from another directory, with a relative --workdir, as users do
+        [sys.executable, "-m", "flexict_jax.train", f"--config={REPO / 'configs/stage1.py'}:tiny",
+         "--workdir=mesh_1x1", f"--config.data.dir={ct_slices}", "--config.mesh=(1,1,1)"]
         + [f"--config.{k}={v}" for k, v in overrides.items()],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, eight = metrics(single)[0], metrics(sharded)[0]
     for key in ("loss", "dino_local", "dino_global", "ibot"):

@@ -61,6 +61,18 @@ def resized_crop(image: np.ndarray, box: tuple[int, int, int, int], size: int) -
     return _bicubic_matrix(h, size) @ crop @ _bicubic_matrix(w, size).T
 
 
+def resize_crops(crops: np.ndarray, size: int) -> np.ndarray:
+    """float32 [..., size, size]: crops [..., h, w] resized like torch bicubic with antialias.
+
+    Stage 1.1 derives its global crop from the Gram-size crop this way, as torchvision's `Resize` does
+    upstream (recipe §6); crops already at `size` are returned as they are.
+    """
+    height, width = crops.shape[-2:]
+    if height == width == size:
+        return crops
+    return _bicubic_matrix(height, size) @ crops @ _bicubic_matrix(width, size).T
+
+
 @dataclasses.dataclass(frozen=True)
 class MultiCrop:
     """`n_crops` independent RandomResizedCrop(size, scale, ratio) + horizontal flip(hflip_prob) of one slice."""

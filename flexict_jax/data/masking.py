@@ -62,6 +62,25 @@ def _add_block(rng: np.random.Generator, mask: np.ndarray, budget: float, min_bl
     return 0
 
 
+def masked_crops(rng: np.random.Generator, n_crops: int, probability: float) -> np.ndarray:
+    """Which of an example's `n_crops` global crops get an iBOT mask (shared by the 2-D and 3-D pipelines).
+
+    n_crops·probability of them, chosen at random. When that is not a whole number, its floor or its ceiling
+    (the latter with probability equal to the fractional part), so the expected count is n_crops·probability:
+    stage 3 masks its single global crop in half of the examples (recipe §8).
+    """
+    expected = round(n_crops * probability, 9)  # 3 x 0.1 is 0.30000000000000004
+    count = math.floor(expected)
+    if expected > count and rng.random() < expected - count:
+        count += 1
+    return rng.choice(n_crops, size=count, replace=False)
+
+
+def max_masked_crops(n_crops: int, probability: float) -> int:
+    """The most crops `masked_crops` can pick: the size of a static masked-token buffer."""
+    return math.ceil(round(n_crops * probability, 9))
+
+
 @dataclasses.dataclass(frozen=True)
 class IbotMasking:
     """Per-example iBOT masks for the global crops (config `data.mask`).
@@ -69,9 +88,10 @@ class IbotMasking:
     Deviation from upstream (recipe §5): the upstream collate masks int(n_images·probability) of the 2B global
     crops of the local batch, gives the i-th masked image a ratio drawn from the i-th bin of
     linspace(ratio_min, ratio_max, n+1), and shuffles the masks across the batch, so a crop's mask depends on the
-    per-device batch size and its position in it. Here each example masks exactly round(n_crops·probability) of its
-    own global crops (chosen at random), each with ratio ~ U(ratio) and int(ratio·N) patches, so the masks -- and
-    with them the global batch -- do not depend on the batch or host split. The expected ratio is the same.
+    per-device batch size and its position in it. Here each example masks n_crops·probability of its own
+    global crops, chosen at random (`masked_crops`), each with ratio ~ U(ratio) and int(ratio·N) patches, so the
+    masks -- and with them the global batch -- do not depend on the batch or host split. The expected ratio is
+    the same.
     """
 
     probability: float = 0.5
@@ -93,10 +113,10 @@ class IbotMasking:
             raise ValueError(f"data.mask.max_block_fraction must be in (0, 1], got {self.max_block_fraction}")
 
     def __call__(self, rng: np.random.Generator, n_crops: int, grid: int) -> np.ndarray:
-        """bool [n_crops, grid*grid]: round(n_crops·probability) masked crops, the others all False."""
+        """bool [n_crops, grid*grid]: the `masked_crops` get a block mask, the others are all False."""
         total = grid * grid
         masks = np.zeros((n_crops, total), dtype=bool)
-        for crop in rng.choice(n_crops, size=round(n_crops * self.probability), replace=False):
+        for crop in masked_crops(rng, n_crops, self.probability):
             num_masked = int(rng.uniform(*self.ratio) * total)
             masks[crop] = block_mask(rng, grid, num_masked, min_block_patches=self.min_block_patches,
                                      block_aspect=self.block_aspect,

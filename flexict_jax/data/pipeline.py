@@ -1,14 +1,16 @@
 """Stage-1 (2D) Grain input pipeline: slice records -> z-scored, augmented multi-crop examples with iBOT masks.
 
-Graph (recipe §5, §13 #6/#7):
+The stream graph, host sharding and per-example RNG are `flexict_jax.data.grain_common`'s (recipe §13 #6/#7):
+example i depends only on (seed, i), global batch t is examples [t·B, (t+1)·B) whatever the number of hosts or
+Grain workers, and a restored iterator state continues the same stream. This module adds the slice transform
+(recipe §5).
 
-    ArrayRecord slices -> shuffle(seed), a new permutation every epoch -> repeat(None)
-      -> per-example transform keyed by (seed, global example index)
-      -> this host's rows of every global batch -> batch(b) -> to_iter_dataset -> mp_prefetch
-
-Example i of the infinite shuffled stream depends only on (seed, i), and global batch t is examples
-[t·B, (t+1)·B) of that stream whatever the number of hosts or Grain workers. So the assembled global batch
-is the same for any process count, and resuming from a saved iterator state continues the same stream.
+Stage 1.1 (`build_stage1_hires_dataset`, recipe §6) uses the same graph, but every batch has the resolution of
+the training step it feeds. Contract: batch t of the stream is consumed by training step t, which holds when a
+run starts at step 0 and, on resume, because the checkpoint restores the iterator state with the step. Example i
+belongs to batch t = i // (global batch) and takes its resolution from `variants.variant_for_step(seed, t, ...)`,
+the very draw the trainer makes for step t, so the resolution is a pure function of (seed, t) like the rest of
+the example. Each batch carries its resolution index so the trainer can check it against its own draw.
 
 Host cost is ~7-9 ms per example at the recipe sizes (384-px slices, 2x256 + 8x112 crops) with warm resize
 caches and single-threaded BLAS; multi-threaded BLAS in every data process oversubscribes the cores (the crop
@@ -17,15 +19,16 @@ resizes are small matrix products), so launchers should export OPENBLAS_NUM_THRE
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any
+import functools
+from collections.abc import Callable, Sequence
 
 import grain
 import ml_collections
 import numpy as np
 
-from flexict_jax.data import slice_source
-from flexict_jax.data.crops2d import MultiCrop
+from flexict_jax import variants
+from flexict_jax.data import grain_common, slice_source
+from flexict_jax.data.crops2d import MultiCrop, resize_crops
 from flexict_jax.data.intensity import IntensityAugment, normalize_hu
 from flexict_jax.data.masking import IbotMasking
 
@@ -34,12 +37,13 @@ class Stage1Transform(grain.transforms.MapWithIndex):
     """Record bytes of one slice + its global example index -> one training example (numpy only).
 
     Output: global_crops float32 [n_global, G, G, 1], local_crops float32 [n_local, L, L, 1],
-    masks_p{p} bool [n_global, (G//p)**2] per patch size p, index int64 (the global example index).
+    masks_p{p} bool [n_global, (G//p)**2] per patch size p, index int64 (the global example index); with a
+    `gram_crop_size` Gg also gram_crops float32 [n_global, Gg, Gg, 1] (stage 1.1, recipe §6).
     """
 
     def __init__(self, *, seed: int, hu_window: tuple[float, float], intensity: IntensityAugment,
                  global_crops: MultiCrop, local_crops: MultiCrop, masking: IbotMasking,
-                 patch_sizes: Sequence[int]):
+                 patch_sizes: Sequence[int], gram_crop_size: int | None = None):
         self.seed = seed
         self.hu_window = hu_window
         self.intensity = intensity
@@ -47,20 +51,23 @@ class Stage1Transform(grain.transforms.MapWithIndex):
         self.local_crops = local_crops
         self.masking = masking
         self.patch_sizes = tuple(patch_sizes)
+        self.gram_crop_size = gram_crop_size
+        if gram_crop_size is not None:
+            # Recipe §6: one RandomResizedCrop (and flip) at max(global, Gram) size, then a bicubic resize to
+            # each size, so the Gram teacher sees the student's field of view at a higher resolution.
+            self._view_crops = dataclasses.replace(global_crops, size=max(global_crops.size, gram_crop_size))
 
     def map_with_index(self, index: int, record: bytes) -> dict[str, np.ndarray]:
         try:
             hu, _ = slice_source.decode_slice(record)
         except ValueError as e:
             raise ValueError(f"stage-1 example {index} (seed {self.seed}): bad slice record: {e}") from e
-        # One independent stream per component, so e.g. changing the number of local crops leaves the global
-        # crops and masks of every example unchanged (recipe §13 #7: randomness from (seed, index) only).
-        streams = np.random.SeedSequence([self.seed, index]).spawn(3 + len(self.patch_sizes))
-        intensity_rng, global_rng, local_rng, *mask_rngs = (np.random.default_rng(s) for s in streams)
+        intensity_rng, global_rng, local_rng, *mask_rngs = grain_common.example_rngs(
+            self.seed, index, 3 + len(self.patch_sizes))
         # Intensity augmentations run once per slice, before cropping, so all views share them (recipe §5).
         image = self.intensity(normalize_hu(hu, self.hu_window), intensity_rng)
         example = {
-            "global_crops": self.global_crops(image, global_rng)[..., None],
+            **self._global_views(image, global_rng),
             "local_crops": self.local_crops(image, local_rng)[..., None],
             "index": np.int64(index),
         }
@@ -68,39 +75,46 @@ class Stage1Transform(grain.transforms.MapWithIndex):
             example[f"masks_p{p}"] = self.masking(rng, self.global_crops.n_crops, self.global_crops.size // p)
         return example
 
+    def _global_views(self, image: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        if self.gram_crop_size is None:
+            return {"global_crops": self.global_crops(image, rng)[..., None]}
+        views = self._view_crops(image, rng)
+        return {"global_crops": resize_crops(views, self.global_crops.size)[..., None],
+                "gram_crops": resize_crops(views, self.gram_crop_size)[..., None]}
 
-class HostBatchShard(grain.MapDataset):
-    """This process's rows of every global batch, as contiguous blocks.
 
-    Global batch t is parent elements [t·B, (t+1)·B), B = batch_size·process_count; process p gets rows
-    [p·b, (p+1)·b) of it. Concatenating the process batches in process order therefore rebuilds the global
-    batch (`ds[p::n]` would interleave instead, so the global batch would depend on the process count).
+class Stage1HiresTransform(grain.transforms.MapWithIndex):
+    """Stage 1.1: an example at the resolution of the training step its batch feeds (see the module docstring).
+
+    Output: the `Stage1Transform` output of that resolution plus resolution_index int32.
     """
 
-    def __init__(self, parent: grain.MapDataset, *, batch_size: int, process_index: int, process_count: int):
-        super().__init__(parent)
-        self._batch_size = batch_size
-        self._process_index = process_index
-        self._process_count = process_count
+    def __init__(self, per_resolution: Sequence[Stage1Transform], *, resolution_for_step: Callable[[int], int],
+                 global_batch_size: int):
+        self.per_resolution = tuple(per_resolution)
+        self.resolution_for_step = resolution_for_step
+        self.global_batch_size = global_batch_size
 
-    def __len__(self) -> int:
-        global_batch = self._batch_size * self._process_count
-        return len(self._parent) // global_batch * self._batch_size
+    def map_with_index(self, index: int, record: bytes) -> dict[str, np.ndarray]:
+        resolution = self.resolution_for_step(index // self.global_batch_size)
+        example = self.per_resolution[resolution].map_with_index(index, record)
+        example["resolution_index"] = np.int32(resolution)
+        return example
 
-    def __str__(self) -> str:
-        return f"HostBatchShard(batch_size={self._batch_size}, process {self._process_index}/{self._process_count})"
 
-    def _parent_index(self, index: int) -> int:
-        step, row = divmod(index, self._batch_size)
-        return (step * self._process_count + self._process_index) * self._batch_size + row
+def _resolution_for_step(step: int, *, seed: int, patch_sizes: Sequence[int], patch_size_probs: Sequence[float],
+                         resolution_probs: Sequence[float]) -> int:
+    # The trainer's own draw (flexict_jax.variants): data and step cannot disagree on a step's resolution.
+    return variants.variant_for_step(seed, step, patch_sizes, patch_size_probs, resolution_probs).resolution_index
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.slice(index)
-        return self._parent[self._parent_index(index)]
 
-    def _getitems(self, indices: Sequence[int]):
-        return self._parent._getitems([self._parent_index(i) for i in indices])  # pylint: disable=protected-access
+def _one_resolution_per_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stacked per-example resolution indices [b] -> the batch's scalar (they agree by construction)."""
+    resolution = batch["resolution_index"]
+    if (resolution != resolution[0]).any():
+        raise RuntimeError(f"a stage-1.1 batch mixes resolutions {sorted(set(resolution.tolist()))} "
+                           f"(examples {batch['index'].tolist()}); batches must align with training steps")
+    return {**batch, "resolution_index": np.asarray(resolution[0])}
 
 
 def build_stage1_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_size: int,
@@ -113,82 +127,107 @@ def build_stage1_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_si
     masks_p{p} bool [b, n_global, (G//p)**2] for p in patch_sizes, index int64 [b].
     `iter(ds)` supports get_state()/set_state() for checkpointing.
     """
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
-    if batch_size < 1:
-        raise ValueError(f"per-process batch_size must be positive, got {batch_size}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is outside [0, process_count={process_count})")
-    transform = stage1_transform(data, seed=seed, patch_sizes=patch_sizes)
-    source = slice_source.open_slice_source(_key(data, "dir", "data"))
-
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)  # reshuffled every epoch
-    ds = ds.map_with_index(transform)  # before host sharding, so the index is the global example index
-    ds = HostBatchShard(ds, batch_size=batch_size, process_index=process_index, process_count=process_count)
-    ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(_key(data, "read_threads", "data")),
-                                              prefetch_buffer_size=int(_key(data, "prefetch_buffer_size", "data"))))
-    num_workers = int(_key(data, "num_workers", "data"))
-    if num_workers > 0:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=num_workers, per_worker_buffer_size=int(_key(data, "worker_buffer_size", "data"))))
-    return ds
+    return grain_common.batched_stream(
+        _slices(data), stage1_transform(data, seed=seed, patch_sizes=patch_sizes), data, seed=seed,
+        batch_size=batch_size, process_index=process_index, process_count=process_count)
 
 
-def stage1_transform(data: ml_collections.ConfigDict, *, seed: int, patch_sizes: Sequence[int]) -> Stage1Transform:
-    """The per-example transform described by config `data`; bad values raise naming their config key."""
-    global_size = int(_key(data, "global_crop_size", "data"))
-    patch_sizes = tuple(int(p) for p in patch_sizes)
-    if not patch_sizes or any(p < 1 or global_size // p < 1 for p in patch_sizes):
-        raise ValueError(f"patch_sizes {patch_sizes} must be positive and at most data.global_crop_size "
-                         f"({global_size})")
-    hu_window = _pair(_key(data, "hu_window", "data"), "data.hu_window")
-    if not hu_window[0] < hu_window[1]:
-        raise ValueError(f"data.hu_window must satisfy low < high, got {hu_window}")
+def build_stage1_hires_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_size: int,
+                               patch_sizes: Sequence[int], patch_size_probs: Sequence[float],
+                               resolutions: Sequence[Sequence[int]], resolution_probs: Sequence[float],
+                               process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """The infinite stage-1.1 stream of this process's batches (recipe §6), batch t at the resolution of step t.
+
+    resolutions: (global, local, Gram) crop sizes (config data.resolutions); they replace data.global_crop_size
+      and data.local_crop_size, which are not read. resolution_probs (data.resolution_probs), seed, patch_sizes
+      and patch_size_probs must be the values the trainer draws its step variants with
+      (`flexict_jax.variants.variant_for_step`), since batch t takes the resolution of that draw for step t.
+
+    Each element is a dict of numpy arrays, with (G, L, Gg) = resolutions[r]:
+    global_crops float32 [b, n_global, G, G, 1], gram_crops float32 [b, n_global, Gg, Gg, 1] (the same field
+    of view as global_crops), local_crops float32 [b, n_local, L, L, 1], masks_p{p} bool [b, n_global, (G//p)**2]
+    for p in patch_sizes, index int64 [b], and resolution_index int32 scalar r.
+    `iter(ds)` supports get_state()/set_state() for checkpointing.
+    """
+    if (len(patch_size_probs) != len(patch_sizes) or min(patch_size_probs) < 0
+            or abs(sum(patch_size_probs) - 1.0) > 1e-6):
+        raise ValueError(f"config patch_size_probs {tuple(patch_size_probs)} must give one non-negative "
+                         f"probability per patch size {tuple(patch_sizes)}, summing to 1")
+    resolutions = _resolutions(resolutions, resolution_probs)
+    per_resolution = [stage1_transform(data, seed=seed, patch_sizes=patch_sizes, resolution=r,
+                                       resolution_key=f"data.resolutions[{i}]")
+                      for i, r in enumerate(resolutions)]
+    resolution_for_step = functools.partial(
+        _resolution_for_step, seed=seed, patch_sizes=tuple(patch_sizes), patch_size_probs=tuple(patch_size_probs),
+        resolution_probs=tuple(resolution_probs))
+    transform = Stage1HiresTransform(per_resolution, resolution_for_step=resolution_for_step,
+                                     global_batch_size=batch_size * process_count)
+    return grain_common.batched_stream(
+        _slices(data), transform, data, seed=seed, batch_size=batch_size, process_index=process_index,
+        process_count=process_count, per_batch=_one_resolution_per_batch)
+
+
+def _slices(data: ml_collections.ConfigDict) -> grain.sources.ArrayRecordDataSource:
+    return slice_source.open_slice_source(grain_common.config_value(data, "dir"))
+
+
+def stage1_transform(data: ml_collections.ConfigDict, *, seed: int, patch_sizes: Sequence[int],
+                     resolution: tuple[int, int, int] | None = None,
+                     resolution_key: str = "data.resolutions") -> Stage1Transform:
+    """The per-example transform described by config `data`; bad values raise naming their config key.
+
+    resolution: stage 1.1's (global, local, Gram) crop sizes, from config key `resolution_key`; None reads the
+      crop sizes from data.global_crop_size and data.local_crop_size and makes no Gram crops.
+    """
+    if resolution is None:
+        global_size = int(grain_common.config_value(data, "global_crop_size"))
+        local_size = int(grain_common.config_value(data, "local_crop_size"))
+        gram_size, size_keys = None, ("data.global_crop_size", "data.local_crop_size")
+    else:
+        global_size, local_size, gram_size = resolution
+        size_keys = (resolution_key, resolution_key)
     return Stage1Transform(
         seed=seed,
-        hu_window=hu_window,
-        intensity=_dataclass_from_config(IntensityAugment, _key(data, "intensity", "data"), "data.intensity"),
-        global_crops=_multi_crop(data, "global"),
-        local_crops=_multi_crop(data, "local"),
-        masking=_dataclass_from_config(IbotMasking, _key(data, "mask", "data"), "data.mask"),
-        patch_sizes=patch_sizes)
+        hu_window=grain_common.hu_window(data),
+        intensity=grain_common.dataclass_from_config(
+            IntensityAugment, grain_common.config_value(data, "intensity"), "data.intensity"),
+        global_crops=_multi_crop(data, "global", global_size, size_keys[0]),
+        local_crops=_multi_crop(data, "local", local_size, size_keys[1]),
+        masking=grain_common.dataclass_from_config(IbotMasking, grain_common.config_value(data, "mask"),
+                                                   "data.mask"),
+        patch_sizes=grain_common.check_patch_sizes(patch_sizes, global_size, size_keys[0]),
+        gram_crop_size=gram_size)
 
 
-def _multi_crop(data: ml_collections.ConfigDict, kind: str) -> MultiCrop:
+def _resolutions(resolutions: Sequence[Sequence[int]], probs: Sequence[float]) -> list[tuple[int, int, int]]:
+    """Validated (global, local, Gram) triples of config data.resolutions, one per data.resolution_probs."""
     try:
-        return MultiCrop(n_crops=int(_key(data, f"n_{kind}_crops", "data")),
-                         size=int(_key(data, f"{kind}_crop_size", "data")),
-                         scale=_pair(_key(data, f"{kind}_crop_scale", "data"), f"data.{kind}_crop_scale"),
-                         ratio=_pair(_key(data, "crop_ratio", "data"), "data.crop_ratio"),
-                         hflip_prob=float(_key(data, "hflip_prob", "data")))
-    except ValueError as e:
-        raise ValueError(f"{kind} crops (data.n_{kind}_crops, data.{kind}_crop_size, data.{kind}_crop_scale): "
-                         f"{e}") from e
-
-
-def _key(config: Mapping[str, Any], key: str, prefix: str) -> Any:
-    if key not in config or config[key] is None:
-        raise KeyError(f"config key {prefix}.{key} is missing")
-    return config[key]
-
-
-def _pair(value: Any, name: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in value)
+        triples = [tuple(int(n) for n in r) for r in resolutions]
+        probs = [float(p) for p in probs]
     except (TypeError, ValueError) as e:
-        raise ValueError(f"config key {name} must be a pair of numbers, got {value!r}") from e
-    return lo, hi
+        raise ValueError(f"config data.resolutions must be (global, local, Gram) size triples and "
+                         f"data.resolution_probs numbers, got {resolutions!r} and {probs!r}") from e
+    for i, triple in enumerate(triples):
+        if len(triple) != 3 or min(triple) < 1:
+            raise ValueError(f"config data.resolutions[{i}] must be three positive sizes (global, local, Gram), "
+                             f"got {resolutions[i]!r}")
+    if not triples or len(probs) != len(triples):
+        raise ValueError(f"config data.resolution_probs {tuple(probs)} must give one probability per entry of "
+                         f"data.resolutions ({len(triples)})")
+    if min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
+        raise ValueError(f"config data.resolution_probs {tuple(probs)} must be non-negative and sum to 1")
+    return triples
 
 
-def _dataclass_from_config(cls: type, config: Mapping[str, Any], prefix: str):
-    """cls(**config), every field required, unknown keys rejected; tuple-valued fields are number pairs."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(config.keys()) - set(fields))
-    if unknown:
-        raise KeyError(f"config {prefix} has unknown key(s) {unknown}; known: {sorted(fields)}")
-    kwargs = {}
-    for name, field in fields.items():
-        value = _key(config, name, prefix)
-        kwargs[name] = _pair(value, f"{prefix}.{name}") if isinstance(field.default, tuple) else float(value)
-    return cls(**kwargs)
+def _multi_crop(data: ml_collections.ConfigDict, kind: str, size: int, size_key: str) -> MultiCrop:
+    try:
+        return MultiCrop(n_crops=int(grain_common.config_value(data, f"n_{kind}_crops")),
+                         size=size,
+                         scale=grain_common.number_pair(grain_common.config_value(data, f"{kind}_crop_scale"),
+                                                        f"data.{kind}_crop_scale"),
+                         ratio=grain_common.number_pair(grain_common.config_value(data, "crop_ratio"),
+                                                        "data.crop_ratio"),
+                         hflip_prob=float(grain_common.config_value(data, "hflip_prob")))
+    except ValueError as e:
+        raise ValueError(f"{kind} crops (data.n_{kind}_crops, {size_key}, data.{kind}_crop_scale): "
+                         f"{e}") from e

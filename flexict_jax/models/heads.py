@@ -17,9 +17,12 @@ class DINOHead(nnx.Module):
     """
 
     def __init__(self, in_dim: int, *, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 num_prototypes: int = 65536, rngs: nnx.Rngs):
+                 num_prototypes: int = 65536, last_layer_init_std: float = 0.02, rngs: nnx.Rngs):
         self.mlp = _HeadMlp(in_dim, hidden_dim, bottleneck_dim, rngs=rngs)
-        self.last_layer = linear(bottleneck_dim, num_prototypes, ("bottleneck", "proto"), use_bias=False, rngs=rngs)
+        # 0.02 is the recipe's; a larger value (prototype vectors of norm ~1, as DINOv2's weight-normalised layer)
+        # gives from-scratch runs sharp teacher targets at once, which short CPU demos need.
+        self.last_layer = linear(bottleneck_dim, num_prototypes, ("bottleneck", "proto"), use_bias=False,
+                                 init_std=last_layer_init_std, rngs=rngs)
 
     def bottleneck(self, x: jax.Array) -> jax.Array:
         """The L2-normalised bottleneck features [..., bottleneck_dim]."""

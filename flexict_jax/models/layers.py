@@ -26,11 +26,11 @@ def trunc_normal(std: float = 0.02) -> nnx.Initializer:
 
 
 def linear(in_features: int, out_features: int, names: tuple[str | None, str | None], *, use_bias: bool = True,
-           rngs: nnx.Rngs) -> nnx.Linear:
+           init_std: float = 0.02, rngs: nnx.Rngs) -> nnx.Linear:
     """Linear layer with trunc-normal(0.02) kernel and zero bias (recipe §2.1); bias named by the output axis."""
     return nnx.Linear(
         in_features, out_features, use_bias=use_bias, rngs=rngs,
-        kernel_init=nnx.with_partitioning(trunc_normal(0.02), names),
+        kernel_init=nnx.with_partitioning(trunc_normal(init_std), names),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)))
 
 
