@@ -32,6 +32,7 @@ SHARDING_RULES = (
     ("head_mlp2", "fsdp"),
     ("bottleneck", None),
     ("proto", "fsdp"),
+    ("vocab", "tensor"),
     ("norm", None),
     ("length", None),
     ("act_embed", None),
