@@ -68,7 +68,12 @@ def ssl_config(stage: str, variant: str, *, global_batch_size: int, total_steps:
         koleo_weight=0.1,  # applied x n_global_crops, as upstream (recipe §3.6): effective 0.2
         koleo_group_size=100,  # upstream KoLeo runs per GPU batch (recipe §3.4); fixed groups keep the loss
         # independent of the device count; None = the whole global batch
+        gram_weight=0.0,  # > 0 enables Gram anchoring against `gram` below (recipe §3.5)
         student_temperature=0.1, sinkhorn_iterations=3))
+    # The frozen Gram teacher: the EMA teacher of an earlier run (recipe §6), loaded once and then kept in this
+    # run's checkpoints.
+    c.gram = mlc.ConfigDict(dict(from_workdir=mlc.config_dict.placeholder(str),
+                                 step=mlc.config_dict.placeholder(int)))
     # Recipe §4: lr = base * 4 * sqrt(global_batch / 1024) (`sqrt_wrt_1024`), peak and end alike; a reference,
     # so --config.global_batch_size=... rescales it.
     c.lr_scale = lr_scale_sqrt_1024(c.get_ref("global_batch_size"))

@@ -56,10 +56,17 @@ def validate_config(config: mlc.ConfigDict) -> None:
     if len(config.patch_sizes) != len(config.patch_size_probs) or abs(sum(config.patch_size_probs) - 1) > 1e-6:
         raise ConfigError(f"config.patch_size_probs={config.patch_size_probs} must have one probability per "
                           f"entry of config.patch_sizes={config.patch_sizes} and sum to 1")
-    for p in config.patch_sizes:
-        if config.data.global_crop_size % p or config.data.local_crop_size % p:
-            raise ConfigError(f"config.patch_sizes contains {p}, which does not divide the crop sizes "
-                              f"({config.data.global_crop_size}, {config.data.local_crop_size})")
+    for global_size, local_size in datasets.crop_sizes(config):
+        for p in config.patch_sizes:
+            if global_size % p:  # the iBOT mask grid must cover the global crop exactly
+                raise ConfigError(f"config.patch_sizes contains {p}, which does not divide the global crop size "
+                                  f"{global_size}")
+            if local_size % p:
+                logging.warning("local crop size %d is not a multiple of patch size %d: the last %d pixels are "
+                                "dropped, as upstream does (recipe §2.3)", local_size, p, local_size % p)
+    if uses_gram(config) and not config.gram.from_workdir:
+        raise ConfigError("config.loss.gram_weight > 0 needs a frozen Gram teacher: pass "
+                          "--config.gram.from_workdir=RUN_DIR [--config.gram.step=N] (recipe §6)")
     if config.total_steps <= 0:
         raise ConfigError(f"config.total_steps={config.total_steps} must be positive")
     if config.init.from_workdir:
@@ -67,6 +74,10 @@ def validate_config(config: mlc.ConfigDict) -> None:
             raise ConfigError(f"config.init.mode={config.init.mode!r} must be one of {INIT_MODES}")
         if not epath.Path(config.init.from_workdir).exists():
             raise ConfigError(f"config.init.from={config.init.from_workdir!r} does not exist")
+
+
+def uses_gram(config: mlc.ConfigDict) -> bool:
+    return config.loss.get("gram_weight", 0.0) > 0
 
 
 class _StopFlag:
@@ -94,7 +105,11 @@ def _state_shardings(mesh, abstract_state: dict, param_specs: Any, tx: optax.Gra
     opt_shardings = optax.tree_utils.tree_map_params(
         tx, lambda _, s: s, abstract_state["opt_state"], param_shardings,
         transform_non_params=lambda _: replicated)
-    return {"step": replicated, "params": param_shardings, "teacher": param_shardings, "opt_state": opt_shardings}
+    shardings = {"step": replicated, "params": param_shardings, "teacher": param_shardings,
+                 "opt_state": opt_shardings}
+    if "gram_teacher" in abstract_state:
+        shardings["gram_teacher"] = {"backbone": param_shardings["backbone"]}
+    return shardings
 
 
 def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -138,8 +153,11 @@ def build_program(config: mlc.ConfigDict, mesh: Mesh) -> Program:
 
     def init_state() -> dict:
         params = nnx.to_pure_dict(nnx.state(dino.build_model(config, config.seed)))
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "teacher": params,
-                "opt_state": tx.init(params)}
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "teacher": params,
+                 "opt_state": tx.init(params)}
+        if uses_gram(config):  # a frozen backbone, filled in from config.gram.from_workdir at the start
+            state["gram_teacher"] = {"backbone": params["backbone"]}
+        return state
 
     abstract_state = jax.eval_shape(init_state)
     state_shardings = _state_shardings(mesh, abstract_state, param_specs, tx)
@@ -158,10 +176,10 @@ def _train_step(state: dict, batch: dict, *, program: Program, config: mlc.Confi
     (loss, terms), grads = jax.value_and_grad(dino.loss_fn, has_aux=True)(
         state["params"], state["teacher"], batch, key, graphdef=program.graphdef,
         abstract_state=program.abstract_params, config=config, patch_size=variant.patch_size,
-        teacher_temperature=temperature)
+        teacher_temperature=temperature, gram_teacher=state.get("gram_teacher"))
     updates, opt_state = program.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    new = {"step": step + 1, "params": params, "opt_state": opt_state,
+    new = {**state, "step": step + 1, "params": params, "opt_state": opt_state,
            "teacher": dino.ema_update(state["teacher"], params, momentum)}
     # A non-finite loss skips the update (params, optimizer, teacher unchanged) but consumes the batch.
     finite = jnp.isfinite(loss)
@@ -192,11 +210,23 @@ def handoff_state(config: mlc.ConfigDict, program: Program) -> tuple[dict, dict]
             raise checkpointing.IncompatibleCheckpointError(
                 f"config.init.from={source}: its teacher has no {part!r} (it has {sorted(teacher)})")
         params[part] = checkpointing.conform(teacher[part], reference[part], what=f"config.init.from={source}")
-    state = {"step": np.zeros((), np.int32), "params": params, "teacher": params,
-             "opt_state": jax.device_get(program.tx.init(params))}
+    state = dict(fresh, step=np.zeros((), np.int32), params=params, teacher=params,
+                 opt_state=jax.device_get(program.tx.init(params)))
     state = jax.device_put(state, program.state_shardings)
     record = {"from": str(source), "step": step, "mode": mode, "from_stage": source_meta.get("stage")}
     return state, record
+
+
+def with_gram_teacher(config: mlc.ConfigDict, program: Program, state: dict) -> tuple[dict, dict]:
+    """Loads the frozen Gram teacher (the EMA-teacher backbone of a named earlier run, recipe §6) into the state.
+    It is saved with every checkpoint, so a resume keeps the same Gram teacher (fixing recipe §13 #5)."""
+    source = config.gram.from_workdir
+    teacher, step, _ = checkpointing.read_subtree(source, "teacher", config.gram.step)
+    reference = program.abstract_state["gram_teacher"]["backbone"]
+    backbone = checkpointing.conform(teacher["backbone"], reference, what=f"config.gram.from_workdir={source}")
+    state = dict(state, gram_teacher=jax.device_put({"backbone": backbone},
+                                                     program.state_shardings["gram_teacher"]))
+    return state, {"from": str(source), "step": step}
 
 
 def train(config: mlc.ConfigDict, workdir: str) -> int:
@@ -230,14 +260,20 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
         if latest is not None:  # our own checkpoint always wins: a resume never re-applies the hand-off
             logging.info("resuming from %s", workdir / "checkpoints" / str(latest))
             state = ckpt.restore(latest, program.abstract_state, data_iterator)
-            meta["init"] = ckpt.read_meta(latest).get("init")
-        elif config.init.from_workdir:
-            state, meta["init"] = handoff_state(config, program)
-            logging.info("starting from %s (step %d, mode %s)", meta["init"]["from"], meta["init"]["step"],
-                         meta["init"]["mode"])
-            ckpt.save(0, state, data_iterator, meta, force=True)  # the converted start is a checkpoint itself
+            saved_meta = ckpt.read_meta(latest)
+            meta.update({k: saved_meta[k] for k in ("init", "gram") if k in saved_meta})
         else:
-            state = jax.jit(program.init_state, out_shardings=program.state_shardings)()
+            if config.init.from_workdir:
+                state, meta["init"] = handoff_state(config, program)
+                logging.info("starting from %s (step %d, mode %s)", meta["init"]["from"], meta["init"]["step"],
+                             meta["init"]["mode"])
+            else:
+                state = jax.jit(program.init_state, out_shardings=program.state_shardings)()
+            if uses_gram(config):
+                state, meta["gram"] = with_gram_teacher(config, program, state)
+                logging.info("Gram teacher: %s step %d", meta["gram"]["from"], meta["gram"]["step"])
+            if "init" in meta or "gram" in meta:  # a converted start is a checkpoint of its own
+                ckpt.save(0, state, data_iterator, meta, force=True)
 
         stop = _StopFlag()
         step = int(jax.device_get(state["step"]))

@@ -45,3 +45,27 @@ def ct_dir(shared_data) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def dicom_dir(shared_data) -> pathlib.Path:
     return shared_data / "dicom"
+
+
+@pytest.fixture(scope="session")
+def real_ct_slices(tmp_path_factory, ct_dir) -> pathlib.Path:
+    """Axial slices of a real abdomen/pelvis CT (ts_example_ct, 3 mm), built with the offline tools."""
+    from data_prep import ingest, slices
+    from run_utils import run_cli
+    root = tmp_path_factory.mktemp("stage1_real_ct")
+    assert run_cli(ingest.main, ["--input", str(ct_dir / "ts_example_ct.nii.gz"), "--output", str(root / "dataset"),
+                                 "--spacing", "3,3,3"]) == 0
+    assert run_cli(slices.main, ["--dataset", str(root / "dataset"), "--output", str(root / "slices"),
+                                 "--size", "64"]) == 0
+    return root / "slices"
+
+
+@pytest.fixture(scope="session")
+def real_ct_volumes(tmp_path_factory, ct_dir) -> pathlib.Path:
+    """An ingested dataset of two real CT volumes at 4 mm (small enough for tiny 3D crops of 32³)."""
+    from data_prep import ingest
+    from run_utils import run_cli
+    root = tmp_path_factory.mktemp("stage2_real_ct") / "dataset"
+    inputs = [str(ct_dir / name) for name in ("ts_example_ct.nii.gz", "vtk_headsq.nii.gz")]
+    assert run_cli(ingest.main, ["--input", *inputs, "--output", str(root), "--spacing", "4,4,4"]) == 0
+    return root

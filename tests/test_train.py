@@ -13,62 +13,24 @@ import sys
 import time
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import stage1
 from flexict_jax import checkpointing, trainer
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _cli(main, argv) -> int:
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    return int(code or 0)
+from run_utils import REPO, assert_trees_close, checkpoint_steps, config_with, metrics, saved_state
 
 
 @pytest.fixture(scope="module")
-def ct_slices(tmp_path_factory, ct_dir) -> pathlib.Path:
-    """Axial slices of a real abdomen/pelvis CT (ts_example_ct, 3 mm), built with the offline tools."""
-    from data_prep import ingest, slices
-    root = tmp_path_factory.mktemp("stage1_real_ct")
-    assert _cli(ingest.main, ["--input", str(ct_dir / "ts_example_ct.nii.gz"), "--output", str(root / "dataset"),
-                              "--spacing", "3,3,3"]) == 0
-    assert _cli(slices.main, ["--dataset", str(root / "dataset"), "--output", str(root / "slices"),
-                              "--size", "64"]) == 0
-    return root / "slices"
+def ct_slices(real_ct_slices):
+    return real_ct_slices
 
 
 def tiny_config(data_dir, **overrides):
-    config = stage1.get_config("tiny")
-    config.data.dir = str(data_dir)
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    return config
-
-
-def metrics(workdir) -> list[dict]:
-    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return config_with(stage1.get_config, "tiny", data_dir, **overrides)
 
 
 def saved_params(workdir, step) -> dict:
-    state = ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / "checkpoints" / str(step) / "state")
-    return state["params"]
-
-
-def assert_trees_close(a, b, atol):
-    import jax
-    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
-    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
-    for (path, x), (_, y) in zip(flat_a, flat_b):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0, err_msg=str(path))
+    return saved_state(workdir, step)["params"]
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +48,7 @@ def test_tiny_run_logs_and_checkpoints(six_steps):
                     "samples_per_s", "eta_min", "patch_size"):
             assert key in r, key
         assert np.isfinite(r["loss"])
-    steps = sorted(int(p.name) for p in (six_steps / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == [3, 6]
+    assert checkpoint_steps(six_steps) == [3, 6]
     assert json.loads((six_steps / "config.json").read_text())["stage"] == "stage1"
 
 
@@ -145,8 +106,7 @@ def test_nonfinite_loss_skips_updates_and_stops(ct_slices, tmp_path):
     poisoned = tiny_config(ct_slices, total_steps=12, max_consecutive_nonfinite=2)
     poisoned.loss.student_temperature = 0.0  # logits / 0 → non-finite loss
     assert trainer.train(poisoned, str(tmp_path)) == 1
-    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps[-1] == 3  # the last good checkpoint is kept, nothing saved during the streak
+    assert checkpoint_steps(tmp_path)[-1] == 3  # the last good checkpoint is kept, nothing saved during the streak
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):
@@ -172,8 +132,7 @@ def test_sigterm_saves_current_step_and_exits_zero(ct_slices, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     last_logged = metrics(tmp_path)[-1]["step"]
-    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == [last_logged]
+    assert checkpoint_steps(tmp_path) == [last_logged]
     # The run then resumes from that step.
     assert trainer.train(tiny_config(ct_slices, total_steps=last_logged + 2), str(tmp_path)) == 0
     assert metrics(tmp_path)[-1]["step"] == last_logged + 2

@@ -14,19 +14,32 @@ def build_dataset(config: mlc.ConfigDict, *, process_index: int, process_count: 
     if kind == "slices2d":
         from flexict_jax.data import pipeline
         return pipeline.build_stage1_dataset(data, **common)
+    if kind == "slices2d_hires":
+        from flexict_jax.data import pipeline
+        return pipeline.build_stage1_hires_dataset(
+            data, patch_size_probs=config.patch_size_probs, resolutions=data.resolutions,
+            resolution_probs=data.resolution_probs, **common)
     if kind == "volumes3d":
         from flexict_jax.data import pipeline3d
         return pipeline3d.build_stage2_dataset(data, **common)
-    raise ValueError(f"config.data.kind={kind!r} is not one of: slices2d, volumes3d")
+    raise ValueError(f"config.data.kind={kind!r} is not one of: slices2d, slices2d_hires, volumes3d")
 
 
-def spatial_dims(config: mlc.ConfigDict) -> int:
-    return 3 if config.data.kind == "volumes3d" else 2
+def _resolution_probs(config: mlc.ConfigDict) -> tuple[float, ...]:
+    return tuple(config.data.get("resolution_probs", None) or (1.0,))
 
 
 def step_variants(config: mlc.ConfigDict) -> list[variants.Variant]:
-    return variants.all_variants(config.patch_sizes)
+    return variants.all_variants(config.patch_sizes, _resolution_probs(config))
 
 
 def variant_for_step(config: mlc.ConfigDict, step: int) -> variants.Variant:
-    return variants.variant_for_step(config.seed, step, config.patch_sizes, config.patch_size_probs)
+    return variants.variant_for_step(config.seed, step, config.patch_sizes, config.patch_size_probs,
+                                     _resolution_probs(config))
+
+
+def crop_sizes(config: mlc.ConfigDict) -> list[tuple[int, int]]:
+    """(global, local) crop sizes of every resolution the stage trains at."""
+    if config.data.get("resolutions", None):
+        return [(int(r[0]), int(r[1])) for r in config.data.resolutions]
+    return [(config.data.global_crop_size, config.data.local_crop_size)]

@@ -111,13 +111,27 @@ def number_pair(value: Any, name: str) -> tuple[float, float]:
     return lo, hi
 
 
-def _integer(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not float(value).is_integer():
+def number(value: Any, name: str) -> float:
+    """`value` as a float; anything else is an error naming config key `name`."""
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config key {name} must be a number, got {value!r}") from e
+
+
+def integer(value: Any, name: str) -> int:
+    """`value` as an int; a bool or a number with a fractional part is an error naming config key `name`."""
+    try:
+        whole = not isinstance(value, bool) and float(value).is_integer()
+    except (TypeError, ValueError):
+        whole = False
+    if not whole:
         raise ValueError(f"config key {name} must be an integer, got {value!r}")
     return int(value)
 
 
-def _boolean(value: Any, name: str) -> bool:
+def boolean(value: Any, name: str) -> bool:
+    """`value` as a bool; anything but True/False is an error naming config key `name`."""
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"config key {name} must be True or False, got {value!r}")
     return bool(value)
@@ -139,13 +153,13 @@ def dataclass_from_config(cls: type, config: Mapping[str, Any], prefix: str):
         if typing.get_origin(hint) is tuple:
             kwargs[name] = number_pair(value, key)
         elif hint is bool:
-            kwargs[name] = _boolean(value, key)
+            kwargs[name] = boolean(value, key)
         elif hint is int:
-            kwargs[name] = _integer(value, key)
+            kwargs[name] = integer(value, key)
         elif hint is str:
             kwargs[name] = str(value)
         else:
-            kwargs[name] = float(value)
+            kwargs[name] = number(value, key)
     return cls(**kwargs)
 
 

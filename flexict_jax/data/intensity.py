@@ -70,7 +70,7 @@ def apply_separable(array: np.ndarray, matrices: Sequence[np.ndarray | None]) ->
     core: 120³ -> 160³ trilinear in ~15 ms, against ~70 ms with dense whole-array products).
     """
     sparse = [None if m is None else scipy.sparse.csr_array(m) for m in matrices]
-    return _apply_sparse(np.ascontiguousarray(array), sparse)
+    return np.ascontiguousarray(_apply_sparse(np.ascontiguousarray(array), sparse))
 
 
 # Elements above which `apply_separable` goes slab by slab (a 64³ float32 block is 1 MiB, about an L2 cache).
@@ -82,13 +82,18 @@ def _apply_sparse(array: np.ndarray, matrices: list) -> np.ndarray:
     if first is not None:
         array = (first @ array.reshape(array.shape[0], -1)).reshape((first.shape[0],) + array.shape[1:])
     if array.ndim > 2 and array.size > _SLAB_THRESHOLD:
-        return np.stack([_apply_sparse(slab, rest) for slab in array])
+        first_slab = _apply_sparse(array[0], rest)
+        out = np.empty((array.shape[0],) + first_slab.shape, dtype=first_slab.dtype)
+        out[0] = first_slab
+        for i in range(1, array.shape[0]):
+            out[i] = _apply_sparse(array[i], rest)
+        return out
     for axis, matrix in enumerate(rest, start=1):
         if matrix is not None:
             moved = np.ascontiguousarray(np.moveaxis(array, axis, 0))
             product = matrix @ moved.reshape(moved.shape[0], -1)
             array = np.moveaxis(product.reshape((matrix.shape[0],) + moved.shape[1:]), 0, axis)
-    return np.ascontiguousarray(array)
+    return array
 
 
 def add_noise(image: np.ndarray, rng: np.random.Generator, std: float) -> np.ndarray:

@@ -6,6 +6,7 @@ A report record (one per volume, written by the builder) is a dict:
 
     volume_id, path, label_path, subject, split   from the dataset manifest (paths are dataset-relative)
     source             "report" (a radiology report) or "pseudo" (generated from the volume's label map)
+    report_id          the id of the report row (None for a pseudo-report)
     findings           the cleaned Findings section, the CLIP caption option (a)
     findings_sections  [[title, text], ...] the Findings split into sections, in report order; the section
                        shuffle permutes these (recipe §8)
@@ -30,12 +31,13 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from flexict_jax.data import records
+from flexict_jax.data.tokenizer import Tokenizer
 
 REPORTS_FORMAT = "flexict_reports/1"
 INDEX_FILE = "index.json"
@@ -88,24 +90,23 @@ SECTION_KEYWORDS: tuple[tuple[str, str], ...] = (
     ("devices", r"catheters?|tubes?|stents?|ports?|prosthe\w*|sutures?|clips?|pacemakers?|drains?|drainage|"
                 r"sternotomy|material"),
 )
-_SECTION_PATTERNS = tuple((name, re.compile(rf"\b(?:{words})\b", re.I)) for name, words in SECTION_KEYWORDS)
+# One alternation: `search` returns the earliest match and, at equal positions, the first section listed.
+_SECTION_PATTERN = re.compile("|".join(rf"(?P<s{i}>\b(?:{words})\b)" for i, (_, words) in enumerate(SECTION_KEYWORDS)),
+                              re.I)
 
 
 def section_of(text: str, default: str = OTHER_SECTION) -> str:
     """The anatomical section a sentence or structure name belongs to (see SECTION_KEYWORDS)."""
-    best, best_pos = default, None
-    for name, pattern in _SECTION_PATTERNS:
-        match = pattern.search(text.replace("_", " "))
-        if match and (best_pos is None or match.start() < best_pos):
-            best, best_pos = name, match.start()
-    return best
+    match = _SECTION_PATTERN.search(text.replace("_", " "))
+    return SECTION_KEYWORDS[int(match.lastgroup[1:])][0] if match else default
 
 
 # --- Findings extraction ---------------------------------------------------------------------------------------
 
-_FINDINGS_HEADER = re.compile(r"(?:\*\*\s*)?(?:\b\d+\.\s*)?\b(?:Findings|FINDINGS)\s*:\s*(?:\*\*)?")
-_END_HEADER = re.compile(r"(?:\*\*\s*)?(?:\b\d+\.\s*)?\b(?:Impressions?|IMPRESSIONS?|Conclusions?|CONCLUSIONS?)"
-                         r"\s*:")
+_FINDINGS_HEADER = re.compile(r"\b(?:Findings|FINDINGS)\s*:\s*(?:\*\*)?")
+_END_HEADER = re.compile(r"\b(?:Impressions?|IMPRESSIONS?|Conclusions?|CONCLUSIONS?)\s*:")
+# What may precede an Impression header and is cut with it: the template's "**5. ", or "5. " opening a line.
+_HEADER_LEAD = re.compile(r"(?:\*\*\s*(?:\d+\.\s*)?|(?:^|\n)[ \t]*\d+\.[ \t]*)$")
 # Subsection headers inside the Findings: the template's `**4.1 Lungs:**` (colon inside or after the bold), or a
 # "Title:" at the start of a line.
 _BOLD_SUBSECTION = re.compile(r"\*\*\s*(?:\d+(?:\.\d+)*\.?\s*)?(?P<title>[^*\n:]{1,60}?)\s*(?::\s*\*\*|\*\*\s*:)")
@@ -131,16 +132,16 @@ def split_sentences(text: str) -> list[str]:
 
 def _findings_span(text: str) -> str:
     header = _FINDINGS_HEADER.search(text)
+    start = header.end() if header else 0
+    end = _END_HEADER.search(text, start)
     if header:
-        end = _END_HEADER.search(text, header.end())
-        return text[header.end():end.start() if end else len(text)]
-    end = _END_HEADER.search(text)
-    if end:
-        return text[:end.start()]
+        return _HEADER_LEAD.sub("", text[start:end.start()]) if end else text[start:]
+    # No Findings header: the Findings end at an Impression header or, CT-RATE style, at the first quotation
+    # mark or bullet, whichever comes first.
     mark = _IMPRESSION_MARK.search(text)
-    if mark and clean_text(text[:mark.start()]):
-        return text[:mark.start()]
-    return text
+    if mark and (end is None or mark.start() < end.start()):
+        return text[:mark.start()] if clean_text(text[:mark.start()]) else text
+    return _HEADER_LEAD.sub("", text[:end.start()]) if end else text
 
 
 def _titled_segments(findings: str) -> list[tuple[str | None, str]]:
@@ -206,6 +207,8 @@ def is_finding(sentence: str) -> bool:
 
 def _as_sentence(text: str) -> str:
     text = text.strip().rstrip(";,:").strip()
+    if text.startswith("(") and text.count("(") > text.count(")"):  # a parenthesis opened in the sentence before
+        text = text[1:].lstrip()
     return text if text.endswith((".", "!", "?")) else f"{text}."
 
 
@@ -273,7 +276,7 @@ def parse_report(text: str, structured: Any = None) -> ParsedReport:
 
 # --- negation (recipe §8, OSL) ---------------------------------------------------------------------------------
 
-_THERE = re.compile(r"^there\s+(?P<verb>is|are|was|were)\s+(?:(?:also|a|an|some|several|multiple|few)\s+)*"
+_THERE = re.compile(r"^there\s+(?P<verb>is|are|was|were)\s+(?:(?:also|a|an|the|some|several|multiple|few)\s+)*"
                     r"(?P<rest>.+)$", re.I)
 _VERB_NEGATION = {"is": "is not", "are": "are not", "was": "was not", "were": "were not",
                   "appears": "does not appear", "appear": "do not appear", "appeared": "did not appear",
@@ -314,6 +317,10 @@ _CHANGE_VERBS = {"increased": "increase", "decreased": "decrease", "regressed": 
                  "progressed": "progress", "improved": "improve", "worsened": "worsen", "developed": "develop",
                  "persisted": "persist", "resolved": "resolve", "enlarged": "enlarge", "narrowed": "narrow"}
 _CHANGE = re.compile(rf"^(?P<subject>.+?)\s+(?P<verb>{'|'.join(_CHANGE_VERBS)})\b(?P<rest>.*)$", re.I)
+# Negated verb phrases made by the rules above -> the affirmative verb, to undo a negation instead of stacking one.
+_AFFIRMATIVE = {**{negated: verb for verb, negated in _VERB_NEGATION.items() if negated.startswith("d")},
+                **{f"did not {base}": past for past, base in _CHANGE_VERBS.items()}}
+_UNDO = re.compile(rf"^(?P<subject>.+?)\s+(?P<negated>{'|'.join(_AFFIRMATIVE)})\b(?P<rest>.*)$", re.I)
 _ARTICLE = re.compile(r"^(?:the|a|an)\s+", re.I)
 # A leading adverbial phrase ("On the left, X ..."): the rules apply to the clause after it.
 _LEADING_PHRASE = re.compile(r"^(?P<lead>(?:in|on|at|within|along|around|near|under|above|below|adjacent to|"
@@ -322,6 +329,8 @@ _LEADING_PHRASE = re.compile(r"^(?P<lead>(?:in|on|at|within|along|around|near|un
 
 def _negate_clause(body: str) -> str | None:
     """The first matching negation rule's result for a clause without final punctuation, else None."""
+    if match := _UNDO.match(body):
+        return f"{match['subject']} {_AFFIRMATIVE[' '.join(match['negated'].lower().split())]}{match['rest']}"
     if match := _THERE.match(body):
         verb, rest = match["verb"].lower(), match["rest"]
         affirmative = _strip_no(rest)
@@ -406,11 +415,11 @@ def sample_caption(record: Mapping[str, Any], rng: np.random.Generator) -> str:
     return model_text(caption)
 
 
-def build_positive_pool(records_: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
+def build_positive_pool(report_records: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
     """Section -> the de-duplicated positive findings of all given records: where OSL draws false pairs.
     Computed once over a split by the dataset builder."""
     pool: dict[str, dict[str, None]] = {}
-    for record in records_:
+    for record in report_records:
         for name, section in record["sections"].items():
             pool.setdefault(name, {}).update(dict.fromkeys(section[POSITIVE]))
     return {name: list(sentences) for name, sentences in sorted(pool.items()) if sentences}
@@ -440,11 +449,7 @@ def build_osl_pairs(sections: Mapping[str, Mapping[str, Sequence[str]]], rng: np
     return pairs + [("", "", -1)] * (k - len(pairs))
 
 
-class TextTokenizer(Protocol):
-    def encode_batch(self, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-def stage3_text_example(record: Mapping[str, Any], rng: np.random.Generator, tokenizer: TextTokenizer,
+def stage3_text_example(record: Mapping[str, Any], rng: np.random.Generator, tokenizer: Tokenizer,
                         caption_len: int = CAPTION_LEN, osl_len: int = OSL_LEN, osl_pairs: int = OSL_PAIRS, *,
                         positive_pool: Mapping[str, Sequence[str]]) -> dict[str, np.ndarray]:
     """The text half of one stage-3 example (recipe §8), tokenised and left-padded to static lengths:

@@ -14,8 +14,7 @@ import ml_collections as mlc
 import numpy as np
 from flax import nnx
 
-from flexict_jax.data import datasets
-from flexict_jax.losses import dino, ibot, koleo, sinkhorn
+from flexict_jax.losses import dino, gram, ibot, koleo, sinkhorn
 from flexict_jax.models.heads import DINOHead
 from flexict_jax.models.vit import VisionTransformer
 from flexict_jax.variants import Variant
@@ -40,20 +39,25 @@ def build_model(config: mlc.ConfigDict, seed: int) -> DinoModel:
 
 
 def step_batch(local: Mapping[str, np.ndarray], variant: Variant) -> dict[str, np.ndarray]:
-    """The arrays one step needs: the crops and the iBOT masks of this step's patch size."""
-    return {"global_crops": local["global_crops"], "local_crops": local["local_crops"],
-            "masks": local[f"masks_p{variant.patch_size}"]}
+    """The arrays one step needs: the crops, the iBOT masks of this step's patch size, and the Gram teacher's
+    crops when the stage has them (stage 1.1)."""
+    if "resolution_index" in local and int(local["resolution_index"]) != variant.resolution_index:
+        raise RuntimeError(f"data/step mismatch: the batch was built at resolution {int(local['resolution_index'])} "
+                           f"but this step draws {variant.resolution_index}; the iterator is out of step")
+    batch = {"global_crops": local["global_crops"], "local_crops": local["local_crops"],
+             "masks": local[f"masks_p{variant.patch_size}"]}
+    if "gram_crops" in local:
+        batch["gram_crops"] = local["gram_crops"]
+    return batch
 
 
-def masked_token_capacity(config: mlc.ConfigDict, patch_size: int) -> int:
-    """Static size of the iBOT masked-token buffer: the most tokens the data pipeline can mask in one batch.
-
-    Per example round(n_global * probability) global crops are masked, each with at most
-    int(max_ratio * n_tokens) tokens (see flexict_jax.data.masking).
-    """
-    n_tokens = (config.data.global_crop_size // patch_size) ** datasets.spatial_dims(config)
-    masked_crops = round(config.data.n_global_crops * config.data.mask.probability)
-    return config.global_batch_size * masked_crops * int(config.data.mask.ratio[1] * n_tokens)
+def masked_token_capacity(masks_shape: tuple[int, ...], config: mlc.ConfigDict) -> int:
+    """Static size of the iBOT masked-token buffer for masks [B, n_global, N]: the most tokens the data pipeline
+    can mask — round(n_global * probability) masked crops per example, each with at most int(max_ratio * N)
+    tokens (see flexict_jax.data.masking)."""
+    batch, n_global, n_tokens = masks_shape
+    masked_crops = round(n_global * config.data.mask.probability)
+    return batch * masked_crops * int(config.data.mask.ratio[1] * n_tokens)
 
 
 def _merge(graphdef: nnx.GraphDef, abstract_state: nnx.State, params: Params) -> DinoModel:
@@ -74,14 +78,17 @@ def _crops_first(x: jax.Array, n_crops: int) -> jax.Array:
 
 def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], key: jax.Array, *,
             graphdef: nnx.GraphDef, abstract_state: nnx.State, config: mlc.ConfigDict, patch_size: int,
-            teacher_temperature: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Total stage-1 loss (recipe §3.6) and its terms. `batch` holds this step's masks under "masks"."""
+            teacher_temperature: jax.Array,
+            gram_teacher: Params | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total loss (recipe §3.6) and its terms. `batch` holds this step's masks under "masks"; with a frozen
+    `gram_teacher` (stage 1.1) the batch also has "gram_crops" and the Gram term is added (recipe §3.5)."""
     loss_cfg, n_global, n_local = config.loss, config.data.n_global_crops, config.data.n_local_crops
     global_crops = _flatten_crops(batch["global_crops"])
     local_crops = _flatten_crops(batch["local_crops"])
     masks = _flatten_crops(batch["masks"])  # [B * n_global, N]
     n_images = masks.shape[0]
-    token_index, token_valid, token_weight = ibot.gather_masked(masks, masked_token_capacity(config, patch_size))
+    token_index, token_valid, token_weight = ibot.gather_masked(
+        masks, masked_token_capacity(batch["masks"].shape, config))
 
     def take_tokens(patch_tokens: jax.Array) -> jax.Array:
         return patch_tokens.reshape((-1, patch_tokens.shape[-1]))[token_index]
@@ -115,11 +122,29 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
             koleo.koleo_loss(cls, group_size=loss_cfg.koleo_group_size)
             for cls in _crops_first(s_global["cls"], n_global)])),
     }
+    if gram_teacher is not None:
+        terms["gram"] = _gram_term(gram_teacher, teacher, batch["gram_crops"], s_global["patch"],
+                                   graphdef=graphdef, abstract_state=abstract_state, patch_size=patch_size)
     total = (loss_cfg.dino_weight * (scale_local * loss_cfg.dino_local_weight * terms["dino_local"]
                                      + scale_global * terms["dino_global"])
              + loss_cfg.koleo_weight * n_global * terms["koleo"]  # upstream's koleo_scale = n_global
-             + loss_cfg.ibot_weight * terms["ibot"])
+             + loss_cfg.ibot_weight * terms["ibot"]
+             + (loss_cfg.gram_weight * terms["gram"] if "gram" in terms else 0.0))
     return total, terms
+
+
+def _gram_term(gram_teacher: Params, teacher: Params, gram_crops: jax.Array, student_patch: jax.Array, *,
+               graphdef: nnx.GraphDef, abstract_state: nnx.State, patch_size: int) -> jax.Array:
+    """Gram anchoring (recipe §3.5, §6): the frozen Gram teacher sees the same field of view at a higher
+    resolution; its patch grid is resized to the student's before comparing per-image Gram matrices."""
+    crops = _flatten_crops(gram_crops)
+    # Only the backbone of the Gram teacher exists; the EMA teacher's heads fill the unused head slots.
+    model = _merge(graphdef, abstract_state, jax.lax.stop_gradient(dict(teacher, backbone=gram_teacher["backbone"])))
+    teacher_patch = model.backbone(crops, patch_size=patch_size, train=False)["patch"]
+    spatial = crops.ndim - 2
+    grid_from = (crops.shape[1] // patch_size,) * spatial
+    grid_to = (round(student_patch.shape[1] ** (1 / spatial)),) * spatial
+    return gram.gram_loss(student_patch, gram.resize_patch_grid(teacher_patch, grid_from, grid_to))
 
 
 def ema_update(teacher: Params, student: Params, momentum: jax.Array) -> Params:

@@ -1,0 +1,209 @@
+"""Parameter mapping to and from the upstream FlexiCT state_dict: key set, layouts, dtypes, strict errors."""
+from __future__ import annotations
+
+import io
+import math
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+from flexict_jax import torch_format
+from flexict_jax.models.vit import VisionTransformer
+from flexict_jax.tasks.dino import DinoModel
+
+torch = pytest.importorskip("torch")
+from flexict_jax import torch_reference  # noqa: E402  (imports torch)
+
+# torch-format §1.3, values torch computes op by op in bf16.
+BF16_PERIODS = [1.0, 1.2890625, 1.671875, 2.15625, 2.78125, 3.59375, 4.65625, 6.0, 7.78125, 10.0, 12.875, 16.5,
+                21.625, 27.875, 35.75, 46.25, 60.5, 77.5]
+TINY = torch_format.Architecture(dim=48, depth=2, num_heads=2)
+TINY_HEADS = dict(hidden_dim=32, bottleneck_dim=16, num_prototypes=64)
+
+
+def spec_state_dict_shapes() -> dict[str, tuple[int, ...]]:
+    """torch-format §1.3 written out: the 219 entries of the released backbone, in state_dict order."""
+    shapes = {"cls_token": (1, 1, 864), "storage_tokens": (1, 4, 864), "mask_token": (1, 864),
+              "patch_embed_2D.proj.weight": (864, 1, 8, 8), "patch_embed_2D.proj.bias": (864,),
+              "patch_embed_3D.proj.weight": (864, 1, 8, 8, 8), "patch_embed_3D.proj.bias": (864,),
+              "rope_embed_2D.periods": (18,), "rope_embed_3D.periods": (12,)}
+    for i in range(16):
+        shapes.update({f"blocks.{i}.norm1.weight": (864,), f"blocks.{i}.norm1.bias": (864,),
+                       f"blocks.{i}.attn.qkv.weight": (2592, 864), f"blocks.{i}.attn.proj.weight": (864, 864),
+                       f"blocks.{i}.attn.proj.bias": (864,), f"blocks.{i}.ls1.gamma": (864,),
+                       f"blocks.{i}.norm2.weight": (864,), f"blocks.{i}.norm2.bias": (864,),
+                       f"blocks.{i}.mlp.fc1.weight": (3456, 864), f"blocks.{i}.mlp.fc1.bias": (3456,),
+                       f"blocks.{i}.mlp.fc2.weight": (864, 3456), f"blocks.{i}.mlp.fc2.bias": (864,),
+                       f"blocks.{i}.ls2.gamma": (864,)})
+    return {**shapes, "norm.weight": (864,), "norm.bias": (864,)}
+
+
+@pytest.fixture(scope="module")
+def full_size_export() -> dict[str, np.ndarray]:
+    """The export of the default backbone's abstract shapes (zero-stride arrays: no memory, no compute)."""
+    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: VisionTransformer(rngs=nnx.Rngs(0)))))
+    zeros = jax.tree.map(lambda a: np.broadcast_to(np.zeros((), a.dtype), a.shape), abstract)
+    return torch_format.backbone_to_torch(zeros, torch_format.UPSTREAM)
+
+
+def random_params(arch: torch_format.Architecture, heads: bool, seed: int = 0) -> dict:
+    """Our param tree (fresh NNX keys: int block indices) with a distinct random value in every entry."""
+    model = nnx.eval_shape(lambda: DinoModel(arch.to_config(), TINY_HEADS if heads else
+                                             dict(hidden_dim=8, bottleneck_dim=8, num_prototypes=8),
+                                             rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(nnx.state(model))
+    if not heads:
+        params = {"backbone": params["backbone"]}
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32), params)
+
+
+def through_torch(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """numpy -> torch tensors -> torch.save/load (in memory) -> numpy, as the .pth round trip does."""
+    buffer = io.BytesIO()
+    torch.save({k: torch_reference.to_torch(v) for k, v in state.items()}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert [str(t.dtype) for t in loaded.values()] == [
+        "torch.bfloat16" if k.endswith("periods") else "torch.float32" for k in loaded]
+    return {k: torch_reference.to_numpy(v) for k, v in loaded.items()}
+
+
+def _leaves(tree) -> dict[str, np.ndarray]:
+    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+# --- key set, shapes, dtypes at the released size ------------------------------------------------------------
+
+def test_default_size_exports_the_219_upstream_keys_in_order(full_size_export):
+    expected = spec_state_dict_shapes()
+    assert len(full_size_export) == 219
+    assert list(full_size_export) == list(expected)
+    assert {k: v.shape for k, v in full_size_export.items()} == expected
+    assert sum(math.prod(v.shape) for k, v in full_size_export.items() if "periods" not in k) == 143_999_424
+
+
+def test_dtypes_params_fp32_periods_bf16_with_upstream_values(full_size_export):
+    for key, value in full_size_export.items():
+        assert value.dtype == (ml_dtypes.bfloat16 if key.endswith("periods") else np.float32), key
+    assert full_size_export["rope_embed_2D.periods"].astype(np.float32).tolist() == BF16_PERIODS
+    assert full_size_export["rope_embed_3D.periods"].astype(np.float32).tolist() == BF16_PERIODS[:12]
+
+
+def test_reference_module_has_exactly_the_upstream_state_dict(full_size_export):
+    """The torch reference builds upstream's module tree: same keys, shapes and buffer dtypes (§1.2–1.3)."""
+    reference = torch_reference.FlexiCTBackbone()
+    state = reference.state_dict()
+    assert list(state) == list(full_size_export)
+    assert {k: tuple(v.shape) for k, v in state.items()} == spec_state_dict_shapes()
+    assert state["rope_embed_2D.periods"].dtype == torch.bfloat16
+    assert state["rope_embed_2D.periods"].float().tolist() == BF16_PERIODS  # torch's own bf16 arithmetic
+    assert [k for k, v in state.items() if v.dtype != torch.float32] == ["rope_embed_2D.periods",
+                                                                         "rope_embed_3D.periods"]
+
+
+def test_architecture_is_inferred_from_shapes(full_size_export):
+    assert torch_format.infer_architecture(full_size_export) == torch_format.UPSTREAM
+    assert torch_format.UPSTREAM.upstream_differences() == []
+    assert torch_format.Architecture.from_config(dict(dim=864, depth=16, num_heads=12, remat=True)) == \
+        torch_format.UPSTREAM
+    assert "dim=48 (upstream builds 864)" in TINY.upstream_differences()
+
+
+# --- bitwise round trips ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,heads", [(TINY, True), (TINY, False),
+                                        (torch_format.Architecture(dim=864, depth=1, num_heads=12), False)],
+                         ids=["tiny-with-heads", "tiny-backbone", "full-width-one-block"])
+def test_round_trip_jax_torch_jax_is_bitwise(arch, heads):
+    params = random_params(arch, heads)
+    exported = torch_format.params_to_torch(params, arch)
+    assert len([k for k in exported if k.startswith("backbone.")]) == 9 + 13 * arch.depth + 2
+    assert any(k.startswith("dino_head.") for k in exported) == heads
+    restored, found = torch_format.params_from_torch(through_torch(exported), rope_base=arch.rope_base)
+    assert found == arch
+    original, back = _leaves(params), _leaves(restored)
+    assert sorted(original) == sorted(back)
+    for key, value in original.items():
+        assert back[key].dtype == np.float32 and back[key].shape == value.shape, key
+        np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+def test_layouts_follow_the_torch_conventions():
+    """OIHW/OIDHW conv kernels, (out, in) Linear weights, [q|k|v] head-major qkv rows (torch-format §1.5)."""
+    params = random_params(TINY, heads=True)
+    state = torch_format.params_to_torch(params, TINY)
+    backbone, block = params["backbone"], params["backbone"]["blocks"][0]
+    np.testing.assert_array_equal(state["backbone.patch_embed_2D.proj.weight"],
+                                  backbone["patch_embed_2d"]["kernel"].transpose(3, 2, 0, 1))
+    np.testing.assert_array_equal(state["backbone.patch_embed_3D.proj.weight"],
+                                  backbone["patch_embed_3d"]["kernel"].transpose(4, 3, 0, 1, 2))
+    qkv = state["backbone.blocks.0.attn.qkv.weight"]
+    head_dim = TINY.head_dim
+    for s in range(3):  # row s·dim + h·head_dim + d of torch = column of ours
+        for h in range(TINY.num_heads):
+            rows = slice(s * TINY.dim + h * head_dim, s * TINY.dim + (h + 1) * head_dim)
+            np.testing.assert_array_equal(qkv[rows], block["attn"]["qkv"]["kernel"][:, rows].T)
+    np.testing.assert_array_equal(state["backbone.blocks.0.mlp.fc1.weight"], block["mlp"]["fc1"]["kernel"].T)
+    np.testing.assert_array_equal(state["dino_head.mlp.4.weight"], params["dino_head"]["mlp"]["fc3"]["kernel"].T)
+    np.testing.assert_array_equal(state["ibot_head.last_layer.weight"],
+                                  params["ibot_head"]["last_layer"]["kernel"].T)
+    assert state["backbone.mask_token"].shape == (1, TINY.dim)  # 2-D, unlike cls_token (§7.6)
+
+
+def test_checkpoint_string_block_keys_map_like_int_keys():
+    params = random_params(TINY, heads=False)
+    as_saved = {"backbone": {**params["backbone"],
+                             "blocks": {str(i): b for i, b in params["backbone"]["blocks"].items()}}}
+    a, b = torch_format.params_to_torch(params, TINY), torch_format.params_to_torch(as_saved, TINY)
+    assert list(a) == list(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# --- strict import errors ----------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def tiny_payload() -> dict[str, np.ndarray]:
+    return torch_format.params_to_torch(random_params(TINY, heads=True), TINY)
+
+
+def _edit(state: dict, drop: str | None = None, **changes) -> dict:
+    state = {k: v for k, v in state.items() if k != drop}
+    state.update({k.replace("__", "."): v for k, v in changes.items()})
+    return state
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda s: _edit(s, drop="backbone.mask_token"), "missing key backbone.mask_token"),
+    (lambda s: _edit(s, drop="backbone.blocks.1.ls2.gamma"), "missing key backbone.blocks.1.ls2.gamma"),
+    (lambda s: _edit(s, backbone__blocks__0__attn__qkv__bias=np.zeros(144, np.float32)),
+     "unexpected key backbone.blocks.0.attn.qkv.bias (the backbone has no qkv bias"),
+    (lambda s: _edit(s, backbone__blocks__1__mlp__fc1__weight=s["backbone.blocks.1.mlp.fc1.weight"].T),
+     "key backbone.blocks.1.mlp.fc1.weight has shape (48, 192), expected (192, 48)"),
+    (lambda s: _edit(s, backbone__norm__weight=np.ones(48, np.int32)),
+     "key backbone.norm.weight has dtype int32"),
+    (lambda s: _edit(s, **{"backbone__rope_embed_2D__periods": torch_format.periods(TINY, 2, bf16=False)}),
+     "key backbone.rope_embed_2D.periods"),
+    (lambda s: {k: v for k, v in s.items() if not k.startswith("ibot_head.")},
+     "missing key ibot_head.mlp.0.weight"),
+    (lambda s: _edit(s, drop="dino_head.mlp.2.bias"), "missing key dino_head.mlp.2.bias"),
+    (lambda s: _edit(s, student__cls_token=np.zeros((1, 1, 48), np.float32)), "unexpected key student.cls_token"),
+    (lambda s: {k[len("backbone."):]: v for k, v in s.items() if k.startswith("backbone.")},
+     "unexpected key cls_token"),
+], ids=["missing-token", "missing-block-key", "qkv-bias", "transposed-fc1", "int-dtype", "fp32-periods",
+        "one-head", "head-key", "foreign-prefix", "no-prefix"])
+def test_bad_state_dicts_name_the_first_offending_key(tiny_payload, change, message):
+    with pytest.raises(torch_format.FormatError) as error:
+        torch_format.params_from_torch(change(tiny_payload))
+    assert message in str(error.value)
+
+
+def test_other_rope_base_is_refused_unless_declared(tiny_payload):
+    arch = torch_format.Architecture(**{**TINY.to_config(), "rope_base": 1000.0})
+    state = torch_format.params_to_torch(random_params(arch, heads=False), arch)
+    with pytest.raises(torch_format.FormatError, match="rope_embed_2D.periods.*base 100.0"):
+        torch_format.params_from_torch(state)
+    assert torch_format.params_from_torch(state, rope_base=1000.0)[1] == arch
