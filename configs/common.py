@@ -49,6 +49,7 @@ def ssl_config(stage: str, variant: str, *, global_batch_size: int, total_steps:
     from flexict_jax.optim import lr_scale_sqrt_1024
     c = mlc.ConfigDict()
     c.stage = stage
+    c.task = "dino"  # flexict_jax.tasks: "dino" (stages 1, 1.1, 2) or "align" (stage 3)
     c.variant = variant
     c.seed = 0
     c.global_batch_size = mlc.FieldReference(global_batch_size)

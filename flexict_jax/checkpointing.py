@@ -36,7 +36,8 @@ def _shapes(tree: Any) -> dict[str, list[int]]:
 class Checkpointer:
     def __init__(self, directory: epath.PathLike, *, every_steps: int, keep_last: int, keep_every: int = 0,
                  async_save: bool = True):
-        policies = [ocp.checkpoint_managers.LatestN(keep_last)]
+        # Step 0 exists only when the run started from another stage (the converted hand-off): keep it.
+        policies = [ocp.checkpoint_managers.LatestN(keep_last), ocp.checkpoint_managers.CustomSteps([0])]
         if keep_every:
             policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
         options = ocp.CheckpointManagerOptions(

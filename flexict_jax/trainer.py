@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from flexict_jax import checkpointing, distributed, metric_io, optim, schedules, sharding
 from flexict_jax.data import datasets
 from flexict_jax.models import inflate
-from flexict_jax.tasks import dino
+from flexict_jax import tasks
 from flexict_jax.variants import Variant
 
 SCHEDULE_NAMES = ("lr", "weight_decay", "momentum", "teacher_temperature")
@@ -105,8 +105,8 @@ def _state_shardings(mesh, abstract_state: dict, param_specs: Any, tx: optax.Gra
     opt_shardings = optax.tree_utils.tree_map_params(
         tx, lambda _, s: s, abstract_state["opt_state"], param_shardings,
         transform_non_params=lambda _: replicated)
-    shardings = {"step": replicated, "params": param_shardings, "teacher": param_shardings,
-                 "opt_state": opt_shardings}
+    shardings = {"step": replicated, "params": param_shardings,
+                 "teacher": {k: param_shardings[k] for k in abstract_state["teacher"]}, "opt_state": opt_shardings}
     if "gram_teacher" in abstract_state:
         shardings["gram_teacher"] = {"backbone": param_shardings["backbone"]}
     return shardings
@@ -145,15 +145,16 @@ def build_program(config: mlc.ConfigDict, mesh: Mesh) -> Program:
     tables = {name: schedules.table_from_config(config.schedules[name], config.total_steps,
                                                 name=f"schedules.{name}")
               for name in SCHEDULE_NAMES}
-    abstract_model = nnx.eval_shape(lambda: dino.build_model(config, config.seed))
+    task = tasks.get(config)
+    abstract_model = nnx.eval_shape(lambda: task.build_model(config, config.seed))
     graphdef, abstract_params = nnx.split(abstract_model)
     param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
     tx = optim.build_optimizer(nnx.to_pure_dict(abstract_params), config.optim, lr_table=tables["lr"],
                                wd_table=tables["weight_decay"], depth=config.model.depth)
 
     def init_state() -> dict:
-        params = nnx.to_pure_dict(nnx.state(dino.build_model(config, config.seed)))
-        state = {"step": jnp.zeros((), jnp.int32), "params": params, "teacher": params,
+        params = nnx.to_pure_dict(nnx.state(task.build_model(config, config.seed)))
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "teacher": task.teacher_params(params),
                  "opt_state": tx.init(params)}
         if uses_gram(config):  # a frozen backbone, filled in from config.gram.from_workdir at the start
             state["gram_teacher"] = {"backbone": params["backbone"]}
@@ -173,14 +174,15 @@ def _train_step(state: dict, batch: dict, *, program: Program, config: mlc.Confi
     key = jax.random.fold_in(jax.random.key(config.seed), step)
     at = functools.partial(schedules.value_at, step=step)
     temperature, momentum = at(tables["teacher_temperature"]), at(tables["momentum"])
-    (loss, terms), grads = jax.value_and_grad(dino.loss_fn, has_aux=True)(
+    task = tasks.get(config)
+    (loss, terms), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
         state["params"], state["teacher"], batch, key, graphdef=program.graphdef,
         abstract_state=program.abstract_params, config=config, patch_size=variant.patch_size,
         teacher_temperature=temperature, gram_teacher=state.get("gram_teacher"))
     updates, opt_state = program.tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    params = task.after_update(optax.apply_updates(state["params"], updates))
     new = {**state, "step": step + 1, "params": params, "opt_state": opt_state,
-           "teacher": dino.ema_update(state["teacher"], params, momentum)}
+           "teacher": tasks.ema_update(state["teacher"], params, momentum)}
     # A non-finite loss skips the update (params, optimizer, teacher unchanged) but consumes the batch.
     finite = jnp.isfinite(loss)
     new = {k: (v if k == "step" else jax.tree.map(lambda a, b: jnp.where(finite, a, b), v, state[k]))
@@ -210,8 +212,8 @@ def handoff_state(config: mlc.ConfigDict, program: Program) -> tuple[dict, dict]
             raise checkpointing.IncompatibleCheckpointError(
                 f"config.init.from={source}: its teacher has no {part!r} (it has {sorted(teacher)})")
         params[part] = checkpointing.conform(teacher[part], reference[part], what=f"config.init.from={source}")
-    state = dict(fresh, step=np.zeros((), np.int32), params=params, teacher=params,
-                 opt_state=jax.device_get(program.tx.init(params)))
+    state = dict(fresh, step=np.zeros((), np.int32), params=params,
+                 teacher=tasks.get(config).teacher_params(params), opt_state=jax.device_get(program.tx.init(params)))
     state = jax.device_put(state, program.state_shardings)
     record = {"from": str(source), "step": step, "mode": mode, "from_stage": source_meta.get("stage")}
     return state, record
@@ -288,7 +290,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
                 ckpt.save(step, state, data_iterator, meta, force=True)
                 break
             variant = datasets.variant_for_step(config, step)
-            local = dino.step_batch(next(data_iterator), variant)
+            local = tasks.get(config).step_batch(next(data_iterator), variant)
             if variant not in compiled:  # one compiled step per variant, built on first use
                 compiled[variant] = program.train_step(config, variant, local)
             state, metrics = compiled[variant](state, global_batch(mesh, local))

@@ -27,14 +27,15 @@ _RESIZE_MODE = {2: ("cubic", True), 3: ("linear", False)}
 def pi_resize_matrix(old: tuple[int, ...], new: tuple[int, ...]) -> np.ndarray:
     """pinv(R)ᵀ [∏new, ∏old] as float32: maps a flattened base kernel to the kernel for patch size `new`.
 
-    R [∏new, ∏old] is the Kronecker product of the per-axis resize matrices (row-major flattening), and its
-    pseudo-inverse is taken once, in float64, per (rank, old, new).
+    R [∏new, ∏old] is the Kronecker product of the per-axis resize matrices (row-major flattening). Since
+    pinv(A ⊗ B) = pinv(A) ⊗ pinv(B), the pseudo-inverse is assembled from per-axis ones in float64: exact, and
+    milliseconds instead of an SVD of the 4096×512 3D operator.
     """
     method, antialias = _RESIZE_MODE[len(old)]
-    operator = np.ones((1, 1))
+    inverse = np.ones((1, 1))
     for n_old, n_new in zip(old, new):
-        operator = np.kron(operator, resize_matrix(n_old, n_new, method, antialias))
-    return np.linalg.pinv(operator).T.astype(np.float32)
+        inverse = np.kron(inverse, np.linalg.pinv(resize_matrix(n_old, n_new, method, antialias)))
+    return inverse.T.astype(np.float32)
 
 
 class PatchEmbed(nnx.Module):

@@ -1,7 +1,8 @@
 """The DINO/iBOT/KoLeo self-distillation task of stages 1 (2D) and 2 (3D) — recipe §3, §5, §7.
 
-Pure functions over pytrees: `loss_fn` computes the student loss given the EMA teacher, `ema_update` moves the
-teacher. The trainer owns sharding, the optimizer and the loop; this file owns what is specific to DINO.
+Pure functions over pytrees (the task protocol of `flexict_jax.tasks`): `loss_fn` computes the student loss given
+the EMA teacher. The trainer owns sharding, the optimizer, the EMA and the loop; this file owns what is specific
+to DINO.
 """
 from __future__ import annotations
 
@@ -147,6 +148,10 @@ def _gram_term(gram_teacher: Params, teacher: Params, gram_crops: jax.Array, stu
     return gram.gram_loss(student_patch, gram.resize_patch_grid(teacher_patch, grid_from, grid_to))
 
 
-def ema_update(teacher: Params, student: Params, momentum: jax.Array) -> Params:
-    """θ_t ← m·θ_t + (1−m)·θ_s for backbone and both heads (recipe §4)."""
-    return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, teacher, student)
+def teacher_params(params: Params) -> Params:
+    """The EMA teacher tracks backbone and both heads: all of the DINO student."""
+    return params
+
+
+def after_update(params: Params) -> Params:
+    return params
