@@ -63,9 +63,10 @@ def real_ct_slices(tmp_path_factory, ct_dir) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def real_ct_volumes(tmp_path_factory, ct_dir) -> pathlib.Path:
     """An ingested dataset of two real CT volumes at 4 mm (small enough for tiny 3D crops of 32³)."""
-    from data_prep import ingest
+    from data_prep import ingest, volume_stats
     from run_utils import run_cli
     root = tmp_path_factory.mktemp("stage2_real_ct") / "dataset"
     inputs = [str(ct_dir / name) for name in ("ts_example_ct.nii.gz", "vtk_headsq.nii.gz")]
     assert run_cli(ingest.main, ["--input", *inputs, "--output", str(root), "--spacing", "4,4,4"]) == 0
+    assert run_cli(volume_stats.main, ["--dataset", str(root)]) == 0
     return root

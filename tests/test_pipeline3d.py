@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -342,7 +343,6 @@ def test_volume_stats_match_the_whole_volume_and_rerun_skips(real_ct, capsys):
 
 
 def test_volume_stats_reports_a_bad_volume_and_writes_the_rest(phantoms, tmp_path, capsys):
-    import shutil
     dataset = tmp_path / "ds"
     shutil.copytree(phantoms, dataset)
     (dataset / volume_source.STATS_NAME).unlink()
@@ -359,7 +359,6 @@ def test_volume_stats_reports_a_bad_volume_and_writes_the_rest(phantoms, tmp_pat
 
 
 def test_missing_or_stale_statistics_name_the_command(phantoms, tmp_path):
-    import shutil
     dataset = tmp_path / "ds"
     shutil.copytree(phantoms, dataset)
     stats_path = dataset / volume_source.STATS_NAME
@@ -408,7 +407,6 @@ def test_bad_mask_config_names_the_key(phantoms):
 
 
 def test_corrupt_volume_error_names_example_and_volume(phantoms, tmp_path):
-    import shutil
     dataset = tmp_path / "ds"
     shutil.copytree(phantoms, dataset)
     for path in (dataset / volume_store.VOLUMES_DIR).rglob("*"):

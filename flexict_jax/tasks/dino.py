@@ -15,6 +15,7 @@ import ml_collections as mlc
 import numpy as np
 from flax import nnx
 
+from flexict_jax.data import masking
 from flexict_jax.losses import dino, gram, ibot, koleo, sinkhorn
 from flexict_jax.models.heads import DINOHead
 from flexict_jax.models.vit import VisionTransformer
@@ -54,10 +55,10 @@ def step_batch(local: Mapping[str, np.ndarray], variant: Variant) -> dict[str, n
 
 def masked_token_capacity(masks_shape: tuple[int, ...], config: mlc.ConfigDict) -> int:
     """Static size of the iBOT masked-token buffer for masks [B, n_global, N]: the most tokens the data pipeline
-    can mask — round(n_global * probability) masked crops per example, each with at most int(max_ratio * N)
-    tokens (see flexict_jax.data.masking)."""
+    can mask — at most `masking.max_masked_crops` masked crops per example, each with at most
+    int(max_ratio * N) tokens (see flexict_jax.data.masking)."""
     batch, n_global, n_tokens = masks_shape
-    masked_crops = round(n_global * config.data.mask.probability)
+    masked_crops = masking.max_masked_crops(n_global, config.data.mask.probability)
     return batch * masked_crops * int(config.data.mask.ratio[1] * n_tokens)
 
 

@@ -1,0 +1,185 @@
+"""Per-volume HU statistics of an ingested dataset, for the 3-D pipelines: writes DATASET_DIR/stats.json.
+
+    python -m data_prep.volume_stats --dataset DATASET_DIR [--hu-window=-1000,1000] [--workers N]
+
+Stages 2-3 z-score every crop with the mean and std of its whole volume after the HU clamp (recipe §7).
+Computing them once here lets the training pipeline read only the voxels each crop needs
+(flexict_jax.data.volume_source documents the file). Each volume is read in z-slabs, so memory stays at one
+slab whatever the volume size.
+
+Re-running computes only volumes that lack statistics for this window or whose source_sha256 changed; other
+entries (other windows, volumes no longer listed) are kept. stats.json is replaced atomically, every
+`--save-every` volumes and at the end, so an interrupted run keeps what it finished. A volume that cannot be
+read is reported with its path and the reason, and the rest go on.
+Exit status: 0 all volumes have statistics, 2 some could not be read, 1 fatal.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import fcntl
+import json
+import math
+import multiprocessing
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from flexict_jax.data import volume_source, volume_store
+from flexict_jax.progress import Progress
+
+EXIT_OK, EXIT_FATAL, EXIT_FAILED = 0, 1, 2
+LOCK_NAME = ".volume_stats.lock"
+DEFAULT_WINDOW = (-1000.0, 1000.0)  # recipe §7: HU clamp before the z-score
+SLAB_DEPTH = volume_store.SHARD_SHAPE[0]  # one shard row of the zarr3 layout per read
+
+
+def volume_statistics(path: str | os.PathLike, window: tuple[float, float]) -> dict[str, float]:
+    """count, mean, unbiased std, min and max of the volume at `path` clamped to `window`.
+
+    Slabs are merged with Chan et al.'s pairwise update of (count, mean, M2), which stays exact in float64 for
+    any number of voxels; the result equals `intensity.hu_stats` of the whole array.
+    """
+    store = volume_store.open_volume(path)
+    count, mean, m2 = 0, 0.0, 0.0
+    lo, hi = math.inf, -math.inf
+    for z0 in range(0, store.shape[0], SLAB_DEPTH):
+        z1 = min(z0 + SLAB_DEPTH, store.shape[0])  # TensorStore does not clip slices to the bounds
+        slab = np.clip(store[z0:z1].read().result().astype(np.float64), window[0], window[1])
+        n, slab_mean = slab.size, float(slab.mean())
+        slab_m2 = float(((slab - slab_mean) ** 2).sum())
+        delta, total = slab_mean - mean, count + n
+        mean += delta * n / total
+        m2 += slab_m2 + delta * delta * count * n / total
+        count = total
+        lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
+    if count == 0:
+        raise ValueError(f"{path}: empty volume")
+    std = math.sqrt(m2 / (count - 1)) if count > 1 else 0.0
+    return {"count": count, "mean": mean, "std": std, "min": lo, "max": hi}
+
+
+def _job(args: tuple[str, str, str, tuple[float, float]]) -> tuple[str, dict | None, str | None]:
+    """(volume id, statistics, None) or (volume id, None, "path: reason"); runs in a worker process."""
+    volume_id, path, sha256, window = args
+    try:
+        return volume_id, {"source_sha256": sha256, **volume_statistics(path, window)}, None
+    except Exception as e:  # a bad volume is reported and skipped; the batch goes on
+        reason = str(e)
+        return volume_id, None, reason if reason.startswith(path) else f"{path}: {type(e).__name__}: {reason}"
+
+
+def write_stats_file(path: Path, document: dict) -> None:
+    """Replaces `path` atomically (temporary file in the same folder, fsync, rename)."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(document, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def parse_window(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--hu-window {text!r}: expected LOW,HIGH in HU, e.g. -1000,1000")
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise argparse.ArgumentTypeError(f"--hu-window {text!r}: need finite LOW < HIGH")
+    return lo, hi
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # bad arguments are fatal: exit 1, keeping 2 for failed volumes
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_FATAL, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m data_prep.volume_stats", description=__doc__.split("\n\n")[0],
+                     epilog="Exit status: 0 all volumes have statistics, 2 some could not be read, 1 fatal.")
+    parser.add_argument("--dataset", required=True, metavar="DATASET_DIR",
+                        help="an ingested dataset (manifest.jsonl + volumes/) from `python -m data_prep.ingest`")
+    parser.add_argument("--hu-window", type=parse_window, default=DEFAULT_WINDOW, metavar="LOW,HIGH",
+                        help="HU clamp applied before the statistics, as the pipeline's data.hu_window "
+                             "(default -1000,1000, recipe §7; write it as --hu-window=-1000,1000)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="worker processes, one volume each (default 1: in this process)")
+    parser.add_argument("--save-every", type=int, default=100, metavar="N",
+                        help="rewrite stats.json after every N new volumes (default 100)")
+    return parser
+
+
+@contextlib.contextmanager
+def _exclusive(dataset_dir: Path) -> Iterator[None]:
+    """One volume_stats run per dataset: stats.json has a single writer."""
+    with open(dataset_dir / LOCK_NAME, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise RuntimeError(f"{dataset_dir}: another volume_stats run is writing stats.json") from e
+        yield
+
+
+def run(args: argparse.Namespace) -> int:
+    dataset_dir = Path(args.dataset)
+    if args.workers < 1 or args.save_every < 1:
+        raise ValueError(f"--workers and --save-every must be >= 1, got {args.workers} and {args.save_every}")
+    entries = volume_store.read_manifest(dataset_dir)
+    stats_path = dataset_dir / volume_source.STATS_NAME
+    key = volume_source.window_key(args.hu_window)
+    failed = 0
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_exclusive(dataset_dir))
+        document = volume_source.read_stats_file(stats_path)
+        section = document["windows"].setdefault(key, {})
+        jobs = [(e["id"], str(dataset_dir / e["path"]), e["source_sha256"], args.hu_window) for e in entries
+                if section.get(e["id"], {}).get("source_sha256") != e["source_sha256"]]
+        pool = None
+        if args.workers > 1 and len(jobs) > 1:  # spawn: TensorStore's threads do not survive fork
+            pool = concurrent.futures.ProcessPoolExecutor(args.workers,
+                                                          mp_context=multiprocessing.get_context("spawn"))
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+        results = map(_job, jobs) if pool is None else pool.map(_job, jobs)
+        progress = Progress(len(jobs), f"volume_stats {key}")
+        unsaved = 0
+        try:
+            for volume_id, stats, error in results:
+                if error is None:
+                    section[volume_id] = stats
+                    unsaved += 1
+                else:
+                    print(("\r\033[K" if sys.stderr.isatty() else "") + f"failed: {error}", file=sys.stderr)
+                    failed += 1
+                if unsaved >= args.save_every:
+                    write_stats_file(stats_path, document)
+                    unsaved = 0
+                progress.advance(1, volume_id)
+        finally:  # also on Ctrl-C: keep what was computed
+            if unsaved:
+                write_stats_file(stats_path, document)
+            progress.close()
+    print(f"volume_stats: {len(jobs) - failed} computed, {len(entries) - len(jobs)} already present, "
+          f"{failed} failed -> {stats_path} (window {key})")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError, RuntimeError) as e:  # no manifest, a corrupt stats.json, a held lock
+        print(f"volume_stats: error: {e}", file=sys.stderr)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        print("\nvolume_stats: interrupted; finished volumes are saved, re-run to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
