@@ -15,8 +15,8 @@ from configs import common, stage1
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     variant = common.parse_arg(arg, variant="base").variant
-    if variant not in ("base", "tiny"):
-        raise ValueError(f"configs/stage1_hires.py: unknown variant {variant!r}; use base or tiny")
+    if variant not in ("base", "demo", "tiny"):
+        raise ValueError(f"configs/stage1_hires.py: unknown variant {variant!r}; use base, demo or tiny")
     c = stage1.get_config(variant)
     c.stage = "stage1_hires"
     c.global_batch_size = 400  # 50 per GPU x 8 (recipe §6)
@@ -42,4 +42,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         c.data.resolutions = ((32, 16, 48), (32, 16, 64))
         c.data.resolution_probs = (0.5, 0.5)
         c.schedules.lr = common.schedule(0.0, 0.0, 1e-3, warmup_steps=0, cosine_steps=3)
+    elif variant == "demo":  # the stage-1 demo model at 2 resolutions, Gram crops 1.5x the global crops
+        c.global_batch_size = 16
+        c.total_steps = 100
+        c.data.resolutions = ((64, 32, 96), (96, 32, 128))
+        c.data.resolution_probs = (0.5, 0.5)
+        c.loss.koleo_group_size = None
+        c.schedules.lr = common.schedule(0.0, 0.0, 3e-4, warmup_steps=0, cosine_steps=30)
     return c
