@@ -17,8 +17,9 @@ An .npy input is taken as is: [H, W] or [N, H, W] slices for 2d, [D, H, W] for 3
 compared across frameworks bit for bit: --save-inputs stores the model inputs of a NIfTI/DICOM run.
 
 Output arrays: cls [N, dim], patch [N, P, dim] (after the final norm, patches row-major over (D,) H, W),
-grid, patch_size, kind, slice_index (2d: the z index of each slice), input_affine_zyx_to_lps (voxel index
-of the model input -> LPS mm, NIfTI/DICOM only), preprocessing (JSON) and, with --save-inputs, inputs.
+grid, patch_size, kind, slice_index (2d: the z index of each slice), preprocessing (JSON) and, with
+--save-inputs, inputs; for NIfTI/DICOM also input_affine_zyx_to_lps (voxel index of the model input -> LPS
+mm), resampled_shape and spacing_mm (the LPS grid before padding/cropping).
 Exit status 0 on success, 1 on any error (the message names the file and the reason).
 """
 from __future__ import annotations
@@ -63,9 +64,14 @@ class Preprocessing:
     def preset(cls, kind: str) -> Preprocessing:
         if kind == "2d":
             return cls("2d", (None, 1.5, 1.5))  # recipe §9: 2D training slices, LPS, 1.5 mm
-        if kind == "3d":
-            return cls("3d", (2.0, 2.0, 2.0), crop=160)  # recipe §9: the HF "default" inference preset
-        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+        if kind in ("3d", "vlm"):
+            # recipe §9: the HF "default" inference preset; §8: stage 3's one view is the same centre crop
+            return cls(kind, (2.0, 2.0, 2.0), crop=160)
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS} or 'vlm'")
+
+    @property
+    def spatial_dims(self) -> int:
+        return 2 if self.kind == "2d" else 3
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Preprocessing:
@@ -112,6 +118,9 @@ def load_backbone(checkpoint: str | os.PathLike, step: int | None = None) -> Loa
         except (KeyError, TypeError) as e:
             raise ValueError(f"{directory / 'config.json'}: not a flexict_jax safetensors config ({e!r})") from e
         state = load_file(directory / "model.safetensors")
+        if config.get("kind") == "vlm":  # the vision tower's keys carry the VLM prefix
+            prefix = torch_format.VLM_VISION
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         try:
             backbone, found = torch_format.backbone_from_torch(state, rope_base=arch.rope_base, rope_bf16=rope_bf16)
         except torch_format.FormatError as e:
@@ -303,11 +312,12 @@ def write_npz(path: pathlib.Path, arrays: Mapping[str, Any], overwrite: bool) ->
 def run(args: argparse.Namespace) -> None:
     loaded = load_backbone(args.checkpoint, args.step)
     preprocessing = loaded.preprocessing
-    if preprocessing is None or preprocessing.kind != args.kind:
+    wanted = Preprocessing.preset(args.kind)
+    if preprocessing is None or preprocessing.spatial_dims != wanted.spatial_dims:
         if preprocessing is not None:
             print(f"embed: warning: {args.checkpoint} was exported as --kind={preprocessing.kind}; using the "
                   f"{args.kind} preset", file=sys.stderr)
-        preprocessing = Preprocessing.preset(args.kind)
+        preprocessing = wanted
     patch_size = args.patch_size or loaded.arch.base_patch_size
     inputs, extra = prepare(args.input, args.kind, preprocessing, patch_size, args.slices)
     progress = Progress(len(inputs), "embed")
@@ -348,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.patch_size is not None and args.patch_size < 1 or args.batch_size < 1:
+    if (args.patch_size is not None and args.patch_size < 1) or args.batch_size < 1:
         print("embed: error: --patch-size and --batch-size must be positive", file=sys.stderr)
         return 1
     try:

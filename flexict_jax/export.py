@@ -16,6 +16,12 @@ trainer, optimizer or data pipeline) and the architecture from the checkpoint's 
   * --format=safetensors: `--out` is a directory with model.safetensors (the backbone state_dict, upstream
     names) and config.json (architecture, base/runtime patch sizes, RoPE settings, preprocessing, source).
     Any size. The periods are stored in the precision the model was trained with (config.json "rope").
+  * --kind=vlm (a stage-3 checkpoint): the upstream `{"model": {...}}` payload of torch-format §3.2 —
+    `logit_scale` (1,), `vision_model.<backbone>`, `vlm_vision_projection.weight`, `text_model.backbone.<Qwen3
+    key>`: 531 keys at the released size, loadable with `Flexi_CT_VLM_Module.load_state_dict(strict=True)`.
+    The safetensors variant holds the same keys, and config.json the text tower's Qwen3 config.
+    --params=recipe-vlm pairs the EMA-teacher backbone with the student's projection, text tower and logit
+    scale, as upstream's release does (recipe §8, §13 #16).
 
 The two patch embeddings are always both exported (every FlexiCT checkpoint carries both, torch-format §7.5);
 --kind picks the preprocessing recorded and which upstream wrapper the file is meant for. Files are written to
@@ -25,6 +31,7 @@ Exit status 0 on success, 1 on any error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -49,9 +56,13 @@ class ExportError(ValueError):
 
 
 def read_params(workdir: str | os.PathLike, step: int | None, which: str) -> tuple[dict, int, dict]:
-    """(params of the EMA teacher or the student, step, meta) of a checkpoint, read without the trainer."""
-    params, step, meta = checkpointing.read_subtree(workdir, PARAMS[which], step)
-    return params, step, meta
+    """(params, step, meta) of a checkpoint, read without the trainer: the EMA teacher, the student, or for
+    "recipe-vlm" the teacher's backbone with the rest (text tower, projection, logit scale) from the student."""
+    if which != "recipe-vlm":
+        return checkpointing.read_subtree(workdir, PARAMS[which], step)
+    teacher, step, meta = checkpointing.read_subtree(workdir, PARAMS["teacher"], step)
+    student, _, _ = checkpointing.read_subtree(workdir, PARAMS["student"], step)
+    return {**student, torch_format.BACKBONE: teacher[torch_format.BACKBONE]}, step, meta
 
 
 def architecture(meta: Mapping[str, Any], where: str) -> torch_format.Architecture:
@@ -62,11 +73,11 @@ def architecture(meta: Mapping[str, Any], where: str) -> torch_format.Architectu
 
 
 def safetensors_config(arch: torch_format.Architecture, *, kind: str, rope_bf16: bool, meta: Mapping[str, Any],
-                       source: Mapping[str, Any]) -> dict[str, Any]:
+                       source: Mapping[str, Any], text_tower: Any = None) -> dict[str, Any]:
     """config.json of a safetensors export: everything needed to rebuild and feed the model."""
     config = meta.get("config", {})
     runtime = sorted(set(config.get("patch_sizes", [arch.base_patch_size])))
-    return {
+    out = {
         "format": SAFETENSORS_FORMAT,
         "kind": kind,
         "architecture": arch.to_config(),
@@ -83,6 +94,13 @@ def safetensors_config(arch: torch_format.Architecture, *, kind: str, rope_bf16:
         "preprocessing": Preprocessing.preset(kind).to_json(),
         "source": dict(source),
     }
+    if text_tower is not None:
+        out["vision_language"] = {
+            "key_prefixes": {"vision": torch_format.VLM_VISION, "text": torch_format.VLM_TEXT},
+            "image_embedding": "normalize(vlm_vision_projection([cls, mean(patch)]))",
+            "text_tower": {"type": "Qwen3Model", **dataclasses.asdict(text_tower)},
+            "text_pooling": "last token (left padding)", "similarity": "exp(logit_scale) * image @ text.T"}
+    return out
 
 
 def _replace(tmp: pathlib.Path, out: pathlib.Path) -> None:
@@ -123,7 +141,10 @@ def write_safetensors(state: Mapping[str, np.ndarray], config: Mapping[str, Any]
     tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
     tmp.mkdir()
     try:
-        save_file(dict(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # safetensors.numpy writes the raw buffer of a non-contiguous array (a transposed view) as if it
+        # were C-ordered, so every array goes through ascontiguousarray.
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
         _replace(tmp, out)
     finally:
@@ -131,14 +152,17 @@ def write_safetensors(state: Mapping[str, np.ndarray], config: Mapping[str, Any]
 
 
 def export(workdir: str | os.PathLike, *, kind: str, fmt: str, out: str | os.PathLike, step: int | None = None,
-           params: str = "teacher", allow_custom_architecture: bool = False, overwrite: bool = False) -> pathlib.Path:
-    """Exports one checkpoint; returns the written path. Raises ExportError / FileNotFoundError / KeyError."""
+           params: str | None = None, allow_custom_architecture: bool = False, overwrite: bool = False
+           ) -> pathlib.Path:
+    """Exports one checkpoint; returns the written path. Raises ExportError / FileNotFoundError / KeyError.
+
+    params: None = "recipe-vlm" for kind "vlm" (stage 3's EMA teacher tracks the image side only, recipe §8),
+    else "teacher".
+    """
     out = pathlib.Path(out)
-    if kind == "vlm" or params == "recipe-vlm":
-        # The stage-3 model (flexict_jax/models/qwen3.py: text tower, vision projection, logit scale) does
-        # not exist yet, so there is nothing to map to the spec §3.2 keys.
-        raise ExportError("--kind=vlm / --params=recipe-vlm are not yet supported: this version has no stage-3 "
-                          "(vision-language) model to export")
+    params = params or ("recipe-vlm" if kind == "vlm" else "teacher")
+    if params == "recipe-vlm" and kind != "vlm":
+        raise ExportError("--params=recipe-vlm applies to --kind=vlm only")
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; pass --overwrite to replace it")
     if out.exists() and out.is_dir() != (fmt == "safetensors"):
@@ -147,22 +171,37 @@ def export(workdir: str | os.PathLike, *, kind: str, fmt: str, out: str | os.Pat
     if not out.parent.is_dir():
         raise ExportError(f"{out.parent} is not a directory")
     tree, step, meta = read_params(workdir, step, params)
-    arch = architecture(meta, str(workdir))
+    where = f"{workdir} step {step}"
+    arch = architecture(meta, where)
+    # The upstream .pth always carries upstream's bf16 periods; safetensors keeps the run's RoPE precision.
+    rope_bf16 = fmt == "flexict" or bool(meta["config"]["model"].get("rope_bf16", False))
+    try:
+        if kind == "vlm":
+            state = torch_format.vlm_to_torch(tree, arch, rope_bf16=rope_bf16)
+            text_tower = torch_format.text_tower_config(state)
+        else:
+            state = (torch_format.params_to_torch(tree, arch) if fmt == "flexict"
+                     else torch_format.backbone_to_torch(tree[torch_format.BACKBONE], arch, rope_bf16=rope_bf16))
+            text_tower = None
+    except torch_format.FormatError as e:
+        hint = ("; stage 3's EMA teacher holds the image side only: use --params=recipe-vlm or student"
+                if kind == "vlm" and params == "teacher" else "")
+        raise ExportError(f"{where} ({params}): {e}{hint}") from e
     if fmt == "flexict":
         differences = arch.upstream_differences()
+        if text_tower is not None and text_tower != torch_format.UPSTREAM_TEXT_TOWER:
+            differences.append(f"text tower {text_tower} (upstream: Qwen3-Embedding-0.6B)")
         if differences and not allow_custom_architecture:
-            raise ExportError(f"{workdir} step {step}: the upstream FlexiCT wrappers cannot build this backbone "
+            raise ExportError(f"{where}: the upstream FlexiCT wrappers cannot build this model "
                               f"({'; '.join(differences)}); use --format=safetensors, or "
                               f"--allow-custom-architecture for a .pth only flexict_jax.torch_reference can load")
-        write_pth({"teacher": torch_format.params_to_torch(tree, arch), "iteration": step}, out)
+        write_pth({"model" if kind == "vlm" else "teacher": state, "iteration": step}, out)
     else:
-        rope_bf16 = bool(meta["config"]["model"].get("rope_bf16", False))
-        config = safetensors_config(arch, kind=kind, rope_bf16=rope_bf16, meta=meta, source={
-            "workdir": str(workdir), "step": step, "params": params, "stage": meta.get("stage")})
-        write_safetensors(torch_format.backbone_to_torch(tree[torch_format.BACKBONE], arch, rope_bf16=rope_bf16),
-                          config, out)
-    if kind == "3d" and meta.get("stage") == "stage1":
-        print(f"export: warning: {workdir} is a stage-1 (2D) checkpoint; its 3D patch embedding was never trained",
+        write_safetensors(state, safetensors_config(
+            arch, kind=kind, rope_bf16=rope_bf16, meta=meta, text_tower=text_tower,
+            source={"workdir": str(workdir), "step": step, "params": params, "stage": meta.get("stage")}), out)
+    if kind != "2d" and meta.get("config", {}).get("data", {}).get("kind") == "slices2d":
+        print(f"export: warning: {workdir} was trained on 2D slices; its 3D patch embedding was never trained",
               file=sys.stderr)
     return out
 
@@ -176,9 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt",
                         help="flexict: upstream .pth payload; safetensors: directory with weights + config.json")
     parser.add_argument("--out", required=True, help="output .pth file (flexict) or directory (safetensors)")
-    parser.add_argument("--params", default="teacher", choices=sorted(PARAMS) + ["recipe-vlm"],
-                        help="teacher: the EMA teacher (default, what every stage hands on); student: the online "
-                             "weights; recipe-vlm: EMA vision + student projection/text tower (recipe §8)")
+    parser.add_argument("--params", default=None, choices=sorted(PARAMS) + ["recipe-vlm"],
+                        help="teacher: the EMA teacher (the default for 2d/3d, what every stage hands on); "
+                             "student: the online weights; recipe-vlm (the default for vlm): the EMA backbone with "
+                             "the student's projection, text tower and logit scale, as upstream's release "
+                             "(recipe §8)")
     parser.add_argument("--allow-custom-architecture", action="store_true",
                         help="--format=flexict for sizes the upstream wrappers cannot build")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -193,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ExportError, KeyError, ValueError, OSError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 1
-    print(f"export: {args.params} of {args.workdir} -> {out} ({args.fmt}, {args.kind})")
+    print(f"export: {args.workdir} -> {out} ({args.fmt}, {args.kind})")
     return 0
 
 

@@ -3,13 +3,16 @@
     python -m flexict_jax.import_torch --checkpoint=FILE.pth --kind={2d,3d,vlm} --workdir=DIR
 
 FILE.pth is a released 2D/3D file, `{"teacher": {"backbone.<key>": tensor, ["dino_head.*", "ibot_head.*"]},
-...}` (torch-format §1.4, §4), or our own `--format=flexict` export. Upstream training checkpoints are DCP
-directories: convert them with upstream's `convert_checkpoint.py` first (torch-format §7.11).
+...}` (torch-format §1.4, §4), a released VLM file, `{"model": {"vision_model.*", "vlm_vision_projection.weight",
+"text_model.backbone.*", "logit_scale"}}` (§3.2), or our own `--format=flexict` export. Upstream training
+checkpoints are DCP directories: convert them with upstream's `convert_checkpoint.py` first (§7.11).
 
 Writes a new workdir DIR with one checkpoint, `DIR/checkpoints/0/{state, meta}`:
   state = {"step": 0, "params": P, "teacher": P}, P = {"backbone", "dino_head", "ibot_head"} when the file
-  has heads, {"backbone"} otherwise (no optimizer state: a run started from it builds a fresh one);
-  meta  = {"stage": "imported", "kind", "source", "source_sha256", "config": {"model": {...}[, "heads"]}}.
+  has heads, {"backbone"} otherwise, and for a VLM {"backbone", "vision_projection", "logit_scale",
+  "text_tower"} (no optimizer state: a run started from it builds a fresh one);
+  meta  = {"stage": "imported", "kind", "source", "source_sha256", "config": {"model": {...}[, "heads"]
+  [, "text_tower"]}}.
 `--config.init.from=DIR` then continues pretraining from its teacher, and `python -m flexict_jax.export
 --workdir=DIR` exports it again. The model config says `rope_bf16: true`: the released weights were trained
 with upstream's bf16 RoPE, and reproducing their features needs it (torch-format §0).
@@ -23,6 +26,7 @@ Exit status 0 on success, 1 on any error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import pickle
@@ -80,20 +84,28 @@ def numpy_state(state: Any, path: pathlib.Path, what: str) -> dict[str, np.ndarr
 
 
 def convert(payload: Mapping[str, Any], path: pathlib.Path, kind: str, rope_base: float = 100.0
-            ) -> tuple[dict[str, Any], torch_format.Architecture]:
-    """(our params, architecture) of a released 2D/3D payload."""
-    if kind == "vlm":
-        # Needs the stage-3 model (Qwen3 text tower, vision projection, logit scale), not in this version.
-        raise TorchImportError("--kind=vlm is not yet supported: this version has no stage-3 (vision-language) model "
-                           "to import into")
-    if "teacher" not in payload:
-        raise TorchImportError(f"{path}: no 'teacher' entry (top-level keys: {sorted(map(str, payload))}); a released "
-                           f"2D/3D FlexiCT file is {{'teacher': {{'backbone.<key>': tensor, ...}}}}")
-    state = numpy_state(payload["teacher"], path, "'teacher'")
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(our params, the model config to record) of a released payload of `kind`."""
+    entry = "model" if kind == "vlm" else "teacher"
+    if entry not in payload:
+        layout = ("{'model': {'vision_model.<key>': tensor, ...}}" if kind == "vlm"
+                  else "{'teacher': {'backbone.<key>': tensor, ...}}")
+        raise TorchImportError(f"{path}: no {entry!r} entry (top-level keys: {sorted(map(str, payload))}); a "
+                               f"released {kind} FlexiCT file is {layout}")
+    state = numpy_state(payload[entry], path, repr(entry))
     try:
-        return torch_format.params_from_torch(state, rope_base=rope_base)
+        if kind == "vlm":
+            params, arch, text_tower = torch_format.vlm_from_torch(state, rope_base=rope_base)
+        else:
+            params, arch = torch_format.params_from_torch(state, rope_base=rope_base)
     except torch_format.FormatError as e:
         raise TorchImportError(f"{path}: {e}") from e
+    config: dict[str, Any] = {"model": {**arch.to_config(), "rope_bf16": True}}
+    if torch_format.DINO_HEAD in params:
+        config["heads"] = torch_format.head_config(params[torch_format.DINO_HEAD])
+    if kind == "vlm":
+        config["text_tower"] = dataclasses.asdict(text_tower)
+    return params, config
 
 
 def _check_new_workdir(workdir: pathlib.Path) -> None:
@@ -101,7 +113,7 @@ def _check_new_workdir(workdir: pathlib.Path) -> None:
         raise TorchImportError(f"{workdir} exists and is not an empty directory; import into a new --workdir")
 
 
-def write_workdir(workdir: pathlib.Path, params: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+def write_workdir(workdir: pathlib.Path, state: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
     """DIR/checkpoints/0/{state, meta}, written in a temporary directory beside DIR and renamed into place."""
     _check_new_workdir(workdir)
     workdir.parent.mkdir(parents=True, exist_ok=True)
@@ -111,8 +123,7 @@ def write_workdir(workdir: pathlib.Path, params: Mapping[str, Any], meta: Mappin
         manager = ocp.CheckpointManager(
             tmp / "checkpoints", options=ocp.CheckpointManagerOptions(create=True),
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
-        state = {"step": np.zeros((), np.int32), "params": params, "teacher": params}
-        manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(dict(state)),
                                                 meta=ocp.args.JsonSave(dict(meta))), force=True)
         manager.wait_until_finished()
         manager.close()
@@ -131,15 +142,12 @@ def import_checkpoint(checkpoint: str | os.PathLike, *, kind: str, workdir: str 
         raise TorchImportError(f"unknown --kind {kind!r}; expected one of {KINDS}")
     _check_new_workdir(workdir)  # before reading a large file
     payload = load_payload(path, allow_pickle)
-    params, arch = convert(payload, path, kind, rope_base)
-    config: dict[str, Any] = {"model": {**arch.to_config(), "rope_bf16": True}}
-    if torch_format.DINO_HEAD in params:
-        config["heads"] = torch_format.head_config(params[torch_format.DINO_HEAD])
+    params, config = convert(payload, path, kind, rope_base)
     meta = {"stage": "imported", "kind": kind, "source": str(path.resolve()), "source_sha256": file_sha256(path),
             "config": config}
     if isinstance(payload.get("iteration"), int):
         meta["source_iteration"] = payload["iteration"]
-    write_workdir(workdir, params, meta)
+    write_workdir(workdir, {"step": np.zeros((), np.int32), "params": params, "teacher": params}, meta)
     return meta
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from flexict_jax.models import rope
+from flexict_jax.models import qwen3, rope
 
 BACKBONE, DINO_HEAD, IBOT_HEAD = "backbone", "dino_head", "ibot_head"
 HEADS = (DINO_HEAD, IBOT_HEAD)
@@ -169,7 +169,11 @@ def _get(tree: Mapping[str, Any], path: tuple[str, ...], where: str) -> np.ndarr
         if not isinstance(node, Mapping) or name not in node:
             raise KeyError(f"{where}: no parameter {'/'.join(path[:i + 1])}")
         node = node[name]
-    return np.asarray(node)
+    value = np.asarray(node)
+    if not np.all(np.isfinite(value)):
+        raise FormatError(f"{where}: parameter {'/'.join(path)} has "
+                          f"{value.size - np.count_nonzero(np.isfinite(value))} NaN/inf values")
+    return value
 
 
 def backbone_to_torch(backbone: Mapping[str, Any], arch: Architecture, *, rope_bf16: bool = True
@@ -263,7 +267,10 @@ def _float32(value: Any, key: str) -> np.ndarray:
     array = np.asarray(value)
     if not (np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16):
         raise FormatError(f"key {key} has dtype {array.dtype}, expected a floating-point tensor")
-    return array.astype(np.float32)
+    array = array.astype(np.float32)
+    if not np.all(np.isfinite(array)):
+        raise FormatError(f"key {key} has {array.size - np.count_nonzero(np.isfinite(array))} NaN/inf values")
+    return array
 
 
 def backbone_from_torch(state: Mapping[str, Any], *, rope_base: float = 100.0, rope_bf16: bool = True,
@@ -340,3 +347,87 @@ def params_from_torch(state: Mapping[str, Any], *, rope_base: float = 100.0
             raise FormatError(f"key {name}.mlp.0.weight has input width "
                               f"{np.shape(params[name]['mlp']['fc1']['kernel'])[0]}, the backbone's is {arch.dim}")
     return params, arch
+
+
+# --- the vision-language model (stage 3) ------------------------------------------------------------------------
+# Upstream `Flexi_CT_VLM_Module` state_dict (torch-format §3.2): logit_scale (1,), vision_model.<backbone>,
+# vlm_vision_projection.weight (E, 2·dim), text_model.backbone.<Qwen3Model key>; 531 keys at the released size.
+# Ours: {"backbone", "vision_projection": {"kernel" (2·dim, E)}, "logit_scale" (), "text_tower": {...}}.
+
+VLM_LOGIT_SCALE, VLM_PROJECTION = "logit_scale", "vlm_vision_projection.weight"
+VLM_VISION, VLM_TEXT = "vision_model.", "text_model.backbone."
+VLM_PARTS = ("vision_projection", "logit_scale", "text_tower")
+UPSTREAM_TEXT_TOWER = qwen3.Qwen3Config()  # Qwen3-Embedding-0.6B
+UPSTREAM_EMBED_DIM = 1024
+
+
+def vlm_to_torch(params: Mapping[str, Any], arch: Architecture, *, rope_bf16: bool = True) -> dict[str, np.ndarray]:
+    """Our stage-3 params -> the upstream VLM state_dict (`{"model": ...}` payload), in upstream key order.
+
+    Upstream's VLM has no text projection (text width = embedding width) and no logit bias (CLIP), so params
+    with either are refused rather than silently dropped.
+    """
+    missing = [part for part in (BACKBONE,) + VLM_PARTS if part not in params]
+    if missing:
+        raise FormatError(f"no {missing[0]!r} in the parameters (they have {sorted(params)}): not a stage-3 "
+                          f"vision-language checkpoint")
+    for part, reason in (("text_projection", "text projection (its text width is the embedding width)"),
+                         ("logit_bias", "logit bias (it is CLIP, not SigLIP)")):
+        if params.get(part) is not None:
+            raise FormatError(f"the parameters have {part!r}: upstream's VLM has no {reason}")
+    scale = _get(params, ("logit_scale",), "vlm")
+    state = {VLM_LOGIT_SCALE: np.asarray(scale, np.float32).reshape(1)}  # a (1,) Parameter upstream (§7.9)
+    state.update({VLM_VISION + k: v for k, v in backbone_to_torch(params[BACKBONE], arch, rope_bf16=rope_bf16).items()})
+    state[VLM_PROJECTION] = _Entry((), VLM_PROJECTION, _LINEAR).export(
+        _get(params, ("vision_projection", "kernel"), "vlm"))
+    for key, value in qwen3.params_to_hf_state_dict(params["text_tower"]).items():
+        if not np.all(np.isfinite(value)):
+            raise FormatError(f"text_tower: parameter {key} has NaN/inf values")
+        state[VLM_TEXT + key] = np.ascontiguousarray(value, dtype=np.float32)
+    return state
+
+
+def text_tower_config(state: Mapping[str, Any], prefix: str = VLM_TEXT) -> qwen3.Qwen3Config:
+    """The Qwen3 architecture implied by the `prefix`+`Qwen3Model` keys of `state`. RMSNorm eps and RoPE θ
+    are not in the weights: they keep Qwen3-Embedding-0.6B's values (1e-6, 1e6)."""
+    vocab, hidden = _shape_of(state, prefix + "embed_tokens.weight", "")
+    head_dim = _shape_of(state, prefix + "layers.0.self_attn.q_norm.weight", "")[0]
+    layers = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k))}
+    return dataclasses.replace(
+        UPSTREAM_TEXT_TOWER, vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=_shape_of(state, prefix + "layers.0.mlp.gate_proj.weight", "")[0],
+        num_hidden_layers=max(layers) + 1, head_dim=head_dim,
+        num_attention_heads=_shape_of(state, prefix + "layers.0.self_attn.q_proj.weight", "")[0] // head_dim,
+        num_key_value_heads=_shape_of(state, prefix + "layers.0.self_attn.k_proj.weight", "")[0] // head_dim)
+
+
+def vlm_from_torch(state: Mapping[str, Any], *, rope_base: float = 100.0
+                   ) -> tuple[dict[str, Any], Architecture, qwen3.Qwen3Config]:
+    """An upstream VLM state_dict -> (our stage-3 params, backbone architecture, text tower config)."""
+    vision, text = {}, {}
+    for key, value in state.items():
+        if key.startswith(VLM_VISION):
+            vision[key[len(VLM_VISION):]] = value
+        elif key.startswith(VLM_TEXT):
+            text[key[len(VLM_TEXT):]] = value
+        elif key not in (VLM_LOGIT_SCALE, VLM_PROJECTION):
+            raise FormatError(f"unexpected key {key}: expected logit_scale, {VLM_PROJECTION}, {VLM_VISION}* and "
+                              f"{VLM_TEXT}* keys")
+    if not vision:
+        raise FormatError(f"missing key {VLM_VISION}cls_token: the payload has no {VLM_VISION}* keys")
+    backbone, arch = backbone_from_torch(vision, rope_base=rope_base, prefix=VLM_VISION)
+    config = text_tower_config(state)
+    for key in (VLM_LOGIT_SCALE, VLM_PROJECTION):
+        _shape_of(state, key, "")
+    _check_shapes(state, {VLM_LOGIT_SCALE: (1,), VLM_PROJECTION: (config.hidden_size, 2 * arch.dim)}, "")
+    try:
+        tower = qwen3.hf_state_dict_to_params({k: _float32(v, VLM_TEXT + k) for k, v in text.items()}, config,
+                                              source=f"{VLM_TEXT}*")
+    except ValueError as e:
+        raise FormatError(str(e)) from e
+    params = {BACKBONE: backbone,
+              "vision_projection": {"kernel": _Entry((), VLM_PROJECTION, _LINEAR).load(
+                  _float32(state[VLM_PROJECTION], VLM_PROJECTION))},
+              "logit_scale": _float32(state[VLM_LOGIT_SCALE], VLM_LOGIT_SCALE).reshape(()),
+              "text_tower": tower}
+    return params, arch, config

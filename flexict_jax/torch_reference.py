@@ -1,6 +1,6 @@
 """A compact PyTorch reference of the FlexiCT backbone forward (eval mode), for PyTorch users and parity tests.
 
-Self-contained: it imports only torch (and safetensors to read a safetensors export), so the file can be
+Self-contained: it imports only torch and numpy (and safetensors to read a safetensors export), so the file can be
 copied into any PyTorch project. Module and parameter names are upstream's (`Flexi_CT_Backbone`,
 torch-format §1.2), so an upstream `.pth` loads into it with `load_state_dict(strict=True)`, and so does our
 export. Semantics reproduced (torch-format §2): [CLS, storage, patches] tokens; FlexiViT PI-resize of the
@@ -12,7 +12,7 @@ It has no drop path, so `.train()` changes nothing: it is the eval-mode forward.
     from flexict_jax.torch_reference import load_pth, load_safetensors
     model = load_pth("FlexiCT_2D.pth")              # upstream payload {"teacher": {"backbone.*": ...}}
     out = model(x)                                   # x [B, 1, H, W] or [B, 1, D, H, W], z-scored HU
-    out["x_norm_clstoken"], out["x_norm_patchtokens"]
+    out["cls_token"], out["patch_tokens"]            # [B, dim], [B, N, dim]; forward_features: all outputs
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import math
 import pathlib
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -140,8 +141,9 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, hidden: int):
         super().__init__()
-        self.norm1, self.attn, self.ls1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS), Attention(dim, num_heads), LayerScale(dim)
-        self.norm2, self.mlp, self.ls2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS), Mlp(dim, hidden), LayerScale(dim)
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=LAYER_NORM_EPS), Attention(dim, num_heads)
+        self.ls1, self.norm2 = LayerScale(dim), nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.mlp, self.ls2 = Mlp(dim, hidden), LayerScale(dim)
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
         x = x + self.ls1(self.attn(self.norm1(x), sin, cos))
@@ -207,36 +209,41 @@ def backbone_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     raise KeyError(f"not a FlexiCT checkpoint: no 'teacher' or 'model' entry (top-level keys {sorted(checkpoint)})")
 
 
-def load_pth(path: str | pathlib.Path, **architecture: Any) -> FlexiCTBackbone:
-    """A FlexiCT `.pth` (released or exported) as an eval-mode backbone; `architecture` overrides the
-    defaults for exports of other sizes (their config is printed by `python -m flexict_jax.export`)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+def load_pth(path: str | pathlib.Path, *, weights_only: bool = True, **architecture: Any) -> FlexiCTBackbone:
+    """A FlexiCT `.pth` (released or exported) as an eval-mode backbone.
+
+    architecture: FlexiCTBackbone arguments for files of another size (`--allow-custom-architecture`).
+    weights_only: False unpickles arbitrary objects, i.e. runs code from the file: trusted files only.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
     model = FlexiCTBackbone(**architecture)
     model.load_state_dict(backbone_state_dict(checkpoint), strict=True)
     return model.eval()
 
 
 def load_safetensors(directory: str | pathlib.Path) -> tuple[FlexiCTBackbone, dict[str, Any]]:
-    """A `--format=safetensors` export (model.safetensors + config.json) as (eval-mode backbone, config)."""
+    """A `--format=safetensors` export (model.safetensors + config.json) as (eval-mode backbone, config);
+    for a VLM export, its vision backbone."""
     from safetensors.torch import load_file
 
     directory = pathlib.Path(directory)
     config = json.loads((directory / SAFETENSORS_CONFIG).read_text())
     model = FlexiCTBackbone(**config["architecture"], rope_dtype=ROPE_DTYPES[config["rope"]["dtype"]])
-    model.load_state_dict(load_file(directory / SAFETENSORS_WEIGHTS), strict=True)
+    state = load_file(directory / SAFETENSORS_WEIGHTS)
+    if config["kind"] == "vlm":  # the vision tower of a VLM export; the text tower is a Hugging Face Qwen3Model
+        state = backbone_state_dict({"model": state})
+    model.load_state_dict(state, strict=True)
     return model.eval(), config
 
 
-def to_torch(array: Any) -> torch.Tensor:
+def to_torch(array: np.ndarray) -> torch.Tensor:
     """A numpy array (bf16 from ml_dtypes included) as a contiguous, writable tensor of the same dtype."""
-    import numpy as np
-
     if array.dtype.name == "bfloat16":  # ml_dtypes: reinterpret the 16-bit payload
         return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16).copy()).view(torch.bfloat16)
     return torch.from_numpy(np.array(array, copy=True, order="C"))
 
 
-def to_numpy(tensor: torch.Tensor) -> Any:
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """A tensor as numpy; bf16 and fp16 become float32 (exact)."""
     tensor = tensor.detach().cpu()
     return (tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor).numpy()

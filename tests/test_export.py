@@ -43,10 +43,11 @@ def run(tmp_path_factory) -> pathlib.Path:
     config.data.dir = str(root / "slices")
     config.total_steps = 2
     config.ckpt.every_steps = 1
-    config.patch_sizes, config.patch_size_probs = (8,), (1.0,)  # one compiled step
     workdir = root / "run"
     assert trainer.train(config, str(workdir)) == 0
     assert checkpointing.latest_step(workdir) == 2
+    teacher, _, _ = checkpointing.read_subtree(workdir, "teacher")
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(teacher)), "the tiny run diverged"
     return workdir
 
 
@@ -132,7 +133,7 @@ def test_safetensors_export_config_and_parity(run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flexict_tiny_3d"]  # no temporary left
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == torch_format.Architecture(**TINY_ARCH).to_config()
-    assert config["kind"] == "3d" and config["patch_size"]["base"] == 8 and config["patch_size"]["runtime"] == [8]
+    assert config["kind"] == "3d" and config["patch_size"]["base"] == 8 and config["patch_size"]["runtime"] == [8, 16]
     assert config["rope"]["dtype"] == "float32" and config["rope"]["base"] == 100.0  # what the run trained with
     assert config["preprocessing"] == {"kind": "3d", "spacing_mm": [2.0, 2.0, 2.0], "crop": 160,
                                        "orientation": "LPS", "hu_window": [-1000.0, 1000.0],
@@ -180,9 +181,11 @@ def test_existing_output_is_kept_unless_overwrite(run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--kind", "vlm", "--format", "flexict"], "--kind=vlm / --params=recipe-vlm are not yet supported"),
+    (["--kind", "vlm", "--format", "flexict", "--params", "teacher"],
+     "no 'vision_projection' in the parameters"),
+    (["--kind", "2d", "--format", "flexict", "--params", "recipe-vlm"], "applies to --kind=vlm only"),
     (["--kind", "2d", "--format", "safetensors", "--step", "7"], "no checkpoint state"),
-], ids=["vlm", "missing-step"])
+], ids=["vlm-of-stage1", "recipe-vlm-2d", "missing-step"])
 def test_clear_errors(run, tmp_path, capsys, argv, message):
     assert _cli(export.main, ["--workdir", str(run), "--out", str(tmp_path / "x"), *argv]) == 1
     assert message in capsys.readouterr().err
@@ -234,6 +237,26 @@ def test_import_round_trip_is_bitwise_and_exports_again(run, pth, tmp_path):
     with torch.no_grad():
         out = torch_reference.load_pth(pth, **TINY_ARCH)(torch.from_numpy(x)[:, None])
     _assert_close(_cls_and_patch(loaded.model, x)[0], out["cls_token"].numpy())
+
+
+def test_imported_workdir_is_a_training_hand_off_source(run, pth, tmp_path):
+    """`--config.init.from_workdir=IMPORTED` (mode "continue") starts from the file's teacher and heads: the
+    trainer's hand-off (no train step compiled: that part is the trainer's own tests)."""
+    from flexict_jax import sharding
+
+    imported = tmp_path / "imported"
+    import_torch.import_checkpoint(pth, kind="2d", workdir=imported)
+    config = stage1.get_config("tiny")
+    config.data.dir = str(run.parent / "slices")
+    config.init.from_workdir, config.init.mode = str(imported), "continue"
+    mesh = sharding.make_mesh(config.mesh)
+    with sharding.activate(mesh, config.sharding_rules):
+        state, record = trainer.handoff_state(config, trainer.build_program(config, mesh))
+    assert record["from_stage"] == "imported" and record["step"] == 0
+    source, _, _ = checkpointing.read_subtree(imported, "teacher")
+    for name in ("params", "teacher"):
+        a, b = _leaves(source), _leaves(jax.device_get(state[name]))
+        assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a), name
 
 
 def test_import_backbone_only_file(run, pth, tmp_path):
@@ -293,7 +316,7 @@ def test_truncated_file(pth, tmp_path, capsys):
     assert "cannot read, truncated or not a PyTorch checkpoint" in capsys.readouterr().err
 
 
-def test_import_refuses_a_non_empty_workdir_and_vlm(pth, tmp_path, capsys):
+def test_import_refuses_a_non_empty_workdir_and_a_wrong_kind(pth, tmp_path, capsys):
     workdir = tmp_path / "w"
     workdir.mkdir()
     (workdir / "notes.txt").write_text("keep me")
@@ -302,7 +325,7 @@ def test_import_refuses_a_non_empty_workdir_and_vlm(pth, tmp_path, capsys):
     assert [p.name for p in workdir.iterdir()] == ["notes.txt"]
     assert _cli(import_torch.main, ["--checkpoint", str(pth), "--kind", "vlm", "--workdir",
                                     str(tmp_path / "v")]) == 1
-    assert "--kind=vlm is not yet supported" in capsys.readouterr().err
+    assert "no 'model' entry" in capsys.readouterr().err
 
 
 def test_periods_written_by_export_are_bf16_bit_patterns():
@@ -311,3 +334,88 @@ def test_periods_written_by_export_are_bf16_bit_patterns():
     assert values.dtype == ml_dtypes.bfloat16
     tensor = torch_reference.to_torch(values)
     assert tensor.dtype == torch.bfloat16 and tensor.float().numpy().tolist() == values.astype(np.float32).tolist()
+
+
+# --- the VLM (stage 3) ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vlm_pth(tmp_path_factory) -> tuple[pathlib.Path, dict]:
+    """A tiny released-style VLM file, {"model": {...}}, and the params it holds."""
+    from flax import nnx
+
+    from flexict_jax.models import qwen3
+    from flexict_jax.models.vit import VisionTransformer
+    from flexict_jax.models.vlm import VisionLanguageHead
+
+    arch = torch_format.Architecture(**TINY_ARCH)
+    text = qwen3.Qwen3Config(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    rngs = nnx.Rngs(0)
+    model = {"backbone": VisionTransformer(**arch.to_config(), layerscale_init=0.5, rngs=rngs),
+             "head": VisionLanguageHead(qwen3.qwen3_encoder(text, rngs=rngs), vision_width=arch.dim, rngs=rngs)}
+    state = jax.tree.map(np.asarray, {name: nnx.to_pure_dict(nnx.state(m, nnx.Param)) for name, m in model.items()})
+    params = {"backbone": state["backbone"], **state["head"]}
+    path = tmp_path_factory.mktemp("vlm") / "FlexiCT_VLM_tiny.pth"
+    export.write_pth({"model": torch_format.vlm_to_torch(params, arch)}, path)
+    return path, params
+
+
+def test_vlm_import_and_export_round_trip(vlm_pth, tmp_path):
+    path, params = vlm_pth
+    workdir = tmp_path / "vlm_run"
+    assert _cli(import_torch.main, ["--checkpoint", str(path), "--kind", "vlm", "--workdir", str(workdir)]) == 0
+    teacher, _, meta = checkpointing.read_subtree(workdir, "teacher")
+    assert sorted(teacher) == ["backbone", "logit_scale", "text_tower", "vision_projection"]
+    a, b = _leaves(params), _leaves(teacher)
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert meta["kind"] == "vlm" and meta["config"]["text_tower"]["num_hidden_layers"] == 2
+    # Upstream-format export: refused at this size, then written with every key bit-identical to the source.
+    out = tmp_path / "again.pth"
+    argv = ["--workdir", str(workdir), "--kind", "vlm", "--format", "flexict", "--out", str(out)]
+    assert _cli(export.main, argv) == 1
+    assert _cli(export.main, argv + ["--allow-custom-architecture"]) == 0
+    first, second = (torch.load(p, weights_only=True)["model"] for p in (path, out))
+    assert list(first) == list(second) and all(torch.equal(first[k], second[k]) for k in first)
+    assert second["logit_scale"].shape == (1,) and second["vision_model.rope_embed_3D.periods"].dtype == torch.bfloat16
+    # safetensors: the same keys, the text tower's config, and the vision tower loads into the reference.
+    st = tmp_path / "vlm_st"
+    assert _cli(export.main, ["--workdir", str(workdir), "--kind", "vlm", "--format", "safetensors",
+                              "--out", str(st)]) == 0
+    config = json.loads((st / "config.json").read_text())
+    assert config["vision_language"]["text_tower"]["hidden_size"] == 16
+    assert config["preprocessing"]["crop"] == 160 and config["rope"]["dtype"] == "bfloat16"
+    reference, _ = torch_reference.load_safetensors(st)
+    x = np.random.default_rng(3).normal(size=(1, 16, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        cls = reference(torch.from_numpy(x)[:, None])["cls_token"].numpy()
+    _assert_close(_cls_and_patch(embed.load_backbone(st).model, x)[0], cls)
+
+
+def test_recipe_vlm_pairs_the_teacher_backbone_with_the_student_text_tower(vlm_pth, tmp_path, capsys):
+    """A stage-3 state: the EMA teacher tracks the image side only (recipe §8), the student has everything."""
+    _, params = vlm_pth
+    student = jax.tree.map(lambda a: a + np.float32(1.0), params)
+    workdir = tmp_path / "stage3"
+    meta = {"stage": "stage3", "config": {"model": {**torch_format.Architecture(**TINY_ARCH).to_config(),
+                                                    "rope_bf16": False}}}
+    import_torch.write_workdir(workdir, {"step": np.int32(5), "params": student,
+                                         "teacher": {"backbone": params["backbone"]}}, meta)
+    exported = {}
+    for which in ("teacher", "student", "recipe-vlm", "default"):
+        out = tmp_path / f"{which}.pth"
+        code = _cli(export.main, ["--workdir", str(workdir), "--kind", "vlm", "--format", "flexict", "--out",
+                                  str(out), "--allow-custom-architecture"]
+                    + ([] if which == "default" else ["--params", which]))
+        if which == "teacher":
+            assert code == 1 and "use --params=recipe-vlm" in capsys.readouterr().err
+            continue
+        assert code == 0
+        exported[which] = torch.load(out, weights_only=True)["model"]
+    vision, text = "vision_model.blocks.0.attn.qkv.weight", "text_model.backbone.layers.0.mlp.up_proj.weight"
+    mixed, student_sd = exported["recipe-vlm"], exported["student"]
+    assert all(torch.equal(mixed[k], exported["default"][k]) for k in mixed)
+    np.testing.assert_array_equal(mixed[vision].numpy(),
+                                  params["backbone"]["blocks"][0]["attn"]["qkv"]["kernel"].T)
+    assert not torch.equal(mixed[vision], student_sd[vision])
+    for key in (text, "vlm_vision_projection.weight", "logit_scale"):
+        assert torch.equal(mixed[key], student_sd[key])

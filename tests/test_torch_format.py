@@ -207,3 +207,102 @@ def test_other_rope_base_is_refused_unless_declared(tiny_payload):
     with pytest.raises(torch_format.FormatError, match="rope_embed_2D.periods.*base 100.0"):
         torch_format.params_from_torch(state)
     assert torch_format.params_from_torch(state, rope_base=1000.0)[1] == arch
+
+
+def test_non_finite_values_are_refused_both_ways(tiny_payload):
+    params = random_params(TINY, heads=True)
+    params["backbone"]["blocks"][1]["attn"]["proj"]["kernel"][3, 4] = np.nan
+    with pytest.raises(torch_format.FormatError, match="parameter blocks/1/attn/proj/kernel has 1 NaN/inf"):
+        torch_format.params_to_torch(params, TINY)
+    tiny_payload["backbone.mask_token"] = np.full((1, 48), np.inf, np.float32)  # would poison every CLS (§2.2)
+    with pytest.raises(torch_format.FormatError, match="key backbone.mask_token has 48 NaN/inf values"):
+        torch_format.params_from_torch(tiny_payload)
+
+
+# --- the VLM payload (torch-format §3.2) ------------------------------------------------------------------------
+
+def random_vlm_params(arch: torch_format.Architecture, text: "qwen3.Qwen3Config", seed: int = 0) -> dict:
+    """Stage-3 params: backbone + VisionLanguageHead(text tower, projection, logit scale), random values."""
+    from flexict_jax.models import qwen3
+    from flexict_jax.models.vlm import VisionLanguageHead
+
+    head = nnx.eval_shape(lambda: VisionLanguageHead(qwen3.qwen3_encoder(text, rngs=nnx.Rngs(0)),
+                                                     vision_width=arch.dim, rngs=nnx.Rngs(0)))
+    params = {"backbone": random_params(arch, heads=False, seed=seed)["backbone"],
+              **nnx.to_pure_dict(nnx.state(head, nnx.Param))}
+    rng = np.random.default_rng(seed + 1)
+    return {**jax.tree.map(lambda a: rng.normal(size=np.shape(a)).astype(np.float32), params),
+            "backbone": params["backbone"]}
+
+
+def tiny_text(layers: int = 2):
+    from flexict_jax.models import qwen3
+    # head_dim 8 with 4 query / 2 KV heads on a width of 16: k_proj and v_proj are square (16 x 16), as
+    # upstream's 1024 x 1024 (§7.3).
+    return qwen3.Qwen3Config(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+
+
+def spec_vlm_keys(depth: int, layers: int) -> list[str]:
+    text = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm",
+            "self_attn.k_norm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
+            "post_attention_layernorm"]
+    backbone = list(torch_format.backbone_entries(depth))
+    vision = sorted([e.key for e in backbone] + list(torch_format.PERIODS_KEYS.values()))
+    return sorted(["logit_scale", "vlm_vision_projection.weight", "text_model.backbone.embed_tokens.weight",
+                   "text_model.backbone.norm.weight"] + [f"vision_model.{k}" for k in vision]
+                  + [f"text_model.backbone.layers.{i}.{name}.weight" for i in range(layers) for name in text])
+
+
+def test_vlm_key_set_at_the_released_depths_is_the_531_upstream_keys():
+    """Depths 16 (vision) and 28 (text) give upstream's 531 keys; names do not depend on the widths."""
+    arch = torch_format.Architecture(dim=48, depth=16, num_heads=2)
+    state = torch_format.vlm_to_torch(random_vlm_params(arch, tiny_text(layers=28)), arch)
+    assert len(state) == 531
+    assert sorted(state) == spec_vlm_keys(16, 28)
+    assert list(state)[:2] == ["logit_scale", "vision_model.cls_token"]
+    assert state["logit_scale"].shape == (1,) and state["vlm_vision_projection.weight"].shape == (16, 96)
+    assert "text_model.backbone.rotary_emb.inv_freq" not in state and not any("lm_head" in k for k in state)
+
+
+def test_vlm_round_trip_is_bitwise_and_layouts_are_torch():
+    text = tiny_text()
+    params = random_vlm_params(TINY, text)
+    state = torch_format.vlm_to_torch(params, TINY)
+    np.testing.assert_array_equal(state["vlm_vision_projection.weight"], params["vision_projection"]["kernel"].T)
+    layer = params["text_tower"]["layers"][1]
+    k_proj = state["text_model.backbone.layers.1.self_attn.k_proj.weight"]
+    assert k_proj.shape == (16, 16)  # square: only the transpose convention tells the layouts apart
+    np.testing.assert_array_equal(k_proj, layer["self_attn"]["k_proj"]["kernel"].T)
+    restored, arch, config = torch_format.vlm_from_torch(through_torch(state))
+    assert arch == TINY and config == text
+    original, back = _leaves(params), _leaves(restored)
+    assert sorted(original) == sorted(back)
+    for key, value in original.items():
+        assert back[key].dtype == np.float32 and back[key].shape == np.shape(value), key
+        np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+def test_vlm_errors_name_the_key():
+    text = tiny_text()
+    params = random_vlm_params(TINY, text)
+    state = torch_format.vlm_to_torch(params, TINY)
+    cases = [
+        ({k: v for k, v in state.items() if k != "logit_scale"}, "missing key logit_scale"),
+        ({**state, "logit_scale": np.zeros((), np.float32)}, "key logit_scale has shape (), expected (1,)"),
+        ({**state, "text_model.projection.weight": np.zeros((16, 16), np.float32)},
+         "unexpected key text_model.projection.weight"),
+        ({k: v for k, v in state.items() if k != "vision_model.norm.bias"}, "missing key vision_model.norm.bias"),
+        ({k: v for k, v in state.items() if k != "text_model.backbone.layers.1.mlp.up_proj.weight"},
+         "layers.1.mlp.up_proj.weight"),
+        ({k: v for k, v in state.items() if not k.startswith("text_model.")},
+         "missing key text_model.backbone.embed_tokens.weight"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(torch_format.FormatError) as error:
+            torch_format.vlm_from_torch(bad)
+        assert message in str(error.value)
+    with pytest.raises(torch_format.FormatError, match="upstream's VLM has no logit bias"):
+        torch_format.vlm_to_torch({**params, "logit_bias": np.float32(-10.0)}, TINY)
+    with pytest.raises(torch_format.FormatError, match="no 'text_tower'"):
+        torch_format.vlm_to_torch({k: v for k, v in params.items() if k != "text_tower"}, TINY)
