@@ -6,10 +6,7 @@ Writes synthetic 384-px int16 HU slices to a temporary slices dir, then measures
   * the Grain pipeline with N worker processes (after their start-up),
 each with `--read-threads` threads per process, and prints one JSON line (also written to `--out`).
 Rates are steady-state: the per-process resize-matrix caches are warmed and worker start-up is excluded.
-
-BLAS runs single-threaded unless OPENBLAS_NUM_THREADS / OMP_NUM_THREADS say otherwise: the crop resizes are
-small matrix products, and multi-threaded BLAS inside every data process oversubscribes the cores (measured
-here: 0.9 ms -> 1.7 ms per 256-px crop with 2 BLAS threads on 2 busy cores). Spawned Grain workers inherit it.
+BLAS runs single-threaded unless OPENBLAS_NUM_THREADS / OMP_NUM_THREADS say otherwise (bench/common.py says why).
 
     python bench/bench_pipeline2d.py --workers 4 --out pipeline2d.json
 """
@@ -18,16 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 
-# Before numpy loads OpenBLAS (see the module docstring).
-os.environ.setdefault("OPENBLAS_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+import common  # bench/common.py: this script's folder is first on sys.path
+
+common.single_threaded_blas()  # before numpy loads OpenBLAS
 
 import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
 from array_record.python.array_record_module import ArrayRecordWriter  # noqa: E402
 
 from configs import stage1  # noqa: E402
@@ -36,21 +32,15 @@ from flexict_jax.progress import Progress  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--workers", type=int, default=2, help="Grain worker processes for the N-worker run")
     parser.add_argument("--batch-size", type=int, default=16, help="per-process batch size")
     parser.add_argument("--batches", type=int, default=8, help="timed batches per pipeline run")
     parser.add_argument("--records", type=int, default=64, help="synthetic slice records to write")
     parser.add_argument("--slice-size", type=int, default=384, help="slice side in pixels (recipe §5: 384)")
     parser.add_argument("--read-threads", type=int, default=1, help="Grain read threads per process")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="also write the JSON result to this file")
-    args = parser.parse_args(argv)
-    for name in ("workers", "batch_size", "batches", "records", "slice_size", "read_threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    return args
+    return common.parse_args(parser, argv, ("workers", "batch_size", "batches", "records", "slice_size",
+                                            "read_threads"))
 
 
 def write_synthetic_slices(path: str, num_records: int, size: int) -> None:
@@ -92,23 +82,12 @@ def time_transform(data, args, progress: Progress) -> float:
 def time_pipeline(data, args, progress: Progress, note: str) -> float:
     """samples/s of the Grain pipeline after a warm-up of two batches per process (start-up, caches)."""
     it = iter(pipeline.build_stage1_dataset(data, seed=args.seed, batch_size=args.batch_size, patch_sizes=(16, 8)))
-    try:
-        for _ in range(2 * max(1, data.num_workers)):
-            next(it)
-            progress.advance(args.batch_size, f"{note} warm-up")
-        start = time.perf_counter()
-        for _ in range(args.batches):
-            next(it)
-            progress.advance(args.batch_size, note)
-        return args.batches * args.batch_size / (time.perf_counter() - start)
-    finally:
-        it.close()
+    return common.time_batches(it, args.batch_size, 2 * max(1, data.num_workers), args.batches, progress, note)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not flags.FLAGS.is_parsed():  # Grain workers read absl flags (google/grain#1360)
-        flags.FLAGS.mark_as_parsed()
+    common.mark_flags_parsed()
     per_run = args.batches * args.batch_size
     warmup = 2 * (1 + args.workers) * args.batch_size
     progress = Progress(2 * per_run + 2 * per_run + warmup, "bench_pipeline2d")
@@ -128,14 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         local_crops=f"{data.n_local_crops}x{data.local_crop_size}", batch_size=args.batch_size,
         read_threads=args.read_threads, transform_samples_per_s=round(transform_rate, 2),
         workers0_samples_per_s=round(rate_0, 2), workers=args.workers,
-        workersN_samples_per_s=round(rate_n, 2), workersN_samples_per_s_per_worker=round(rate_n / args.workers, 2),
-        openblas_threads=os.environ["OPENBLAS_NUM_THREADS"], cpu_count=os.cpu_count(),
-        python=platform.python_version())
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(line + "\n")
+        workersN_samples_per_s=round(rate_n, 2), workersN_samples_per_s_per_worker=round(rate_n / args.workers, 2))
+    common.write_result(result, args.out)
     return 0
 
 

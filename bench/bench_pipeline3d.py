@@ -9,8 +9,8 @@ Ingests the given NIfTI volumes at 2 mm into a temporary dataset (zarr3 + stats.
     volume, so this is a lower bound of its cost);
   * the Grain pipeline over zarr3 with N worker processes (after their start-up).
 Crops: 2 x 160³ + 8 x 80³ with RCC masks for p16 and p8 (configs/stage2.py defaults). Prints one JSON line
-(also written to `--out`). BLAS runs single-threaded unless OPENBLAS_NUM_THREADS says otherwise, as in
-bench_pipeline2d.py.
+(also written to `--out`). BLAS runs single-threaded unless OPENBLAS_NUM_THREADS says otherwise (bench/common.py
+says why).
 
     python bench/bench_pipeline3d.py --input ../shared/data/ct/*.nii.gz --workers 2 --out pipeline3d.json
 """
@@ -18,21 +18,19 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import pathlib
-import platform
 import sys
 import tempfile
 import time
 
-# Before numpy loads OpenBLAS (see bench_pipeline2d.py).
-os.environ.setdefault("OPENBLAS_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+import common  # bench/common.py: this script's folder is first on sys.path
+
+common.single_threaded_blas()  # before numpy loads OpenBLAS
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.ndimage  # noqa: E402
-from absl import flags  # noqa: E402
 
 from configs import stage2  # noqa: E402
 from data_prep import ingest, readers, volume_stats  # noqa: E402
@@ -45,8 +43,7 @@ PATCH_SIZES = (16, 8)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--input", nargs="+", metavar="NIFTI",
                         help=f"CT volumes (.nii/.nii.gz; label maps are skipped); default: every image in "
                              f"{SHARED_CT}")
@@ -55,12 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="Grain worker processes for the N-worker run")
     parser.add_argument("--batch-size", type=int, default=4, help="per-process batch size of the Grain run")
     parser.add_argument("--batches", type=int, default=4, help="timed batches of the Grain run")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="also write the JSON result to this file")
-    args = parser.parse_args(argv)
-    for name in ("samples", "workers", "batch_size", "batches"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    args = common.parse_args(parser, argv, ("samples", "workers", "batch_size", "batches"))
     if not args.spacing > 0:
         parser.error(f"--spacing must be positive, got {args.spacing}")
     if args.input is None:
@@ -133,23 +125,13 @@ def time_grain(data, args, progress: Progress) -> float:
     """samples/s of the Grain pipeline with `--workers` processes, after two batches per worker of warm-up."""
     it = iter(pipeline3d.build_stage2_dataset(data, seed=args.seed, batch_size=args.batch_size,
                                               patch_sizes=PATCH_SIZES))
-    try:
-        for _ in range(2 * data.num_workers):
-            next(it)
-            progress.advance(args.batch_size, "grain warm-up")
-        start = time.perf_counter()
-        for _ in range(args.batches):
-            next(it)
-            progress.advance(args.batch_size, f"grain {data.num_workers} workers")
-        return args.batches * args.batch_size / (time.perf_counter() - start)
-    finally:
-        it.close()
+    return common.time_batches(it, args.batch_size, 2 * data.num_workers, args.batches, progress,
+                               f"grain {data.num_workers} workers")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not flags.FLAGS.is_parsed():  # Grain workers read absl flags (google/grain#1360)
-        flags.FLAGS.mark_as_parsed()
+    common.mark_flags_parsed()
     with tempfile.TemporaryDirectory(prefix="bench_pipeline3d_") as tmp:
         dataset = os.path.join(tmp, "ds")
         spacing = f"{args.spacing:g}"
@@ -184,14 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         speedup=round(zarr_rate / naive_rate, 1),
         grain_workers=args.workers, grain_batch_size=args.batch_size,
         grain_samples_per_s=round(grain_rate, 2),
-        grain_samples_per_s_per_worker=round(grain_rate / args.workers, 2),
-        openblas_threads=os.environ["OPENBLAS_NUM_THREADS"], cpu_count=os.cpu_count(),
-        python=platform.python_version())
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(line + "\n")
+        grain_samples_per_s_per_worker=round(grain_rate / args.workers, 2))
+    common.write_result(result, args.out)
     return 0
 
 

@@ -27,9 +27,7 @@ import concurrent.futures
 import contextlib
 import csv
 import dataclasses
-import fcntl
 import json
-import multiprocessing
 import os
 import re
 import shutil
@@ -39,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import dicom, geometry, readers
+from data_prep import dicom, geometry, outputs, readers
 from flexict_jax.data import volume_store
 from flexict_jax.progress import Progress
 
@@ -277,17 +275,6 @@ def load_subjects(path: str) -> dict[str, str]:
     return mapping
 
 
-@contextlib.contextmanager
-def _exclusive(dataset_dir: Path) -> Iterator[None]:
-    """Holds DATASET_DIR's ingest lock: one ingest per dataset (the manifest has a single writer)."""
-    with open(dataset_dir / LOCK_NAME, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            raise FatalError(f"{dataset_dir}: another ingest is writing to this dataset") from e
-        yield
-
-
 def remove_interrupted(dataset_dir: Path, entries: list[dict]) -> list[Path]:
     """Removes temporary arrays and arrays never listed in the manifest (both left by an interrupted run)."""
     listed = {p for e in entries for p in (e["path"], e["label_path"]) if p}
@@ -304,15 +291,10 @@ def remove_interrupted(dataset_dir: Path, entries: list[dict]) -> list[Path]:
     return removed
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # bad arguments are fatal: exit 1, keeping 2 for refused sources
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_FATAL, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m data_prep.ingest", description=__doc__.split("\n\n")[0],
-                     epilog="Exit status: 0 all written or already present, 2 some sources refused, 1 fatal.")
+    parser = outputs.ExitOneParser(
+        prog="python -m data_prep.ingest", description=__doc__.split("\n\n")[0],
+        epilog="Exit status: 0 all written or already present, 2 some sources refused, 1 fatal.")
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help="NIfTI files (.nii, .nii.gz), DICOM files or folders (searched recursively)")
     parser.add_argument("--output", required=True, metavar="DATASET_DIR",
@@ -328,11 +310,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CSV or JSON mapping volume id or source file name to subject id "
                              "(default subject = volume id)")
     return parser
-
-
-def _report(message: str) -> None:
-    """A line on stderr; on a terminal it first clears the progress line being redrawn there."""
-    print(("\r\033[K" if sys.stderr.isatty() else "") + message, file=sys.stderr)
 
 
 def _subject(mapping: dict[str, str], volume_id: str, candidate: Candidate) -> str:
@@ -360,9 +337,9 @@ def run(args: argparse.Namespace) -> int:
     subjects = load_subjects(args.subjects) if args.subjects else {}
     candidates, problems, ignored = discover(args.input, args.output)
     for problem in problems:
-        _report(f"refused: {problem}")
+        outputs.report(f"refused: {problem}")
     if ignored:
-        _report(f"ignored {ignored} files that are neither NIfTI nor DICOM image slices")
+        outputs.report(f"ignored {ignored} files that are neither NIfTI nor DICOM image slices")
     if not candidates:
         raise FatalError(f"no NIfTI file or DICOM CT series found in {' '.join(args.input)}")
 
@@ -374,15 +351,16 @@ def run(args: argparse.Namespace) -> int:
     written = skipped = 0
     refused = len(problems)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_exclusive(dataset_dir))
+        # One ingest per dataset: the manifest has a single writer.
+        stack.enter_context(outputs.exclusive(dataset_dir, LOCK_NAME, "another ingest is writing to this dataset",
+                                              FatalError))
         entries = volume_store.read_manifest(dataset_dir) if (dataset_dir / volume_store.MANIFEST_NAME).exists() \
             else []
         for path in remove_interrupted(dataset_dir, entries):
-            _report(f"removed {path}: left unlisted by an interrupted run")
+            outputs.report(f"removed {path}: left unlisted by an interrupted run")
         pool = None
-        if args.workers > 1:  # spawn: TensorStore's threads do not survive fork
-            pool = concurrent.futures.ProcessPoolExecutor(args.workers,
-                                                          mp_context=multiprocessing.get_context("spawn"))
+        if args.workers > 1:
+            pool = outputs.process_pool(args.workers)
             # On an error or Ctrl-C, drop the queued volumes instead of converting them all first.
             stack.callback(pool.shutdown, wait=True, cancel_futures=True)
 
@@ -391,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
         for sha, error in _results(source_sha256, candidates, pool, ordered=True):
             hashes.append(sha)
             if error:
-                _report(f"refused: {error}")
+                outputs.report(f"refused: {error}")
                 refused += 1
             progress.advance(1)
         progress.close()
@@ -407,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
                 continue
             volume_id = candidate.name if candidate.name not in taken else f"{candidate.name}-{sha[:8]}"
             if volume_id in taken:
-                _report(f"refused: {candidate.source}: volume id {volume_id} is already taken")
+                outputs.report(f"refused: {candidate.source}: volume id {volume_id} is already taken")
                 refused += 1
                 continue
             known[sha] = volume_id
@@ -421,7 +399,7 @@ def run(args: argparse.Namespace) -> int:
                 volume_store.append_manifest(dataset_dir, entry)  # only the parent appends
                 written += 1
             else:
-                _report(f"refused: {error}")
+                outputs.report(f"refused: {error}")
                 refused += 1
             progress.advance(1, entry["id"] if entry else "")
         progress.close()
@@ -436,15 +414,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (FatalError, ValueError, OSError) as e:  # also a corrupt manifest, an unwritable dataset folder
-        print(f"ingest: error: {e}", file=sys.stderr)
-        return EXIT_FATAL
-    except KeyboardInterrupt:
-        print("\ningest: interrupted; volumes listed in the manifest are complete, re-run to continue",
-              file=sys.stderr)
-        return 130
+    # ValueError, OSError: also a corrupt manifest, an unwritable dataset folder.
+    return outputs.run_tool("ingest", lambda: run(args), (FatalError, ValueError, OSError),
+                            "volumes listed in the manifest are complete, re-run to continue")
 
 
 if __name__ == "__main__":

@@ -33,21 +33,15 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import json
-import math
 import pathlib
 import re
-import shutil
 import sys
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from array_record.python.array_record_module import ArrayRecordWriter
-
-from data_prep import ingest, slices
-from data_prep.readers import NIFTI_SUFFIXES
+from data_prep import ingest, outputs, slices
+from data_prep.readers import NIFTI_SUFFIXES, file_sha256
 from flexict_jax.data import reports, volume_store
 from flexict_jax.progress import Progress
 
@@ -63,11 +57,6 @@ _RECONSTRUCTION = re.compile(r"^(?P<scan>.+)_\d+$")
 
 class FatalError(Exception):
     """Stops the whole run (exit 1)."""
-
-
-def _report(message: str) -> None:
-    """A line on stderr; on a terminal it first clears the progress line being redrawn there."""
-    print(("\r\033[K" if sys.stderr.isatty() else "") + message, file=sys.stderr)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,45 +323,8 @@ def _label_names_for(entry: dict, given: dict[int, str] | None) -> tuple[dict[in
         try:
             return read_label_names(beside), True
         except FatalError as e:  # one bad labels.json costs that volume its names, not the run
-            _report(f"note: {e}")
+            outputs.report(f"note: {e}")
     return {}, False
-
-
-# --- output ----------------------------------------------------------------------------------------------------
-
-def _is_reports_dir(path: pathlib.Path) -> bool:
-    try:
-        return json.loads((path / reports.INDEX_FILE).read_text()).get("format") == reports.REPORTS_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _check_output(output: pathlib.Path, overwrite: bool) -> None:
-    if not output.exists():
-        return
-    if not output.is_dir():
-        raise FatalError(f"{output}: exists and is not a directory")
-    if any(output.iterdir()):
-        if not overwrite:
-            raise FatalError(f"{output}: exists and is not empty; pass --overwrite to replace it")
-        if not _is_reports_dir(output):  # --overwrite replaces this tool's output only
-            raise FatalError(f"{output}: --overwrite only replaces a reports dir (with a {reports.INDEX_FILE} of "
-                             f"format {reports.REPORTS_FORMAT}); refusing to delete this directory")
-
-
-def write_shards(directory: pathlib.Path, encoded: Sequence[bytes], per_shard: int) -> list[str]:
-    count = max(1, math.ceil(len(encoded) / per_shard))
-    names = [f"{SHARD_PREFIX}-{i:05d}-of-{count:05d}.array_record" for i in range(count)]
-    for i, name in enumerate(names):
-        writer = ArrayRecordWriter(str(directory / name), slices.WRITER_OPTIONS)
-        for record in encoded[i * per_shard:(i + 1) * per_shard]:
-            writer.write(record)
-        writer.close()
-    return names
-
-
-def _sha256(path: pathlib.Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
@@ -386,7 +338,8 @@ def run(args: argparse.Namespace) -> int:
     entries = volume_store.read_manifest(dataset_dir)
     if not entries:
         raise FatalError(f"{dataset_dir / volume_store.MANIFEST_NAME}: no volumes")
-    _check_output(output, args.overwrite)
+    outputs.check_output(output, args.overwrite, kind="reports dir", index_file=reports.INDEX_FILE,
+                         index_format=reports.REPORTS_FORMAT, error=FatalError)
     given_names = read_label_names(args.label_names) if args.label_names else None
 
     skipped_volumes = [{"volume_id": e["id"], "reason": f"{e['path']}: volume array missing"}
@@ -401,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
         columns = resolve_columns(args, names, rows)
         by_volume, skipped_rows, unmatched = join_reports(rows, present, columns)
         for row in skipped_rows:
-            _report(f"skipped {args.reports}:{row['row']} ({row['report_id'] or 'no id'}): {row['reason']}")
+            outputs.report(f"skipped {args.reports}:{row['row']} ({row['report_id'] or 'no id'}): {row['reason']}")
 
     jobs, unnamed = [], 0
     for entry in present:
@@ -414,11 +367,11 @@ def run(args: argparse.Namespace) -> int:
         unnamed += not found
         jobs.append(PseudoJob(str(dataset_dir), entry, names, args.min_volume_ml))
     if unnamed:
-        _report(f"note: {unnamed} label map(s) without label names (no --label-names, no labels.json beside the "
-                f"source label map): their structures are called 'label N'")
+        outputs.report(f"note: {unnamed} label map(s) without label names (no --label-names, no labels.json "
+                       f"beside the source label map): their structures are called 'label N'")
 
     progress = Progress(len(jobs), "pseudo-reports")
-    for job, (record, error) in zip(jobs, slices._ordered_map(_pseudo_record_star, jobs, args.workers)):
+    for job, (record, error) in zip(jobs, outputs.ordered_map(_pseudo_record_star, jobs, args.workers)):
         if error is None:
             by_volume[job.entry["id"]] = record
         else:
@@ -426,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
         progress.advance(1, job.entry["id"])
     progress.close()
     for volume in skipped_volumes:
-        _report(f"skipped volume {volume['volume_id']}: {volume['reason']}")
+        outputs.report(f"skipped volume {volume['volume_id']}: {volume['reason']}")
 
     ordered = [by_volume[e["id"]] for e in entries if e["id"] in by_volume]
     if not ordered:
@@ -436,16 +389,16 @@ def run(args: argparse.Namespace) -> int:
     pools = {key: reports.build_positive_pool([r for r in ordered if reports.split_key(r["split"]) == key])
              for key in splits}
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        shards = write_shards(tmp, [reports.encode_report(r) for r in ordered], args.records_per_shard)
+    with outputs.staged_dir(output) as tmp:
+        writer = outputs.ShardWriter(tmp, args.records_per_shard, SHARD_PREFIX)
+        for record in ordered:
+            writer.write(reports.encode_report(record))
+        shards = writer.finish()
         index = {
             "format": reports.REPORTS_FORMAT, "shards": shards, "num_records": len(ordered),
-            "dataset": str(dataset_dir), "manifest_sha256": _sha256(dataset_dir / volume_store.MANIFEST_NAME),
+            "dataset": str(dataset_dir), "manifest_sha256": file_sha256(dataset_dir / volume_store.MANIFEST_NAME),
             "reports_file": str(args.reports.resolve()) if args.reports else None,
-            "reports_sha256": _sha256(args.reports) if args.reports else None,
+            "reports_sha256": file_sha256(args.reports) if args.reports else None,
             "columns": dataclasses.asdict(columns) if columns else None,
             "label_names_file": str(args.label_names.resolve()) if args.label_names else None,
             "counts": {source: sum(r["source"] == source for r in ordered) for source in ("report", "pseudo")},
@@ -460,10 +413,6 @@ def run(args: argparse.Namespace) -> int:
         }
         (tmp / reports.POOL_FILE).write_text(json.dumps(pools, indent=1, ensure_ascii=False) + "\n", "utf-8")
         (tmp / reports.INDEX_FILE).write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n", "utf-8")
-        slices._publish(tmp, output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
     print(f"reports: {len(ordered)} records ({index['counts']['report']} from reports, {index['counts']['pseudo']} "
           f"pseudo-reports) -> {output}; {len(skipped_rows)} report row(s) and {len(skipped_volumes)} volume(s) "
@@ -471,15 +420,10 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_SKIPPED if skipped_rows or skipped_volumes else EXIT_OK
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # bad arguments are fatal: exit 1, keeping 2 for skipped input
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_FATAL, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m data_prep.reports", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = outputs.ExitOneParser(
+        prog="python -m data_prep.reports", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, type=pathlib.Path, metavar="DATASET_DIR",
                         help="ingested dataset (manifest.jsonl)")
     parser.add_argument("--output", required=True, type=pathlib.Path, metavar="DIR", help="reports dir to create")
@@ -509,14 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (FatalError, ValueError, OSError) as e:  # also a corrupt manifest
-        print(f"reports: error: {e}", file=sys.stderr)
-        return EXIT_FATAL
-    except KeyboardInterrupt:
-        print("\nreports: interrupted; nothing was written to --output", file=sys.stderr)
-        return 130
+    # ValueError, OSError: also a corrupt manifest.
+    return outputs.run_tool("reports", lambda: run(args), (FatalError, ValueError, OSError),
+                            "nothing was written to --output")
 
 
 if __name__ == "__main__":

@@ -27,24 +27,17 @@ skipped, 1 on a fatal error (no manifest, no slices written, refused output dire
 from __future__ import annotations
 
 import argparse
-import collections
-import concurrent.futures
 import dataclasses
-import hashlib
-import itertools
 import json
 import math
-import multiprocessing
 import pathlib
-import shutil
 import sys
-import uuid
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import tensorstore as ts
-from array_record.python.array_record_module import ArrayRecordWriter
 
+from data_prep import outputs, readers
 from flexict_jax.data import records, volume_store
 from flexict_jax.data.slice_source import INDEX_FILE, SLICES_FORMAT
 from flexict_jax.progress import Progress
@@ -52,7 +45,7 @@ from flexict_jax.progress import Progress
 BODY_HU = -500.0  # above this a voxel is body tissue (air is about -1000 HU, fat about -100 HU)
 PAD_HU = -1000.0  # air, what upstream pads with (recipe §5)
 READ_CHUNK_Z = 32  # slices read from the store at a time; bounds memory on large volumes
-WRITER_OPTIONS = "group_size:1,zstd:3"  # group_size 1: every record is randomly accessible (jax_stack.md)
+SHARD_PREFIX = "slices"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,89 +174,6 @@ def volume_slices(dataset_dir: pathlib.Path, entry: dict, options: SliceOptions)
     return result
 
 
-def _ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
-    """fn over items, results in input order; with workers > 1 in spawned processes, a bounded window ahead."""
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    # spawn, not fork: TensorStore runs threads in this process, and forking a threaded process can deadlock.
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        items = iter(items)
-        pending = collections.deque(pool.submit(fn, item) for item in itertools.islice(items, 2 * workers))
-        while pending:
-            result = pending.popleft().result()
-            for item in itertools.islice(items, 1):
-                pending.append(pool.submit(fn, item))
-            yield result
-
-
-class _ShardWriter:
-    """Writes records into numbered shards of `per_shard` records; names get the shard count at `finish`."""
-
-    def __init__(self, directory: pathlib.Path, per_shard: int):
-        self.directory, self.per_shard = directory, per_shard
-        self.num_records, self._writer, self._paths = 0, None, []
-
-    def write(self, record: bytes) -> None:
-        if self.num_records % self.per_shard == 0:
-            self._close_current()
-            path = self.directory / f"slices-{len(self._paths):05d}.partial"
-            self._paths.append(path)
-            self._writer = ArrayRecordWriter(str(path), WRITER_OPTIONS)
-        self._writer.write(record)
-        self.num_records += 1
-
-    def _close_current(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-    def finish(self) -> list[str]:
-        self._close_current()
-        names = []
-        for i, path in enumerate(self._paths):
-            name = f"slices-{i:05d}-of-{len(self._paths):05d}.array_record"
-            path.rename(self.directory / name)
-            names.append(name)
-        return names
-
-
-def _is_slices_dir(path: pathlib.Path) -> bool:
-    try:
-        return json.loads((path / INDEX_FILE).read_text()).get("format") == SLICES_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _check_output(output: pathlib.Path, overwrite: bool) -> None:
-    if not output.exists():
-        return
-    if not output.is_dir():
-        raise FileExistsError(f"{output}: exists and is not a directory")
-    if any(output.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{output}: exists and is not empty; pass --overwrite to replace it")
-        # --overwrite replaces earlier output of this tool only, never e.g. a dataset given by mistake.
-        if not _is_slices_dir(output):
-            raise FileExistsError(f"{output}: --overwrite only replaces a slices dir (with a {INDEX_FILE} of "
-                                  f"format {SLICES_FORMAT}); refusing to delete this directory")
-
-
-def _publish(tmp: pathlib.Path, output: pathlib.Path) -> None:
-    """Moves the finished tmp dir to `output`; an existing output (already vetted) is moved aside first."""
-    old = None
-    if output.exists():
-        if any(output.iterdir()):
-            old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
-            output.rename(old)
-        else:
-            output.rmdir()
-    tmp.rename(output)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def build_slices(dataset_dir: pathlib.Path | str, output: pathlib.Path | str, options: SliceOptions = SliceOptions(),
                  split: str | None = None, records_per_shard: int = 1024, workers: int = 1,
                  overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -277,26 +187,23 @@ def build_slices(dataset_dir: pathlib.Path | str, output: pathlib.Path | str, op
         raise ValueError(f"--records-per-shard must be >= 1, got {records_per_shard}")
     dataset_dir, output = pathlib.Path(dataset_dir).resolve(), pathlib.Path(output).resolve()
     entries = volume_store.read_manifest(dataset_dir)
-    manifest_sha256 = hashlib.sha256((dataset_dir / volume_store.MANIFEST_NAME).read_bytes()).hexdigest()
+    manifest_sha256 = readers.file_sha256(dataset_dir / volume_store.MANIFEST_NAME)
     if split is not None:
         entries = [e for e in entries if e.get("split") == split]
     if not entries:
         raise ValueError(f"{dataset_dir / volume_store.MANIFEST_NAME}: no volumes"
                          + (f" with split {split!r}" if split is not None else ""))
-    _check_output(output, overwrite)
+    outputs.check_output(output, overwrite, kind="slices dir", index_file=INDEX_FILE, index_format=SLICES_FORMAT)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        writer = _ShardWriter(tmp, records_per_shard)
+    with outputs.staged_dir(output) as tmp:
+        writer = outputs.ShardWriter(tmp, records_per_shard, SHARD_PREFIX)
         volumes, skipped, dropped = {}, [], 0
         bar = Progress(len(entries), "slices") if progress else None
         work = ((dataset_dir, entry, options) for entry in entries)
-        for result in _ordered_map(_volume_slices_star, work, workers):
+        for result in outputs.ordered_map(_volume_slices_star, work, workers):
             if result.error is not None:
                 skipped.append({"id": result.volume_id, "reason": result.error})
-                print(f"skipped volume {result.volume_id}: {result.error}", file=sys.stderr)
+                outputs.report(f"skipped volume {result.volume_id}: {result.error}")
             else:
                 volumes[result.volume_id] = {"subject": result.subject, "num_slices": len(result.records),
                                              "first_record": writer.num_records}
@@ -321,10 +228,6 @@ def build_slices(dataset_dir: pathlib.Path | str, output: pathlib.Path | str, op
             "volumes": volumes, "skipped": skipped,
         }
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
-        _publish(tmp, output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return index
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import sys
 from typing import Sequence
@@ -30,6 +29,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from data_prep import outputs
 from flexict_jax.progress import Progress
 
 LABELS: dict[int, str] = {
@@ -303,17 +303,6 @@ def _output_paths(output: pathlib.Path, count: int) -> list[pathlib.Path]:
     return [output / name for name in names] + [output / "labels.json"]
 
 
-def _save_atomically(image: nib.Nifti1Image, path: pathlib.Path) -> None:
-    # A temporary name with the same .nii.gz suffix (nibabel picks compression from it), renamed when
-    # complete, so an interrupted run never leaves a truncated volume under a real name.
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_phantoms(output: pathlib.Path, count: int, seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE,
                    spacing: Sequence[float] | None = None, lesions: bool = True, overwrite: bool = False,
                    progress: bool = True) -> list[pathlib.Path]:
@@ -337,18 +326,16 @@ def write_phantoms(output: pathlib.Path, count: int, seed: int = 0, shape: Seque
         phantom = make_phantom(seed, index, shape, spacing, lesions)
         image, label = nifti_pair(phantom)
         path = output / f"phantom_{index:03d}.nii.gz"
-        _save_atomically(image, path)
-        _save_atomically(label, output / f"phantom_{index:03d}_label.nii.gz")
+        outputs.write_atomically(path, lambda tmp: nib.save(image, tmp))
+        outputs.write_atomically(output / f"phantom_{index:03d}_label.nii.gz", lambda tmp: nib.save(label, tmp))
         images.append(path)
         if bar:
             bar.advance(1, f"{path.name} {phantom.orientation}")
     if bar:
         bar.close()
     # labels.json goes last: its presence marks a complete set (launch/quickstart.sh relies on it).
-    labels_json = output / "labels.json"
-    tmp = labels_json.with_name(f".tmp-{os.getpid()}-labels.json")
-    tmp.write_text(json.dumps({str(k): v for k, v in LABELS.items()}, indent=1) + "\n")
-    os.replace(tmp, labels_json)
+    labels_text = json.dumps({str(k): v for k, v in LABELS.items()}, indent=1) + "\n"
+    outputs.write_atomically(output / "labels.json", lambda tmp: tmp.write_text(labels_text))
     return images
 
 

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import pathlib
 import sys
-import uuid
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
+from data_prep import outputs
 from flexict_jax.data import reports
 from flexict_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, SP_MODEL_FILE, UNK_ID, SentencePieceTokenizer
 from flexict_jax.progress import Progress
@@ -75,9 +74,7 @@ def train_tokenizer(corpus: pathlib.Path, output: pathlib.Path, vocab_size: int,
         byte_fallback=byte_fallback, minloglevel=2)
     tokenizer = SentencePieceTokenizer(model.getvalue())
     output.mkdir(parents=True, exist_ok=True)
-    tmp = output / f".{SP_MODEL_FILE}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, target)
+    outputs.write_atomically(target, lambda tmp: tmp.write_bytes(model.getvalue()))
     return tokenizer
 
 

@@ -16,19 +16,17 @@ Exit status: 0 all volumes have statistics, 2 some could not be read, 1 fatal.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
-import fcntl
 import json
 import math
-import multiprocessing
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from data_prep import outputs
 from flexict_jax.data import volume_source, volume_store
 from flexict_jax.progress import Progress
 
@@ -75,13 +73,14 @@ def _job(args: tuple[str, str, str, tuple[float, float]]) -> tuple[str, dict | N
 
 def write_stats_file(path: Path, document: dict) -> None:
     """Replaces `path` atomically (temporary file in the same folder, fsync, rename)."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(document, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(document, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    outputs.write_atomically(path, write)
 
 
 def parse_window(text: str) -> tuple[float, float]:
@@ -94,15 +93,10 @@ def parse_window(text: str) -> tuple[float, float]:
     return lo, hi
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # bad arguments are fatal: exit 1, keeping 2 for failed volumes
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_FATAL, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m data_prep.volume_stats", description=__doc__.split("\n\n")[0],
-                     epilog="Exit status: 0 all volumes have statistics, 2 some could not be read, 1 fatal.")
+    parser = outputs.ExitOneParser(
+        prog="python -m data_prep.volume_stats", description=__doc__.split("\n\n")[0],
+        epilog="Exit status: 0 all volumes have statistics, 2 some could not be read, 1 fatal.")
     parser.add_argument("--dataset", required=True, metavar="DATASET_DIR",
                         help="an ingested dataset (manifest.jsonl + volumes/) from `python -m data_prep.ingest`")
     parser.add_argument("--hu-window", type=parse_window, default=DEFAULT_WINDOW, metavar="LOW,HIGH",
@@ -115,17 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def _exclusive(dataset_dir: Path) -> Iterator[None]:
-    """One volume_stats run per dataset: stats.json has a single writer."""
-    with open(dataset_dir / LOCK_NAME, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            raise RuntimeError(f"{dataset_dir}: another volume_stats run is writing stats.json") from e
-        yield
-
-
 def run(args: argparse.Namespace) -> int:
     dataset_dir = Path(args.dataset)
     if args.workers < 1 or args.save_every < 1:
@@ -135,15 +118,16 @@ def run(args: argparse.Namespace) -> int:
     key = volume_source.window_key(args.hu_window)
     failed = 0
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_exclusive(dataset_dir))
+        # One volume_stats run per dataset: stats.json has a single writer.
+        stack.enter_context(outputs.exclusive(dataset_dir, LOCK_NAME,
+                                              "another volume_stats run is writing stats.json"))
         document = volume_source.read_stats_file(stats_path)
         section = document["windows"].setdefault(key, {})
         jobs = [(e["id"], str(dataset_dir / e["path"]), e["source_sha256"], args.hu_window) for e in entries
                 if section.get(e["id"], {}).get("source_sha256") != e["source_sha256"]]
         pool = None
-        if args.workers > 1 and len(jobs) > 1:  # spawn: TensorStore's threads do not survive fork
-            pool = concurrent.futures.ProcessPoolExecutor(args.workers,
-                                                          mp_context=multiprocessing.get_context("spawn"))
+        if args.workers > 1 and len(jobs) > 1:
+            pool = outputs.process_pool(args.workers)
             stack.callback(pool.shutdown, wait=True, cancel_futures=True)
         results = map(_job, jobs) if pool is None else pool.map(_job, jobs)
         progress = Progress(len(jobs), f"volume_stats {key}")
@@ -154,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
                     section[volume_id] = stats
                     unsaved += 1
                 else:
-                    print(("\r\033[K" if sys.stderr.isatty() else "") + f"failed: {error}", file=sys.stderr)
+                    outputs.report(f"failed: {error}")
                     failed += 1
                 if unsaved >= args.save_every:
                     write_stats_file(stats_path, document)
@@ -171,14 +155,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, OSError, RuntimeError) as e:  # no manifest, a corrupt stats.json, a held lock
-        print(f"volume_stats: error: {e}", file=sys.stderr)
-        return EXIT_FATAL
-    except KeyboardInterrupt:
-        print("\nvolume_stats: interrupted; finished volumes are saved, re-run to continue", file=sys.stderr)
-        return 130
+    # ValueError, OSError, RuntimeError: no manifest, a corrupt stats.json, a held lock.
+    return outputs.run_tool("volume_stats", lambda: run(args), (ValueError, OSError, RuntimeError),
+                            "finished volumes are saved, re-run to continue")
 
 
 if __name__ == "__main__":

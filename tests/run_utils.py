@@ -1,4 +1,4 @@
-"""Helpers shared by the end-to-end training tests (imported by test files; not a test module)."""
+"""Helpers shared by the end-to-end training and input-pipeline tests (imported by test files; not a test module)."""
 from __future__ import annotations
 
 import json
@@ -50,3 +50,44 @@ def assert_trees_close(a, b, atol):
     assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
     for (path, x), (_, y) in zip(flat_a, flat_b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0, err_msg=str(path))
+
+
+def take(ds_or_iter, n) -> list:
+    """The first `n` elements (batches) of a dataset or iterator."""
+    it = iter(ds_or_iter)
+    return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    """Two lists of batches (dicts of arrays) are equal, key by key."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def take_closing(ds, n) -> list:
+    """`take` from a fresh iterator of `ds`, closed afterwards: it stops the Grain worker processes."""
+    it = iter(ds)
+    try:
+        return take(it, n)
+    finally:
+        it.close()
+
+
+def assemble_process_batches(parts) -> list:
+    """Per-process lists of batches (process 0 first) joined into the global batches, batch by batch."""
+    return [{k: np.concatenate([part[t][k] for part in parts]) for k in parts[0][t]} for t in range(len(parts[0]))]
+
+
+def assert_resumes(build, skip: int, n: int = 2):
+    """An iterator of the dataset `build()`, saved after `skip` batches and restored into a fresh iterator,
+    continues with the same `n` batches."""
+    it = iter(build())
+    take(it, skip)
+    state = it.get_state()
+    expected = take(it, n)
+    fresh = iter(build())
+    fresh.set_state(state)
+    assert_batches_equal(take(fresh, n), expected)

@@ -12,6 +12,7 @@ from configs import stage1
 from flexict_jax.data import pipeline, records, slice_source
 from flexict_jax.data.crops2d import resized_crop
 from flexict_jax.data.intensity import normalize_hu
+from run_utils import assemble_process_batches, assert_batches_equal, assert_resumes, take, take_closing
 
 S, G, L = 64, 32, 16
 PATCH_SIZES = (8, 16)
@@ -75,19 +76,6 @@ def unaugmented(data):
     data.intensity.update(dict(noise_prob=0.0, smooth_prob=0.0, scale_prob=0.0, lowres_prob=0.0,
                                contrast_prob=0.0))
     return data
-
-
-def take(ds_or_iter, n):
-    it = iter(ds_or_iter)
-    return [next(it) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
 def test_batch_shapes_dtypes_and_stats(slices_dir):
@@ -178,21 +166,13 @@ def test_process_shards_concatenate_to_the_single_process_batch(slices_dir):
     whole = take(pipeline.build_stage1_dataset(data, seed=5, batch_size=4, patch_sizes=PATCH_SIZES), 3)
     parts = [take(pipeline.build_stage1_dataset(data, seed=5, batch_size=2, patch_sizes=PATCH_SIZES,
                                                 process_index=p, process_count=2), 3) for p in range(2)]
-    assembled = [{k: np.concatenate([parts[0][t][k], parts[1][t][k]]) for k in whole[t]} for t in range(3)]
-    assert_batches_equal(whole, assembled)
+    assert_batches_equal(whole, assemble_process_batches(parts))
     np.testing.assert_array_equal(parts[1][1]["index"], [6, 7])  # contiguous rows, not interleaved
 
 
 def test_restored_iterator_continues_with_the_next_batches(slices_dir):
-    ds = pipeline.build_stage1_dataset(data_config(slices_dir), seed=6, batch_size=4, patch_sizes=PATCH_SIZES)
-    it = iter(ds)
-    take(it, 2)
-    state = it.get_state()
-    expected = take(it, 2)
-    fresh = iter(pipeline.build_stage1_dataset(data_config(slices_dir), seed=6, batch_size=4,
-                                               patch_sizes=PATCH_SIZES))
-    fresh.set_state(state)
-    assert_batches_equal(take(fresh, 2), expected)
+    assert_resumes(lambda: pipeline.build_stage1_dataset(data_config(slices_dir), seed=6, batch_size=4,
+                                                         patch_sizes=PATCH_SIZES), skip=2)
 
 
 def test_two_grain_workers_match_in_process(slices_dir):
@@ -200,11 +180,7 @@ def test_two_grain_workers_match_in_process(slices_dir):
                                                     patch_sizes=PATCH_SIZES), 3)
     ds = pipeline.build_stage1_dataset(data_config(slices_dir, num_workers=2), seed=7, batch_size=4,
                                        patch_sizes=PATCH_SIZES)
-    it = iter(ds)
-    try:
-        assert_batches_equal(take(it, 3), in_process)
-    finally:
-        it.close()
+    assert_batches_equal(take_closing(ds, 3), in_process)
 
 
 @pytest.mark.parametrize("breakage, message", [

@@ -16,6 +16,7 @@ from flexict_jax.data import crops3d, pipeline3d, volume_source, volume_store
 from flexict_jax.data.crops3d import Box, PaddedVolume
 from flexict_jax.data.intensity import IntensityDraw, apply_separable, hu_stats, z_score
 from flexict_jax.data.volume_source import Volume, VolumeSource
+from run_utils import assemble_process_batches, assert_batches_equal, assert_resumes, take, take_closing
 
 G, L = 32, 16
 PATCH_SIZES = (8, 16)
@@ -64,19 +65,6 @@ def build(data, seed=0, batch_size=4, **kwargs):
     return pipeline3d.build_stage2_dataset(data, seed=seed, batch_size=batch_size, patch_sizes=PATCH_SIZES, **kwargs)
 
 
-def take(ds_or_iter, n):
-    it = iter(ds_or_iter)
-    return [next(it) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
-
-
 def whole_volume(dataset, row):
     entry = volume_store.read_manifest(dataset)[row]
     return volume_store.open_volume(pathlib.Path(dataset) / entry["path"])[...].read().result()
@@ -119,27 +107,16 @@ def test_process_shards_concatenate_to_the_single_process_batch(phantoms):
     data = data_config(phantoms)
     whole = take(build(data, seed=5, batch_size=4), 2)
     parts = [take(build(data, seed=5, batch_size=2, process_index=p, process_count=2), 2) for p in range(2)]
-    assembled = [{k: np.concatenate([parts[0][t][k], parts[1][t][k]]) for k in whole[t]} for t in range(2)]
-    assert_batches_equal(whole, assembled)
+    assert_batches_equal(whole, assemble_process_batches(parts))
 
 
 def test_restored_iterator_continues_with_the_next_batches(phantoms):
-    it = iter(build(data_config(phantoms), seed=6))
-    take(it, 1)
-    state = it.get_state()
-    expected = take(it, 2)
-    fresh = iter(build(data_config(phantoms), seed=6))
-    fresh.set_state(state)
-    assert_batches_equal(take(fresh, 2), expected)
+    assert_resumes(lambda: build(data_config(phantoms), seed=6), skip=1)
 
 
 def test_two_grain_workers_match_in_process(phantoms):
     in_process = take(build(data_config(phantoms), seed=7), 2)
-    it = iter(build(data_config(phantoms, num_workers=2), seed=7))
-    try:
-        assert_batches_equal(take(it, 2), in_process)
-    finally:
-        it.close()
+    assert_batches_equal(take_closing(build(data_config(phantoms, num_workers=2), seed=7), 2), in_process)
 
 
 # --- region reads and their exactness -------------------------------------------------------------------------
