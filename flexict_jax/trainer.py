@@ -183,13 +183,14 @@ def _train_step(state: dict, batch: dict, *, program: Program, config: mlc.Confi
     params = task.after_update(optax.apply_updates(state["params"], updates))
     new = {**state, "step": step + 1, "params": params, "opt_state": opt_state,
            "teacher": tasks.ema_update(state["teacher"], params, momentum)}
-    # A non-finite loss skips the update (params, optimizer, teacher unchanged) but consumes the batch.
-    finite = jnp.isfinite(loss)
+    # A non-finite loss or gradient skips the update (params, optimizer, teacher unchanged) but consumes the batch.
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = {k: (v if k == "step" else jax.tree.map(lambda a, b: jnp.where(finite, a, b), v, state[k]))
            for k, v in new.items()}
     metrics = {"loss": loss, **terms, "lr": at(tables["lr"]), "weight_decay": at(tables["weight_decay"]),
                "momentum": momentum, "teacher_temperature": temperature,
-               "grad_norm": optax.global_norm(grads), "finite": finite}
+               "grad_norm": grad_norm, "finite": finite}
     return new, metrics
 
 
@@ -206,7 +207,8 @@ def handoff_state(config: mlc.ConfigDict, program: Program) -> tuple[dict, dict]
     reference = jax.tree.map(lambda a: a, program.abstract_state["params"])
     if mode == "inflate_2d_to_3d":
         teacher = dict(teacher, backbone=inflate.inflate_patch_embed(teacher["backbone"]))
-    parts = ("backbone",) if mode in ("backbone", "inflate_2d_to_3d") else tuple(params)
+    parts = (("backbone",) if mode in ("backbone", "inflate_2d_to_3d")
+             else tuple(tasks.get(config).teacher_params(params)))  # "continue": the parts an EMA teacher has
     for part in parts:
         if part not in teacher:
             raise checkpointing.IncompatibleCheckpointError(
@@ -271,12 +273,14 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
                              meta["init"]["mode"])
             else:
                 state = jax.jit(program.init_state, out_shardings=program.state_shardings)()
+            state = dict(state, params=tasks.get(config).initial_params(config, state["params"]))
             if uses_gram(config):
                 state, meta["gram"] = with_gram_teacher(config, program, state)
                 logging.info("Gram teacher: %s step %d", meta["gram"]["from"], meta["gram"]["step"])
             if "init" in meta or "gram" in meta:  # a converted start is a checkpoint of its own
                 ckpt.save(0, state, data_iterator, meta, force=True)
 
+        evaluate = tasks.get(config).evaluator(config, program)
         stop = _StopFlag()
         step = int(jax.device_get(state["step"]))
         compiled: dict[Variant, Callable] = {}
@@ -291,14 +295,17 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
                 break
             variant = datasets.variant_for_step(config, step)
             local = tasks.get(config).step_batch(next(data_iterator), variant)
+            batch = global_batch(mesh, local)
             if variant not in compiled:  # one compiled step per variant, built on first use
-                compiled[variant] = program.train_step(config, variant, local)
-            state, metrics = compiled[variant](state, global_batch(mesh, local))
+                compiled[variant] = program.train_step(config, variant, local).lower(state, batch).compile()
+                # Hosts finish compiling at different times; see distributed.barrier for why they wait here.
+                distributed.barrier(f"step {step}: compiled {variant}")
+            state, metrics = compiled[variant](state, batch)
             step += 1
             if not bool(metrics["finite"]):
                 nonfinite_streak += 1
-                logging.error("step %d: non-finite loss %s; update skipped (%d in a row)", step,
-                              float(metrics["loss"]), nonfinite_streak)
+                logging.error("step %d: non-finite loss %s or gradient norm %s; update skipped (%d in a row)", step,
+                              float(metrics["loss"]), float(metrics["grad_norm"]), nonfinite_streak)
                 if nonfinite_streak >= config.max_consecutive_nonfinite:
                     logging.error("stopping: %d consecutive non-finite losses; the last good checkpoint is kept",
                                   nonfinite_streak)
@@ -310,6 +317,8 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
                 scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
                 writer.write(step, {**scalars, "patch_size": variant.patch_size,
                                     **throughput.update(step, config.global_batch_size)})
+            if evaluate is not None and (step % config.eval.every_steps == 0 or step == config.total_steps):
+                writer.write(step, evaluate(state))
             if nonfinite_streak == 0:  # never checkpoint inside a non-finite streak: keep the last good one
                 ckpt.save(step, state, data_iterator, meta, force=step == config.total_steps)
         ckpt.close()

@@ -12,6 +12,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from flexict_jax.ops import l2_normalize
 import numpy as np
 
 from flexict_jax.resize import resize_matrix
@@ -56,7 +58,7 @@ def resize_patch_grid(tokens: jax.Array, grid_from: tuple[int, ...], grid_to: tu
 
 def _l2_normalize(x: jax.Array, eps: float) -> jax.Array:
     # torch F.normalize semantics: x / max(‖x‖, eps).
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    return l2_normalize(x, eps=eps)
 
 
 def gram_loss(student_patch: jax.Array, teacher_patch: jax.Array, eps: float = 1e-12) -> jax.Array:

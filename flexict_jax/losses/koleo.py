@@ -4,11 +4,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from flexict_jax.ops import l2_normalize
+
 
 def _koleo_group(x: jax.Array, eps: float) -> jax.Array:
     """KoLeo of one [G, D] group: −mean log of each sample's distance to its nearest neighbour."""
     # torch F.normalize semantics: x / max(‖x‖, eps).
-    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    x = l2_normalize(x, eps=eps)
     dots = x @ x.T
     # −1 on the diagonal (the minimum cosine) keeps a sample from being its own neighbour.
     dots = jnp.where(jnp.eye(x.shape[0], dtype=bool), -1.0, dots)

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
+from flexict_jax import ops
 from flexict_jax.models.layers import linear
-
-NORMALIZE_EPS = 1e-12  # torch F.normalize
 
 
 class DINOHead(nnx.Module):
@@ -26,9 +24,7 @@ class DINOHead(nnx.Module):
 
     def bottleneck(self, x: jax.Array) -> jax.Array:
         """The L2-normalised bottleneck features [..., bottleneck_dim]."""
-        z = self.mlp(x)
-        norm = jnp.linalg.norm(z, axis=-1, keepdims=True)
-        return z / jnp.maximum(norm, NORMALIZE_EPS)
+        return ops.l2_normalize(self.mlp(x))
 
     def prototypes(self, z: jax.Array) -> jax.Array:
         """Prototype logits [..., num_prototypes] of normalised bottleneck features."""

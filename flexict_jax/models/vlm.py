@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flexict_jax.models.heads import NORMALIZE_EPS
+from flexict_jax import ops
 from flexict_jax.models.text_encoder import TextEncoder
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # recipe §2.5: temperature 0.07
@@ -29,7 +29,7 @@ LOGIT_SCALE_MAX = math.log(100.0)
 
 def l2_normalize(x: jax.Array) -> jax.Array:
     """torch `F.normalize`: x / max(‖x‖, 1e-12) over the last axis."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), NORMALIZE_EPS)
+    return ops.l2_normalize(x)
 
 
 def _projection(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
