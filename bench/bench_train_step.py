@@ -1,15 +1,23 @@
-"""Stage-1 train-step benchmark: step time, samples/s, achieved FLOP/s and utilisation against the matmul peak
-measured in the same run, compile time.
+"""Train-step benchmark, stage 1 (2D) and stage 2 (3D): step time, samples/s, tokens/s, achieved FLOP/s and
+utilisation against the matmul peak measured in the same run, compile time and per-device memory.
 
-    python bench/bench_train_step.py [--variants demo,small] [--steps 5] [--out bench/results/train_step_cpu.json]
+    python bench/bench_train_step.py [--variants s1-small,s1-base,s2-small,s2-base] [--patch-sizes 16,8] \
+        [--steps 3] [--out bench/results/train_step_cpu.json]
+
+Each variant is a stage config at one model size with a batch and crop budget the device can time in minutes
+(the recipe's batch and crops are listed by `python -m flexict_jax.plan`). The step is the trainer's own
+(`trainer.build_program` → `Program.train_step`), compiled by the planner (`plan.compile_variant`) on a
+synthetic batch of the pipeline's shapes (`plan.abstract_batch`), on all local devices (config.mesh).
 
 FLOPs per step come from XLA's cost analysis of the compiled step; the peak is the best of a few large f32
-matmuls on the same devices, so the ratio is meaningful on a shared, noisy machine.
+matmuls on the same devices, so the ratio is meaningful on a shared, noisy machine. Tokens per step are the
+patch tokens of every crop of the batch, each crop counted once (student and teacher passes not multiplied).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import statistics
@@ -21,19 +29,26 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import common, stage1  # noqa: E402
-from flexict_jax import sharding, trainer  # noqa: E402
-from flexict_jax.tasks import dino  # noqa: E402
+from configs import common, stage1, stage2  # noqa: E402
+from flexict_jax import plan, sharding, trainer  # noqa: E402
+from flexict_jax.progress import Progress  # noqa: E402
 from flexict_jax.variants import Variant  # noqa: E402
 
-# Benchmark shapes: the config's model with a batch/crop budget a CPU can time in minutes.
+STAGES = {"s1": stage1, "s2": stage2}
+# Benchmark shapes: the config's model (backbone/heads sizes from configs/common.py) with a CPU-sized budget.
 VARIANTS = {
-    "tiny": dict(config="tiny", batch=8),
-    "demo": dict(config="demo", batch=16),
-    "small": dict(config="base", backbone="small", heads="demo", batch=4, global_crop=128, local_crop=64,
-                  n_local=4),
-    "base": dict(config="base", backbone="base", heads="base", batch=2, global_crop=128, local_crop=64,
-                 n_local=2),
+    "s1-tiny": dict(config="tiny", batch=8),
+    "s1-demo": dict(config="demo", batch=16),
+    "s1-small": dict(config="base", backbone="small", heads="demo", batch=4, global_crop=128, local_crop=64,
+                     n_local=4),
+    "s1-base": dict(config="base", backbone="base", heads="base", batch=2, global_crop=128, local_crop=64,
+                    n_local=2),
+    "s2-tiny": dict(config="tiny", batch=8),
+    "s2-demo": dict(config="demo", batch=8),
+    "s2-small": dict(config="base", backbone="small", heads="demo", batch=2, global_crop=64, local_crop=32,
+                     n_local=2),
+    "s2-base": dict(config="base", backbone="base", heads="base", batch=2, global_crop=64, local_crop=32,
+                    n_local=2),
 }
 
 
@@ -51,7 +66,7 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
 
 def variant_config(name: str):
     spec = VARIANTS[name]
-    config = stage1.get_config(spec["config"])
+    config = STAGES[name.split("-")[0]].get_config(spec["config"])
     if "backbone" in spec:
         config.model.update(common.BACKBONES[spec["backbone"]])
         config.heads.update(common.HEADS[spec["heads"]])
@@ -63,34 +78,30 @@ def variant_config(name: str):
     return config
 
 
-def synthetic_batch(config, patch_size: int) -> dict[str, np.ndarray]:
+def synthetic_batch(config, variant: Variant) -> dict[str, np.ndarray]:
+    """Random arrays of the pipeline's shapes; about 30% of the patches of masked crops are masked."""
     rng = np.random.default_rng(0)
-    b, d = config.global_batch_size, config.data
-    n_tokens = (d.global_crop_size // patch_size) ** 2
-    masks = np.zeros((b, d.n_global_crops, n_tokens), bool)
-    masks[:, 0, : int(0.3 * n_tokens)] = True  # one masked global crop per sample, as the pipeline does
-    return {"global_crops": rng.standard_normal((b, d.n_global_crops, d.global_crop_size, d.global_crop_size, 1),
-                                                np.float32),
-            "local_crops": rng.standard_normal((b, d.n_local_crops, d.local_crop_size, d.local_crop_size, 1),
-                                               np.float32),
-            f"masks_p{patch_size}": masks}
+    return {k: (rng.random(v.shape) < 0.3) if v.dtype == np.bool_ else rng.standard_normal(v.shape).astype(v.dtype)
+            for k, v in plan.abstract_batch(config, variant).items()}
+
+
+def tokens_per_step(config, patch_size: int) -> int:
+    dims = 3 if config.data.kind == "volumes3d" else 2
+    d = config.data
+    return config.global_batch_size * (d.n_global_crops * (d.global_crop_size // patch_size) ** dims
+                                       + d.n_local_crops * (d.local_crop_size // patch_size) ** dims)
 
 
 def bench_variant(name: str, patch_size: int, steps: int, peak: float) -> dict:
     config = variant_config(name)
+    variant = Variant(patch_size)
     mesh = sharding.make_mesh(config.mesh)
     with sharding.activate(mesh, config.sharding_rules):
         program = trainer.build_program(config, mesh)
+        plan_row, compiled = plan.compile_variant(config, program, variant)
         state = jax.jit(program.init_state, out_shardings=program.state_shardings)()
-        local = dino.step_batch(synthetic_batch(config, patch_size), Variant(patch_size))
-        batch = trainer.global_batch(mesh, local)
-        t0 = time.perf_counter()
-        compiled = program.train_step(config, Variant(patch_size), local).lower(state, batch).compile()
-        compile_s = time.perf_counter() - t0
-        cost = compiled.cost_analysis()
-        flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", float("nan")))
-        memory = compiled.memory_analysis()
-        state, metrics = compiled(state, batch)
+        batch = trainer.global_batch(mesh, synthetic_batch(config, variant))
+        state, metrics = compiled(state, batch)  # warm-up
         jax.block_until_ready(metrics)
         times = []
         for _ in range(steps):
@@ -99,35 +110,52 @@ def bench_variant(name: str, patch_size: int, steps: int, peak: float) -> dict:
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
+    flops = plan_row["flops_per_step"]
+    tokens = tokens_per_step(config, patch_size)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(program.abstract_state["params"]))
-    return {"variant": name, "patch_size": patch_size, "dim": config.model.dim, "depth": config.model.depth,
-            "params": n_params, "global_batch": config.global_batch_size,
-            "crops": f"{config.data.n_global_crops}x{config.data.global_crop_size}+"
-                     f"{config.data.n_local_crops}x{config.data.local_crop_size}",
-            "compile_s": round(compile_s, 2), "step_s": round(step_s, 4),
-            "samples_per_s": round(config.global_batch_size / step_s, 2),
-            "flops_per_step": flops, "achieved_flops": flops / step_s, "utilisation_vs_matmul_peak": flops / step_s / peak,
-            "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
-            "argument_bytes": getattr(memory, "argument_size_in_bytes", None),
+    d = config.data
+    crop = "^3" if d.kind == "volumes3d" else "^2"
+    return {"variant": name, "stage": config.stage, "patch_size": patch_size, "dim": config.model.dim,
+            "depth": config.model.depth, "prototypes": config.heads.num_prototypes, "params": n_params,
+            "global_batch": config.global_batch_size,
+            "crops": f"{d.n_global_crops}x{d.global_crop_size}{crop}+{d.n_local_crops}x{d.local_crop_size}{crop}",
+            "compile_s": plan_row["compile_s"], "step_s": round(step_s, 4),
+            "samples_per_s": round(config.global_batch_size / step_s, 3),
+            "tokens_per_step": tokens, "tokens_per_s": round(tokens / step_s, 1),
+            "flops_per_step": flops, "achieved_flops": flops / step_s,
+            "utilisation_vs_matmul_peak": flops / step_s / peak,
+            "peak_bytes_per_device": plan_row["memory_per_device"]["peak"],
+            "temp_bytes_per_device": plan_row["memory_per_device"]["temp"],
             "loss": float(metrics["loss"])}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default="demo,small", help=f"comma list of {sorted(VARIANTS)}")
+    parser.add_argument("--variants", default="s1-small,s1-base,s2-small,s2-base",
+                        help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--patch-sizes", default="16,8")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
     parser.add_argument("--out", default=None, help="write the JSON result here as well as to stdout")
     args = parser.parse_args(argv)
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    if args.steps < 1:
+        parser.error("--steps must be >= 1")
+    patch_sizes = [int(x) for x in args.patch_sizes.split(",")]
     peak = matmul_peak_flops()
-    rows = []
-    for name in args.variants.split(","):
-        for p in (int(x) for x in args.patch_sizes.split(",")):
+    rows, progress = [], Progress(len(names) * len(patch_sizes), "train-step benchmark")
+    for name in names:
+        for p in patch_sizes:
             row = bench_variant(name, p, args.steps, peak)
             print(json.dumps(row), file=sys.stderr)
             rows.append(row)
-    result = {"benchmark": "stage1_train_step", "device": jax.devices()[0].device_kind,
+            progress.advance(1, f"{name} p{p}: {row['step_s']:.2f} s/step")
+    progress.close()
+    result = {"benchmark": "train_step", "device": jax.devices()[0].device_kind,
               "platform": jax.default_backend(), "num_devices": jax.device_count(), "host": platform.machine(),
+              "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
               "matmul_peak_flops": peak, "date": time.strftime("%Y-%m-%d"), "rows": rows}
     text = json.dumps(result, indent=1)
     print(text)

@@ -5,12 +5,21 @@ SLURM); on a plain CPU box it raises (jax_stack.md §A6). So we initialise only 
 - `FLEXICT_COORDINATOR=host:port FLEXICT_NUM_PROCESSES=N FLEXICT_PROCESS_ID=i` (launch/local_multiprocess.sh,
   multi-GPU launchers): explicit initialisation, gloo collectives on CPU;
 - `FLEXICT_DISTRIBUTED=auto` (launch/tpu_pod.sh): let JAX discover the pod.
+
+After that, the trainer's multi-host contract is: every process feeds its own rows of each global batch
+(`jax.make_array_from_process_local_data`), draws the same step variant from (seed, step), meets the others at
+`barrier` after compiling a variant, saves checkpoints together (Orbax), and stops at the step JAX's
+preemption sync service picks when any process gets SIGTERM.
 """
 from __future__ import annotations
 
 import os
 
 import jax
+import orbax.checkpoint as ocp
+
+# Long enough for the slowest host to compile a ViT-L step variant from scratch.
+BARRIER_TIMEOUT_S = 1800
 
 
 def maybe_initialize() -> None:
@@ -30,3 +39,15 @@ def maybe_initialize() -> None:
                                    process_id=process_id, initialization_timeout=300)
     elif os.environ.get("FLEXICT_DISTRIBUTED") == "auto":
         jax.distributed.initialize(initialization_timeout=300)
+
+
+def barrier(name: str, *, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
+    """Blocks until every process has reached the barrier `name`; a no-op in a single process.
+
+    A coordination-service barrier, not a device collective: CPU (gloo) collectives give up when a peer has not
+    joined within 30 s (jaxlib's fixed rendezvous timeout), which a host still compiling a step variant easily
+    exceeds, so hosts meet here between compiling and running. A name that differs between hosts (e.g. they drew
+    different variants) makes every host time out with that name in the error instead of hanging in a step.
+    """
+    if jax.process_count() > 1:
+        ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)

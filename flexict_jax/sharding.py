@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -23,6 +24,7 @@ LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh; one entry of `shape` may be -1 to take the remaining devices.
 
+    Devices from several TPU slices get a hybrid mesh whose "data" axis spans the slices.
     Axis types are Auto on purpose: `jax.make_mesh` defaults to Explicit axes since jax 0.9, which makes
     GSPMD-style code fail with ShardingTypeError (jax_stack.md §A6).
     """
@@ -39,10 +41,19 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
         raise ValueError(f"config.mesh {tuple(shape)} needs {math.prod(shape)} devices, {len(devices)} available")
-    device_array = np.asarray(devices).reshape(shape)
-    if jax.process_count() == 1 and devices == jax.devices():
-        from jax.experimental import mesh_utils
+    num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if num_slices > 1:
+        # Multi-slice (jax_stack.md §C4): only "data" crosses the slow links between slices (DCN); fsdp and
+        # tensor stay inside a slice (ICI). The data axis is the slices times any data parallelism within one.
+        if shape[0] % num_slices:
+            raise ValueError(f"config.mesh {tuple(shape)}: the devices span {num_slices} slices, so the data axis "
+                             f"must be a multiple of {num_slices}, e.g. config.mesh=({num_slices},-1,1)")
+        device_array = mesh_utils.create_hybrid_device_mesh(
+            (shape[0] // num_slices, *shape[1:]), (num_slices, 1, 1), devices=devices)
+    elif jax.process_count() == 1 and devices == jax.devices():
         device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+    else:
+        device_array = np.asarray(devices).reshape(shape)
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -75,19 +86,38 @@ def named_sharding_tree(mesh: Mesh, spec_tree: Any) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree, is_leaf=lambda s: isinstance(s, P))
 
 
+def parameter_group(path: tuple) -> str:
+    """The report group of a parameter: its top-level module ("backbone", "dino_head", ...), with the repeated
+    transformer blocks as a group of their own ("backbone/blocks") since they dominate the model's bytes."""
+    keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    return "/".join(keys[:2]) if len(keys) > 2 and keys[1] in ("blocks", "layers") else keys[0]
+
+
 def sharding_report(mesh: Mesh, abstract_params: Any, specs: Any, *, warn_bytes: int = 1 << 20) -> dict:
-    """Per-parameter placement: shape, spec and bytes per device; large replicated parameters are flagged
-    (maxtext's `sharding_tolerance` idea: anything big left unsharded wastes memory on every device)."""
-    rows, total, per_device = [], 0, 0
+    """Per-parameter and per-group placement: shape, spec and bytes per device. Large parameters left
+    replicated are flagged (maxtext's `sharding_tolerance` idea: anything big left unsharded wastes memory on
+    every device); `replicated_fraction` is the share of all parameter bytes kept whole on every device of a
+    multi-device mesh."""
+    rows, groups = [], {}
     flat_specs = dict(jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda s: isinstance(s, P))[0])
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
         spec = flat_specs[path]
         nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
         shards = math.prod(mesh.shape[a] for axes in spec if axes for a in ((axes,) if isinstance(axes, str) else axes))
-        rows.append({"param": jax.tree_util.keystr(path), "shape": list(leaf.shape), "spec": str(spec),
-                     "bytes": nbytes, "bytes_per_device": nbytes // shards,
+        group = parameter_group(path)
+        rows.append({"param": jax.tree_util.keystr(path), "group": group, "shape": list(leaf.shape),
+                     "spec": str(spec), "bytes": nbytes, "bytes_per_device": nbytes // shards,
                      "replicated_large": shards == 1 and nbytes >= warn_bytes and mesh.size > 1})
-        total += nbytes
-        per_device += nbytes // shards
-    return {"mesh": dict(mesh.shape), "total_bytes": total, "bytes_per_device": per_device,
-            "large_replicated": [r["param"] for r in rows if r["replicated_large"]], "params": rows}
+        totals = groups.setdefault(group, {"params": 0, "bytes": 0, "bytes_per_device": 0, "replicated_bytes": 0})
+        totals["params"] += 1
+        totals["bytes"] += nbytes
+        totals["bytes_per_device"] += nbytes // shards
+        totals["replicated_bytes"] += nbytes if shards == 1 and mesh.size > 1 else 0
+    total = sum(g["bytes"] for g in groups.values())
+    replicated = sum(g["replicated_bytes"] for g in groups.values())
+    return {"mesh": dict(mesh.shape), "total_bytes": total,
+            "bytes_per_device": sum(g["bytes_per_device"] for g in groups.values()),
+            "replicated_fraction": replicated / total if total else 0.0,
+            "warn_bytes": warn_bytes,
+            "large_replicated": [r["param"] for r in rows if r["replicated_large"]],
+            "groups": groups, "params": rows}

@@ -22,7 +22,10 @@ def build_dataset(config: mlc.ConfigDict, *, process_index: int, process_count: 
     if kind == "volumes3d":
         from flexict_jax.data import pipeline3d
         return pipeline3d.build_stage2_dataset(data, **common)
-    raise ValueError(f"config.data.kind={kind!r} is not one of: slices2d, slices2d_hires, volumes3d")
+    if kind == "reports3d":
+        from flexict_jax.data import pipeline_align
+        return pipeline_align.build_align_dataset(data, config.text, **common)
+    raise ValueError(f"config.data.kind={kind!r} is not one of: slices2d, slices2d_hires, volumes3d, reports3d")
 
 
 def _resolution_probs(config: mlc.ConfigDict) -> tuple[float, ...]:

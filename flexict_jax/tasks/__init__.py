@@ -7,6 +7,11 @@ A task module provides:
           gram_teacher=None) -> (loss, terms)
   after_update(params) -> params                     e.g. clamping the CLIP logit scale after each step
   step_batch(local_batch, variant) -> dict           the arrays one step needs, for its variant
+  initial_params(config, params) -> params           a new run's student after init or hand-off, e.g. with
+                                                     imported text-tower weights; it may replace only parts
+                                                     the teacher does not track
+  evaluator(config, program) -> callable | None      in-training evaluation: state -> {name: scalar}, called
+                                                     every config.eval.every_steps steps; None = none
 """
 from __future__ import annotations
 

@@ -156,3 +156,14 @@ def teacher_params(params: Params) -> Params:
 
 def after_update(params: Params) -> Params:
     return params
+
+
+def initial_params(config: mlc.ConfigDict, params: Params) -> Params:
+    del config
+    return params
+
+
+def evaluator(config: mlc.ConfigDict, program: Any) -> None:
+    """Stages 1-2 have no in-training evaluation."""
+    del config, program
+    return None

@@ -1,0 +1,109 @@
+"""Stage-3 evaluation during training, on a held-out split (issue #4 item 6; protocol of recipe §11.6).
+
+Every `config.eval.every_steps` steps the trainer calls a `Stage3Evaluator` with the current state:
+
+  - image->text retrieval: each volume's embedding (its centred global crop, unmasked, eval mode) against the
+    embeddings of all the split's reports (`pipeline_align.report_text`): Recall@1/5/10;
+  - zero-shot classification: for every finding the split's records carry labels for (CT-RATE's label columns,
+    or the structures and lesions of pseudo-reports), the prompt pair "{finding}." / "No {finding}." scored at
+    the model's logit scale; AUC per finding and their mean (`retrieval.zero_shot_auc`).
+
+Embeddings use the *student* backbone, projection and text tower: the VLM head is trained against student
+features (recipe §8), so pairing it with the EMA backbone would measure the export's mismatch (recipe §13 #16),
+not training progress. Metrics come back as "eval/..." scalars for the trainer's metric writer; findings with a
+single class in the split have no AUC and are left out.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import jax
+import ml_collections as mlc
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from flexict_jax import trainer
+from flexict_jax.data import pipeline_align
+from flexict_jax.evals import retrieval
+from flexict_jax.tasks.dino import _flatten_crops, _merge
+
+
+def _embed_pairs(params: dict[str, Any], crops: jax.Array, tokens: jax.Array, mask: jax.Array, *,
+                 graphdef: nnx.GraphDef, abstract_state: nnx.State,
+                 patch_size: int) -> tuple[jax.Array, jax.Array]:
+    """(image embeddings, report embeddings) [B, E] of global crops [B, 1, G, G, G, 1] and report tokens."""
+    model = _merge(graphdef, abstract_state, params)
+    out = model.backbone(_flatten_crops(crops), patch_size=patch_size, train=False)
+    return model.embed_image(out["cls"], out["patch"]), model.embed_text(tokens, mask)
+
+
+def _embed_texts(params: dict[str, Any], tokens: jax.Array, mask: jax.Array, *, graphdef: nnx.GraphDef,
+                 abstract_state: nnx.State) -> jax.Array:
+    return _merge(graphdef, abstract_state, params).embed_text(tokens, mask)
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A replicated array as numpy on every process (each device holds all of it)."""
+    return np.asarray(x.addressable_data(0))
+
+
+class Stage3Evaluator:
+    """Built once per run (data, prompt tokens, compiled embedding functions); `evaluator(state)` -> metrics.
+
+    Config `eval`: split (a split of the reports dir, "" = records without a split), batch_size (global;
+    divisible by the device and process counts), patch_size (one of config.patch_sizes), max_examples (None =
+    the whole split). `program` is the trainer's `Program`; call inside its mesh context.
+    """
+
+    def __init__(self, config: mlc.ConfigDict, program: Any):
+        eval_cfg = config.eval
+        batch, processes = int(eval_cfg.batch_size), jax.process_count()
+        if batch < 1 or batch % jax.device_count() or batch % processes:
+            raise ValueError(f"config.eval.batch_size={batch} must be a positive multiple of the device count "
+                             f"({jax.device_count()}) and the process count ({processes})")
+        self.dataset, records = pipeline_align.build_eval_dataset(
+            config.data, config.text, split=str(eval_cfg.split), batch_size=batch // processes,
+            patch_size=int(eval_cfg.patch_size), process_index=jax.process_index(), process_count=processes,
+            max_examples=eval_cfg.max_examples)
+        self.mesh = program.mesh
+        self.n_examples = len(records)
+        self.findings = sorted({name for record in records for name in record["finding_labels"]})
+        self.labels = np.array([[record["finding_labels"].get(f, -1) for f in self.findings] for record in records],
+                               np.int32).reshape(self.n_examples, len(self.findings))
+        replicated = NamedSharding(self.mesh, P())
+        positive, negative = retrieval.zero_shot_prompts(self.findings)
+        tokenizer = pipeline_align.load_text_tokenizer(config.text, config.data.dir)
+        # Prompts are short sentences, as OSL's; every process holds the same tokens, replicated.
+        self.prompts = jax.device_put(tokenizer.encode_batch(positive + negative, int(config.text.osl_len)),
+                                      replicated)
+        model = dict(graphdef=program.graphdef, abstract_state=program.abstract_params)
+        self._embed_pairs = jax.jit(functools.partial(_embed_pairs, **model, patch_size=int(eval_cfg.patch_size)),
+                                    out_shardings=replicated)
+        self._embed_texts = jax.jit(functools.partial(_embed_texts, **model), out_shardings=replicated)
+
+    def __call__(self, state: dict[str, Any]) -> dict[str, float]:
+        start = time.monotonic()
+        params = state["params"]
+        images, reports = [], []
+        for local in self.dataset:  # every global batch is held out examples [t·B, (t+1)·B) in order
+            batch = trainer.global_batch(self.mesh, local)
+            image_emb, report_emb = self._embed_pairs(params, batch["global_crops"], batch["caption_tokens"],
+                                                      batch["caption_mask"])
+            images.append(_host(image_emb))
+            reports.append(_host(report_emb))
+        images = np.concatenate(images)[:self.n_examples]  # the rest is padding to whole batches
+        reports = np.concatenate(reports)[:self.n_examples]
+        metrics: dict[str, float] = {"eval/examples": self.n_examples}
+        metrics.update({f"eval/{k}": v for k, v in retrieval.recall_at_k(images, reports).items()})
+        if self.findings:
+            prompts = _host(self._embed_texts(params, *self.prompts))
+            positive, negative = np.split(prompts, 2)
+            scale = float(np.exp(_host(params["logit_scale"])))
+            probabilities = retrieval.zero_shot_probabilities(images, positive, negative, scale)
+            auc = retrieval.zero_shot_auc(probabilities, self.labels, self.findings)
+            metrics.update({f"eval/{k}": v for k, v in auc.items() if k == "zero_shot_auc" or np.isfinite(v)})
+        metrics["eval/seconds"] = time.monotonic() - start
+        return metrics

@@ -1,0 +1,213 @@
+r"""Pre-flight planner: compile every step variant of a config without running it, and report per-device memory,
+FLOPs and compile time — and whether the config fits the device memory.
+
+    python -m flexict_jax.plan --config=configs/stage1.py[:variant] [--mesh=1,-1,1] [--devices=N] \
+        [--device-memory-gb=G] [--out=plan.json] [--config.KEY=VALUE ...]
+
+On an accelerator host it compiles for the real devices. `--devices=N` instead plans for N devices on the CPU
+(N fake CPU devices, the same mesh and shardings as N chips), which shows how the state and activations split
+over a pod from a laptop; CPU and TPU/GPU compilers fuse and lay out buffers differently, so treat those numbers
+as an estimate and re-plan on the target when it is close. Nothing is allocated: the state and the batch are
+abstract (`jax.ShapeDtypeStruct`) and the step is only lowered and compiled.
+
+Per-device peak = arguments + outputs − aliased (the donated state is reused for the new one) + temporaries,
+from XLA's buffer assignment (`compiled.memory_analysis()`); tests/test_plan.py checks it against the measured
+peak of a real step on the CPU. Exit status: 0, or 1 on a bad config and when a variant does not fit.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/stage1.py:demo",
+                                          lock_config=True)
+_MESH = flags.DEFINE_string("mesh", None, "Mesh (data,fsdp,tensor) to plan for, e.g. 1,-1,1; default config.mesh")
+_DEVICES = flags.DEFINE_integer("devices", None, "Plan for this many fake CPU devices instead of the local devices")
+_MEMORY = flags.DEFINE_float("device-memory-gb", None, "Memory per device in GiB; default: what the device "
+                             "reports (accelerators), none on CPU")
+_HEADROOM = flags.DEFINE_float("headroom", 0.1, "Fraction of device memory kept free for the runtime, "
+                               "fragmentation and the input pipeline's device buffers")
+_OUT = flags.DEFINE_string("out", None, "Also write the plan as JSON to this file")
+flags.mark_flags_as_required(["config"])
+
+GIB = 2**30
+
+
+def abstract_batch(config, variant) -> dict[str, Any]:
+    """The global batch one step of `variant` takes, as `jax.ShapeDtypeStruct`s: the arrays the stage's data
+    pipeline delivers (see its `build_*_dataset` docstring), narrowed by the task's `step_batch`."""
+    import jax
+    import numpy as np
+    from flexict_jax import tasks
+    from flexict_jax.data import datasets
+
+    data, batch = config.data, config.global_batch_size
+    volumes = data.kind in ("volumes3d", "reports3d")
+    dims = 3 if volumes else 2
+    global_size, local_size = datasets.crop_sizes(config)[variant.resolution_index]
+    n_global = 1 if data.kind == "reports3d" else data.n_global_crops  # stage 3 takes one global view
+
+    def crops(n: int, size: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((batch, n, *(size,) * dims, 1), np.float32)
+
+    full = {"global_crops": crops(n_global, global_size), "local_crops": crops(data.n_local_crops, local_size)}
+    for p in config.patch_sizes:
+        full[f"masks_p{p}"] = jax.ShapeDtypeStruct((batch, n_global, (global_size // p) ** dims), np.bool_)
+    if data.get("resolutions", None) and len(data.resolutions[variant.resolution_index]) > 2:
+        full["gram_crops"] = crops(n_global, int(data.resolutions[variant.resolution_index][2]))
+    if data.kind == "reports3d":
+        text = config.text
+        full.update(caption_tokens=jax.ShapeDtypeStruct((batch, text.caption_len), np.int32),
+                    caption_mask=jax.ShapeDtypeStruct((batch, text.caption_len), np.bool_))
+        for kind in ("pos", "neg"):
+            full[f"osl_{kind}_tokens"] = jax.ShapeDtypeStruct((batch, text.osl_pairs, text.osl_len), np.int32)
+            full[f"osl_{kind}_mask"] = jax.ShapeDtypeStruct((batch, text.osl_pairs, text.osl_len), np.bool_)
+        full["osl_labels"] = jax.ShapeDtypeStruct((batch, text.osl_pairs), np.int32)
+    return tasks.get(config).step_batch(full, variant)
+
+
+def compile_variant(config, program, variant) -> tuple[dict[str, Any], Any]:
+    """Lowers and compiles one step variant against the abstract state; returns its plan row and the compiled
+    executable (which can run on real arrays of the same shapes)."""
+    batch = abstract_batch(config, variant)
+    step = program.train_step(config, variant, batch)
+    start = time.perf_counter()
+    lowered = step.lower(program.abstract_state, batch)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    done = time.perf_counter()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}
+    sizes = {name: int(getattr(memory, f"{name}_size_in_bytes")) for name in
+             ("argument", "output", "alias", "temp", "generated_code")}
+    peak = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] + sizes["generated_code"]
+    num_devices = program.mesh.size
+    row = {"variant": {"patch_size": variant.patch_size, "resolution_index": variant.resolution_index},
+           "batch": {k: [list(v.shape), str(v.dtype)] for k, v in batch.items()},
+           "memory_per_device": {**sizes, "peak": peak},
+           "flops_per_device": float(cost.get("flops", float("nan"))),
+           "flops_per_step": float(cost.get("flops", float("nan"))) * num_devices,
+           "lower_s": round(lowered_at - start, 2), "compile_s": round(done - lowered_at, 2)}
+    return row, compiled
+
+
+def device_memory_bytes(device) -> int | None:
+    """What an accelerator reports as its memory limit; None on the CPU (host memory, shared by all fake
+    devices)."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def plan(config, mesh_shape, *, device_memory: int | None = None, headroom: float = 0.1) -> dict[str, Any]:
+    """Compiles every step variant of `config` on a `mesh_shape` mesh of the local devices; the plan as a dict."""
+    import jax
+    from flexict_jax import sharding, trainer
+    from flexict_jax.data import datasets
+
+    mesh = sharding.make_mesh(mesh_shape)
+    if config.global_batch_size % mesh.size:
+        raise ValueError(f"config.global_batch_size={config.global_batch_size} is not divisible by the "
+                         f"{mesh.size} devices of mesh {dict(mesh.shape)}")
+    device = jax.devices()[0]
+    device_memory = device_memory if device_memory is not None else device_memory_bytes(device)
+    with sharding.activate(mesh, config.sharding_rules):
+        start = time.perf_counter()
+        program = trainer.build_program(config, mesh)
+        build_s = time.perf_counter() - start
+        report = sharding.sharding_report(mesh, program.abstract_state["params"], program.param_specs)
+        state_bytes = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(program.abstract_state))
+        rows = []
+        for variant in datasets.step_variants(config):
+            row, _ = compile_variant(config, program, variant)
+            if device_memory:
+                row["fits"] = row["memory_per_device"]["peak"] <= (1 - headroom) * device_memory
+            rows.append(row)
+    return {"stage": config.stage, "mesh": dict(mesh.shape), "device_kind": device.device_kind,
+            "platform": device.platform, "num_devices": mesh.size, "global_batch_size": config.global_batch_size,
+            "device_memory_bytes": device_memory, "headroom": headroom, "build_s": round(build_s, 2),
+            "params": {"total_bytes": report["total_bytes"], "bytes_per_device": report["bytes_per_device"],
+                       "replicated_fraction": report["replicated_fraction"], "groups": report["groups"],
+                       "large_replicated": report["large_replicated"]},
+            "state_bytes": state_bytes, "variants": rows}
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
+def format_plan(result: dict[str, Any]) -> str:
+    """The plan as the human-readable text the CLI prints."""
+    params = result["params"]
+    lines = [f"{result['stage']}: mesh {result['mesh']} on {result['num_devices']} x {result['device_kind']} "
+             f"({result['platform']}), global batch {result['global_batch_size']}",
+             f"parameters {_size(params['total_bytes'])}, {_size(params['bytes_per_device'])} per device "
+             f"({100 * params['replicated_fraction']:.1f}% of the bytes replicated); train state (student, "
+             f"teacher, optimizer) {_size(result['state_bytes'])} in all"]
+    for name, group in params["groups"].items():
+        lines.append(f"  {name:<16} {group['params']:4d} arrays {_size(group['bytes']):>11}, "
+                     f"{_size(group['bytes_per_device']):>11} per device")
+    for name in params["large_replicated"]:
+        lines.append(f"  WARNING: {name} is large and replicated on every device; check config.sharding_rules")
+    limit = result["device_memory_bytes"]
+    for row in result["variants"]:
+        m, v = row["memory_per_device"], row["variant"]
+        lines += [f"variant patch {v['patch_size']}, resolution {v['resolution_index']}: "
+                  f"compile {row['compile_s']:.1f} s (+ lower {row['lower_s']:.1f} s), "
+                  f"{row['flops_per_step'] / 1e9:,.1f} GFLOP per step, {row['flops_per_device'] / 1e9:,.1f} per "
+                  f"device",
+                  f"  per device: arguments {_size(m['argument'])}, outputs {_size(m['output'])}, aliased "
+                  f"{_size(m['alias'])}, temporaries {_size(m['temp'])}, code {_size(m['generated_code'])}",
+                  f"  peak per device {_size(m['peak'])}"
+                  + (f" of {_size(limit)}" if limit else " (no device memory given: --device-memory-gb)")]
+        if "fits" in row:
+            usable = (1 - result["headroom"]) * limit
+            lines.append("  fits" if row["fits"] else
+                         f"  DOES NOT FIT: needs {_size(m['peak'])} per device, {_size(usable)} usable "
+                         f"({100 * (1 - result['headroom']):.0f}% of {_size(limit)}). Use more devices (fsdp), a "
+                         f"smaller global batch, or config.model.remat=True.")
+    return "\n".join(lines)
+
+
+def _mesh_flag(value: str | None, default) -> tuple[int, ...]:
+    if value is None:
+        return tuple(default)
+    try:
+        return tuple(int(x) for x in value.strip("()").split(","))
+    except ValueError as e:
+        raise app.UsageError(f"--mesh={value!r}: expected comma-separated integers such as 1,-1,1") from e
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+    if _DEVICES.value is not None:
+        if _DEVICES.value < 1:
+            raise app.UsageError(f"--devices must be positive, got {_DEVICES.value}")
+        # Before the first backend use: N fake CPU devices stand in for N chips.
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", _DEVICES.value)
+    config = _CONFIG.value
+    memory = int(_MEMORY.value * GIB) if _MEMORY.value is not None else None
+    try:
+        result = plan(config, _mesh_flag(_MESH.value, config.mesh), device_memory=memory,
+                      headroom=_HEADROOM.value)
+    except (ValueError, KeyError) as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(format_plan(result))
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump(result, f, indent=1)
+    sys.exit(0 if all(row.get("fits", True) for row in result["variants"]) else 1)
+
+
+if __name__ == "__main__":
+    app.run(main)

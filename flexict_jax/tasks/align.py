@@ -1,0 +1,213 @@
+"""The stage-3 alignment task ("TIPS + OSL"): report-guided vision-language training — recipe §2.5, §8.
+
+The student is the stage-2 model (backbone, DINO and iBOT heads, continued from the stage-2 EMA teacher) plus
+the vision-language parts of `models.vlm`: a text tower (trained from scratch on the reports' sentencepiece
+vocabulary, or the Qwen3-Embedding port imported from a local Hugging Face folder), the vision projection and
+the logit scale, all top-level so that each is its own clip and parameter group (recipe §4, §8). The EMA
+teacher tracks the image side only.
+
+Loss (recipe §8): L = 0.5·DINO-local + 1.0·iBOT + 1.0·CLIP + 0.5·OSL, no KoLeo, no global DINO term. The
+student sees its single global crop masked (RCC-3D, half the samples) and the local crops; the teacher the
+unmasked global crop. The image embedding comes from the masked student global crop as upstream does
+(`loss.clip_from_masked`); SigLIP can replace CLIP (`loss.contrastive`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from flexict_jax import checkpointing
+from flexict_jax.data import pipeline_align
+from flexict_jax.losses import contrastive, dino, ibot, sinkhorn
+from flexict_jax.models import qwen3, vlm
+from flexict_jax.models.text_encoder import TextEncoder
+from flexict_jax.tasks.dino import DinoModel, _crops_first, _flatten_crops, _merge, masked_token_capacity
+from flexict_jax.variants import Variant
+
+Params = dict[str, Any]
+CONTRASTIVE_LOSSES = ("clip", "siglip")
+IMAGE_PARTS = ("backbone", "dino_head", "ibot_head")
+# SigLIP's initialisation (Zhai et al. 2023): t' = ln 10, b = -10.
+SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT = math.log(10.0), -10.0
+
+
+class AlignModel(DinoModel, vlm.VisionLanguageHead):
+    """The stage-2 model plus the VLM head's parts at the top level: backbone, dino_head, ibot_head, text_tower,
+    vision_projection, logit_scale (and text_projection when the tower's width differs from the embedding
+    width, logit_bias for SigLIP)."""
+
+    def __init__(self, model: Mapping[str, Any], heads: Mapping[str, Any], text_tower: TextEncoder, *,
+                 embed_dim: int | None, contrastive_loss: str, rngs: nnx.Rngs):
+        DinoModel.__init__(self, model, heads, rngs=rngs)
+        siglip = contrastive_loss == "siglip"
+        vlm.VisionLanguageHead.__init__(
+            self, text_tower, vision_width=model["dim"], embed_dim=embed_dim,
+            logit_scale_init=SIGLIP_LOGIT_SCALE_INIT if siglip else vlm.LOGIT_SCALE_INIT,
+            logit_bias_init=SIGLIP_LOGIT_BIAS_INIT if siglip else None, rngs=rngs)
+
+
+def check_config(config: mlc.ConfigDict) -> None:
+    """Stage-3 keys the trainer does not know about; errors name the key and the fix."""
+    text, loss = config.text, config.loss
+    if text.tower not in pipeline_align.TEXT_TOWERS:
+        raise ValueError(f"config.text.tower={text.tower!r} must be one of {pipeline_align.TEXT_TOWERS}")
+    if text.tower == "qwen3" and not text.hf_folder:
+        raise ValueError("config.text.tower='qwen3' needs --config.text.hf_folder=DIR, a local Hugging Face "
+                         "Qwen3(-Embedding) folder (config.json, *.safetensors, tokenizer.json); nothing is "
+                         "downloaded. Or train a tower from scratch: --config.text.tower=scratch")
+    if loss.contrastive not in CONTRASTIVE_LOSSES:
+        raise ValueError(f"config.loss.contrastive={loss.contrastive!r} must be one of {CONTRASTIVE_LOSSES}")
+    if loss.contrastive == "siglip" and not ("logit_bias" in config.optim.unclipped
+                                             and "logit_bias" in config.optim.get("no_weight_decay", ())):
+        raise ValueError("config.loss.contrastive='siglip' adds a logit bias that must be unclipped and "
+                         "undecayed like the logit scale: use --config=configs/stage3.py:VARIANT,contrastive=siglip")
+    if config.get("eval") and config.eval.every_steps and config.eval.patch_size not in config.patch_sizes:
+        raise ValueError(f"config.eval.patch_size={config.eval.patch_size} must be one of config.patch_sizes="
+                         f"{tuple(config.patch_sizes)}")
+
+
+def _qwen3_config(folder: str) -> qwen3.Qwen3Config:
+    """The architecture of the local Qwen3 folder (its config.json; the weights are read by `initial_params`)."""
+    path = pathlib.Path(folder) / qwen3.CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"config.text.hf_folder={folder}: no {qwen3.CONFIG_FILE} (nothing is downloaded)")
+    try:
+        return qwen3.Qwen3Config.from_hf_dict(json.loads(path.read_text()), source=str(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from e
+
+
+def _text_tower(config: mlc.ConfigDict, rngs: nnx.Rngs) -> TextEncoder:
+    text = config.text
+    vocab_size = pipeline_align.load_text_tokenizer(text, config.data.dir).vocab_size
+    if text.tower == "qwen3":
+        tower_config = _qwen3_config(text.hf_folder)
+        if vocab_size > tower_config.vocab_size:
+            raise ValueError(f"config.text: the tokenizer has {vocab_size} ids but the Qwen3 embedding of "
+                             f"{text.hf_folder} only {tower_config.vocab_size}")
+        return qwen3.qwen3_encoder(tower_config, remat=text.remat, rngs=rngs)
+    return TextEncoder(vocab_size=vocab_size, **text.scratch.to_dict(), remat=text.remat, rngs=rngs)
+
+
+def build_model(config: mlc.ConfigDict, seed: int) -> AlignModel:
+    check_config(config)
+    rngs = nnx.Rngs(seed)
+    return AlignModel(config.model.to_dict(), config.heads.to_dict(), _text_tower(config, rngs),
+                      embed_dim=config.text.embed_dim, contrastive_loss=config.loss.contrastive, rngs=rngs)
+
+
+def initial_params(config: mlc.ConfigDict, params: Params) -> Params:
+    """A new run's student with the Qwen3 text tower's imported weights (`text.tower = "qwen3"`, recipe §2.5);
+    the from-scratch tower keeps its random initialisation. Arrays keep the shardings of `params`."""
+    if config.text.tower != "qwen3":
+        return params
+    folder = config.text.hf_folder
+    _, weights = qwen3.load_hf_folder(folder)
+    like = params["text_tower"]
+    tower = checkpointing.conform(weights, like, what=f"config.text.hf_folder={folder}")
+    logging.info("text tower: Qwen3 weights from %s", folder)
+    return {**params, "text_tower": jax.device_put(tower, jax.tree.map(lambda a: a.sharding, like))}
+
+
+def step_batch(local: Mapping[str, np.ndarray], variant: Variant) -> dict[str, np.ndarray]:
+    """The crops, the iBOT masks of this step's patch size, and the caption and OSL tokens."""
+    batch = {"global_crops": local["global_crops"], "local_crops": local["local_crops"],
+             "masks": local[f"masks_p{variant.patch_size}"]}
+    return {**batch, **{key: local[key] for key in pipeline_align.TEXT_KEYS}}
+
+
+def _contrastive_term(model: AlignModel, image_emb: jax.Array, caption_emb: jax.Array, kind: str) -> jax.Array:
+    if kind == "siglip":
+        return contrastive.siglip_loss(image_emb, caption_emb, model.logit_scale[...], model.logit_bias[...])
+    return contrastive.clip_loss(image_emb, caption_emb, model.logit_scale[...])
+
+
+def _osl_term(model: AlignModel, image_emb: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """OSL (recipe §8); a sample's K sentences and their K negations go through the text tower in one call."""
+    n_pairs = batch["osl_labels"].shape[1]
+    tokens = jnp.concatenate([batch["osl_pos_tokens"], batch["osl_neg_tokens"]], axis=1)  # [B, 2K, L]
+    mask = jnp.concatenate([batch["osl_pos_mask"], batch["osl_neg_mask"]], axis=1)
+    sentences = model.embed_text(_flatten_crops(tokens), _flatten_crops(mask))  # sample-major: batch-sharded
+    sentences = sentences.reshape(tokens.shape[:2] + sentences.shape[-1:])
+    return contrastive.osl_loss(image_emb, sentences[:, :n_pairs], sentences[:, n_pairs:], batch["osl_labels"],
+                                model.logit_scale[...])
+
+
+def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], key: jax.Array, *,
+            graphdef: nnx.GraphDef, abstract_state: nnx.State, config: mlc.ConfigDict, patch_size: int,
+            teacher_temperature: jax.Array,
+            gram_teacher: Params | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total stage-3 loss (recipe §8) and its terms; `batch` is `step_batch`'s."""
+    if gram_teacher is not None:
+        raise ValueError("stage 3 has no Gram anchoring: set config.loss.gram_weight = 0")
+    loss_cfg, n_local = config.loss, config.data.n_local_crops
+    global_crops = _flatten_crops(batch["global_crops"])  # [B, G, G, G, 1]: one global crop per sample
+    local_crops = _flatten_crops(batch["local_crops"])
+    masks = _flatten_crops(batch["masks"])
+    token_index, token_valid, token_weight = ibot.gather_masked(
+        masks, masked_token_capacity(batch["masks"].shape, config))
+
+    def take_tokens(patch_tokens: jax.Array) -> jax.Array:
+        return patch_tokens.reshape((-1, patch_tokens.shape[-1]))[token_index]
+
+    # Teacher: eval mode, unmasked global crop. It has no text side; the student's fills those slots, unused.
+    t_model = _merge(graphdef, abstract_state, jax.lax.stop_gradient({**student, **teacher}))
+    t_out = t_model.backbone(global_crops, patch_size=patch_size, train=False)
+    t_cls_probs = _crops_first(sinkhorn.sinkhorn_knopp(t_model.dino_head(t_out["cls"]), teacher_temperature,
+                                                       n_iterations=loss_cfg.sinkhorn_iterations), 1)
+    t_patch_probs = sinkhorn.sinkhorn_knopp(t_model.ibot_head(take_tokens(t_out["patch"])), teacher_temperature,
+                                            n_iterations=loss_cfg.sinkhorn_iterations, valid=token_valid)
+
+    s_model = _merge(graphdef, abstract_state, student)
+    key_global, key_local, key_clip = jax.random.split(key, 3)
+    s_global = s_model.backbone(global_crops, patch_size=patch_size, masks=masks, train=True, key=key_global)
+    s_local = s_model.backbone(local_crops, patch_size=patch_size, train=True, key=key_local)
+    # Upstream embeds the masked global crop (recipe §8 quirk); the flag embeds an unmasked student view.
+    s_image = s_global if loss_cfg.clip_from_masked else s_model.backbone(
+        global_crops, patch_size=patch_size, train=True, key=key_clip)
+    image_emb = s_model.embed_image(s_image["cls"], s_image["patch"])
+    caption_emb = s_model.embed_text(batch["caption_tokens"], batch["caption_mask"])
+
+    tau = loss_cfg.student_temperature
+    terms = {
+        # 8 student locals vs the 1 teacher global, no global term and no pair-count scale factors (recipe §8).
+        "dino_local": dino.dino_cross_entropy(_crops_first(s_model.dino_head(s_local["cls"]), n_local),
+                                              t_cls_probs, tau),
+        "ibot": ibot.ibot_patch_loss(s_model.ibot_head(take_tokens(s_global["patch"])), t_patch_probs,
+                                     token_weight, masks.shape[0], tau),
+        loss_cfg.contrastive: _contrastive_term(s_model, image_emb, caption_emb, loss_cfg.contrastive),
+        "osl": _osl_term(s_model, image_emb, batch),
+    }
+    total = (loss_cfg.dino_weight * terms["dino_local"] + loss_cfg.ibot_weight * terms["ibot"]
+             + loss_cfg.contrastive_weight * terms[loss_cfg.contrastive] + loss_cfg.osl_weight * terms["osl"])
+    # Logged: the logit scale this step used, i.e. the clamped value after the previous step.
+    return total, {**terms, "logit_scale": student["logit_scale"]}
+
+
+def teacher_params(params: Params) -> Params:
+    """The EMA teacher tracks the image side only: backbone and both heads (recipe §8)."""
+    return {part: params[part] for part in IMAGE_PARTS}
+
+
+def after_update(params: Params) -> Params:
+    """Clamps the logit scale to [0, ln 100] after every optimizer step (recipe §2.5)."""
+    return vlm.clamp_logit_scale(params)
+
+
+def evaluator(config: mlc.ConfigDict, program: Any) -> Callable[[dict], dict[str, float]] | None:
+    """The held-out retrieval / zero-shot evaluation of `flexict_jax.evals.stage3`; None when eval.every_steps
+    is 0."""
+    if not config.eval.every_steps:
+        return None
+    from flexict_jax.evals import stage3
+    return stage3.Stage3Evaluator(config, program)

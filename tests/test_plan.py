@@ -1,0 +1,198 @@
+"""Sharding at real size and the pre-flight planner.
+
+- The recipe-size model (ViT 864×16, 65,536-prototype heads) on a 2×4 fake-device mesh, abstract (no
+  allocation): every parameter above 1 MiB is sharded and the report says so; a rule that leaves the prototype
+  layer replicated is reported. Devices of several TPU slices get the slices on the data axis.
+- The planner's abstract batch matches what the real data pipelines deliver.
+- The planner's per-device peak estimate is within 20% of the peak measured while a real step runs on the CPU.
+- The CLI prints per-device memory, FLOPs and compile time, and says (exit 1) when a config does not fit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import stage1, stage2
+from flexict_jax import plan, sharding, tasks, trainer
+from flexict_jax.data import datasets
+from flexict_jax.variants import Variant
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MIB = 2**20
+
+
+def real_size_report(rules) -> dict:
+    config = stage1.get_config()  # the recipe's model and heads
+    mesh = sharding.make_mesh((2, 4, 1))
+    with sharding.activate(mesh, rules):
+        program = trainer.build_program(config, mesh)
+        return sharding.sharding_report(mesh, program.abstract_state["params"], program.param_specs)
+
+
+def test_real_size_model_is_sharded_on_2x4_mesh():
+    report = real_size_report(stage1.get_config().sharding_rules)
+    assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    big = [p for p in report["params"] if p["bytes"] >= MIB]
+    assert len(big) > 16 * 4  # qkv, proj, fc1, fc2 of every block at least
+    unsharded = [p["param"] for p in big if p["bytes_per_device"] > p["bytes"] // 4]
+    assert unsharded == []
+    assert report["large_replicated"] == []
+    for head in ("dino_head", "ibot_head"):
+        last = next(p for p in report["params"] if p["param"] == f"['{head}']['last_layer']['kernel']")
+        assert last["shape"] == [256, 65536] and last["bytes_per_device"] == 256 * 65536 * 4 // 4
+    # Per-group totals add up, and almost nothing is left replicated (maxtext's 2% tolerance).
+    groups = report["groups"]
+    assert set(groups) == {"backbone", "backbone/blocks", "dino_head", "ibot_head"}
+    assert sum(g["bytes"] for g in groups.values()) == report["total_bytes"]
+    assert sum(g["bytes_per_device"] for g in groups.values()) == report["bytes_per_device"]
+    assert groups["backbone/blocks"]["params"] == 16 * 13
+    assert report["replicated_fraction"] < 0.02
+
+
+def test_replicated_prototype_layer_is_reported():
+    rules = [(name, None if name == "proto" else axes) for name, axes in stage1.get_config().sharding_rules]
+    report = real_size_report(rules)
+    assert sorted(report["large_replicated"]) == ["['dino_head']['last_layer']['kernel']",
+                                                  "['ibot_head']['last_layer']['kernel']"]
+    assert report["groups"]["dino_head"]["replicated_bytes"] >= 256 * 65536 * 4
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeChip:
+    """Enough of a jax.Device for mesh construction (no TPU coordinates, so slices are laid out in id order)."""
+    id: int
+    slice_index: int
+    process_index: int
+    device_kind: str = "fake"
+    platform: str = "cpu"
+
+
+def test_multislice_mesh_spans_slices_with_the_data_axis():
+    chips = [FakeChip(i, slice_index=i // 4, process_index=i // 2) for i in range(8)]  # 2 slices, 2 hosts each
+    mesh = sharding.make_mesh((2, -1, 1), chips)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    slices = np.vectorize(lambda chip: chip.slice_index)(mesh.devices)
+    assert (slices[0] == 0).all() and (slices[1] == 1).all()  # fsdp collectives stay inside a slice
+    with pytest.raises(ValueError, match=r"multiple of 2, e.g. config.mesh=\(2,-1,1\)"):
+        sharding.make_mesh((1, -1, 1), chips)
+
+
+@pytest.fixture(scope="module")
+def real_ct(tmp_path_factory, ct_dir) -> dict[str, pathlib.Path]:
+    """A real CT (ts_example_ct at 3 mm): the ingested dataset (stage 2) and its axial slices (stage 1)."""
+    from data_prep import ingest, slices, volume_stats
+    root = tmp_path_factory.mktemp("plan_real_ct")
+    for main, argv in ((ingest.main, ["--input", str(ct_dir / "ts_example_ct.nii.gz"), "--output",
+                                      str(root / "dataset"), "--spacing", "3,3,3"]),
+                       (volume_stats.main, ["--dataset", str(root / "dataset")]),
+                       (slices.main, ["--dataset", str(root / "dataset"), "--output", str(root / "slices"),
+                                      "--size", "64"])):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+        assert not code
+    return {"slices": root / "slices", "dataset": root / "dataset"}
+
+
+@pytest.mark.parametrize("config_module, data_key", [(stage1, "slices"), (stage2, "dataset")])
+def test_abstract_batch_matches_the_pipeline(config_module, data_key, real_ct):
+    config = config_module.get_config("tiny")
+    config.data.dir = str(real_ct[data_key])
+    config.data.num_workers = 0
+    iterator = iter(datasets.build_dataset(config, process_index=0, process_count=1))
+    local = next(iterator)
+    for variant in datasets.step_variants(config):
+        real = tasks.get(config).step_batch(local, variant)
+        abstract = plan.abstract_batch(config, variant)
+        assert {k: (v.shape, v.dtype) for k, v in abstract.items()} == {
+            k: (v.shape, v.dtype) for k, v in real.items()}, variant
+
+
+# Runs in a fresh process with one CPU device, so the process's memory is the device's. glibc is told to mmap
+# every allocation of 64 KiB or more (MALLOC_MMAP_THRESHOLD_ also stops its adaptive threshold), so freed
+# buffers leave the resident set and new ones enter it; the kernel's peak-RSS mark (VmHWM) is reset just before
+# the step (/proc/self/clear_refs, Linux >= 4.0). Measured peak = the step's arguments (already resident: the
+# state and the batch, by their nbytes) + the rise of VmHWM during one execution after a warm-up one.
+MEASURE = r"""
+import json, re, sys, time
+import jax, numpy as np
+from configs import stage1
+from flexict_jax import plan, sharding, trainer
+from flexict_jax.variants import Variant
+
+def status(field):
+    return int(re.search(rf"{field}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+config = stage1.get_config(sys.argv[1])
+variant = Variant(int(sys.argv[2]))
+mesh = sharding.make_mesh((1, 1, 1))
+rng = np.random.default_rng(0)
+with sharding.activate(mesh, config.sharding_rules):
+    program = trainer.build_program(config, mesh)
+    row, compiled = plan.compile_variant(config, program, variant)
+    local = {k: (rng.random(v.shape) < 0.3) if v.dtype == bool else rng.standard_normal(v.shape).astype(v.dtype)
+             for k, v in plan.abstract_batch(config, variant).items()}
+    state = jax.jit(program.init_state, out_shardings=program.state_shardings)()
+    state, metrics = compiled(state, trainer.global_batch(mesh, local))  # warm-up
+    jax.block_until_ready((state, metrics))
+    batch = trainer.global_batch(mesh, local)
+    arguments = sum(x.nbytes for x in jax.tree.leaves((state, batch)))
+    time.sleep(0.2)
+    before = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    measured = status("VmHWM") - before + arguments
+print(json.dumps({"estimate": row["memory_per_device"]["peak"], "measured": measured,
+                  "arguments": arguments, "plan": row["memory_per_device"]}))
+"""
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
+@pytest.mark.parametrize("variant, patch_size", [("tiny", 8), ("demo", 16)])
+def test_planner_estimate_within_20_percent_of_measured_peak(variant, patch_size, tmp_path):
+    script = tmp_path / "measure.py"
+    script.write_text(MEASURE)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=str(REPO),
+               MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    proc = subprocess.run([sys.executable, str(script), variant, str(patch_size)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["plan"]["argument"] == result["arguments"]  # the plan's inputs are the real ones
+    assert abs(result["estimate"] - result["measured"]) <= 0.2 * result["measured"], result
+
+
+def test_cli_reports_and_says_when_it_does_not_fit(tmp_path):
+    out = tmp_path / "plan.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flexict_jax.plan", "--config=configs/stage1.py:tiny", "--devices=8",
+         "--mesh=2,-1,1", "--device-memory-gb=0.001", f"--out={out}", "--config.patch_sizes=(16,)",
+         "--config.patch_size_probs=(1.0,)"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # 1 MiB per device is too little
+    assert "DOES NOT FIT" in proc.stdout and "per device: arguments" in proc.stdout, proc.stdout
+    assert "GFLOP per step" in proc.stdout and "compile" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and result["num_devices"] == 8
+    row, = result["variants"]
+    assert row["variant"] == {"patch_size": 16, "resolution_index": 0} and row["fits"] is False
+    memory = row["memory_per_device"]
+    assert memory["peak"] > 1 << 20 and memory["alias"] > 0  # the donated state is reused
+    assert row["flops_per_step"] == pytest.approx(8 * row["flops_per_device"]) and row["flops_per_step"] > 0
+    # Parameters are split over the 4-wide fsdp axis (and replicated over data): about a quarter per device.
+    params = result["params"]
+    assert params["total_bytes"] / 4 <= params["bytes_per_device"] < params["total_bytes"] / 3
+
+    proc = subprocess.run([sys.executable, "-m", "flexict_jax.plan", "--config=configs/stage1.py:tiny",
+                           "--devices=8", "--mesh=3,-1,1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "not divisible" in proc.stderr, proc.stderr[-2000:]
