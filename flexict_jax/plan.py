@@ -19,10 +19,19 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+if TYPE_CHECKING:
+    import ml_collections as mlc
+
+    from flexict_jax.trainer import Program
+    from flexict_jax.variants import Variant
+
+# jax and the trainer are imported inside the functions: `--devices` must reach jax's config before anything
+# starts a backend, and --help stays fast.
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/stage1.py:demo",
                                           lock_config=True)
@@ -38,7 +47,7 @@ flags.mark_flags_as_required(["config"])
 GIB = 2**30
 
 
-def abstract_batch(config, variant) -> dict[str, Any]:
+def abstract_batch(config: mlc.ConfigDict, variant: Variant) -> dict[str, Any]:
     """The global batch one step of `variant` takes, as `jax.ShapeDtypeStruct`s: the arrays the stage's data
     pipeline delivers (see its `build_*_dataset` docstring), narrowed by the task's `step_batch`."""
     import jax
@@ -71,7 +80,7 @@ def abstract_batch(config, variant) -> dict[str, Any]:
     return tasks.get(config).step_batch(full, variant)
 
 
-def compile_variant(config, program, variant) -> tuple[dict[str, Any], Any]:
+def compile_variant(config: mlc.ConfigDict, program: Program, variant: Variant) -> tuple[dict[str, Any], Any]:
     """Lowers and compiles one step variant against the abstract state; returns its plan row and the compiled
     executable (which can run on real arrays of the same shapes)."""
     batch = abstract_batch(config, variant)
@@ -97,14 +106,15 @@ def compile_variant(config, program, variant) -> tuple[dict[str, Any], Any]:
     return row, compiled
 
 
-def device_memory_bytes(device) -> int | None:
+def device_memory_bytes(device: Any) -> int | None:
     """What an accelerator reports as its memory limit; None on the CPU (host memory, shared by all fake
     devices)."""
     stats = device.memory_stats() if device.platform != "cpu" else None
     return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
-def plan(config, mesh_shape, *, device_memory: int | None = None, headroom: float = 0.1) -> dict[str, Any]:
+def plan(config: mlc.ConfigDict, mesh_shape: tuple[int, ...], *, device_memory: int | None = None,
+         headroom: float = 0.1) -> dict[str, Any]:
     """Compiles every step variant of `config` on a `mesh_shape` mesh of the local devices; the plan as a dict."""
     import jax
     from flexict_jax import sharding, trainer

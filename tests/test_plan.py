@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import stage1, stage2
+from configs import stage1, stage1_hires, stage2
 from flexict_jax import plan, sharding, tasks, trainer
 from flexict_jax.data import datasets
 from flexict_jax.variants import Variant
@@ -103,14 +103,16 @@ def real_ct(tmp_path_factory, ct_dir) -> dict[str, pathlib.Path]:
     return {"slices": root / "slices", "dataset": root / "dataset"}
 
 
-@pytest.mark.parametrize("config_module, data_key", [(stage1, "slices"), (stage2, "dataset")])
+@pytest.mark.parametrize("config_module, data_key", [(stage1, "slices"), (stage1_hires, "slices"),
+                                                      (stage2, "dataset")])
 def test_abstract_batch_matches_the_pipeline(config_module, data_key, real_ct):
     config = config_module.get_config("tiny")
     config.data.dir = str(real_ct[data_key])
     config.data.num_workers = 0
-    iterator = iter(datasets.build_dataset(config, process_index=0, process_count=1))
-    local = next(iterator)
+    local = next(iter(datasets.build_dataset(config, process_index=0, process_count=1)))
     for variant in datasets.step_variants(config):
+        if "resolution_index" in local and variant.resolution_index != int(local["resolution_index"]):
+            continue  # stage 1.1: the batch of step 0 has step 0's resolution only
         real = tasks.get(config).step_batch(local, variant)
         abstract = plan.abstract_batch(config, variant)
         assert {k: (v.shape, v.dtype) for k, v in abstract.items()} == {
