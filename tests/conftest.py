@@ -9,7 +9,11 @@ import os
 import pathlib
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA:CPU aborts the process when the 8 fake devices do not all reach a collective within its rendezvous
+# timeout, which a loaded 2-core machine can exceed; the tests want correctness, not that watchdog.
+COLLECTIVE_TIMEOUTS = ("--xla_cpu_collective_timeout_seconds=1800 "
+                       "--xla_cpu_collective_call_terminate_timeout_seconds=1800")
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {COLLECTIVE_TIMEOUTS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "flexict_jax_test_compile_cache"))
