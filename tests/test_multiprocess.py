@@ -24,7 +24,10 @@ from flexict_jax import trainer
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # LayerScale 0.1 so the embeddings depend on the input at init; KoLeo off in the loss because its
 # nearest-neighbour distances amplify float32 summation-order differences (see test_train.py's mesh test).
-OVERRIDES = {"model.layerscale_init": 0.1, "loss.koleo_weight": 0.0}
+# One patch size: each run compiles one step variant (the variant draw itself is a pure function of
+# (seed, step), flexict_jax/variants.py), which keeps this test to a few compiles on 2 cores.
+OVERRIDES = {"model.layerscale_init": 0.1, "loss.koleo_weight": 0.0, "patch_sizes": (16,),
+             "patch_size_probs": (1.0,)}
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +49,8 @@ def ct_slices(tmp_path_factory, ct_dir) -> pathlib.Path:
 
 def start_two_processes(workdir: pathlib.Path, data_dir: pathlib.Path, log: pathlib.Path,
                         **overrides) -> subprocess.Popen:
-    args = [f"--config=configs/stage1.py:tiny", f"--workdir={workdir}", f"--config.data.dir={data_dir}"]
-    args += [f"--config.{k}={v}" for k, v in {**OVERRIDES, **overrides}.items()]
+    args = ["--config=configs/stage1.py:tiny", f"--workdir={workdir}", f"--config.data.dir={data_dir}"]
+    args += [f"--config.{k}={v}".replace(" ", "") for k, v in {**OVERRIDES, **overrides}.items()]
     with open(log, "w") as out:  # a file, not a pipe: nobody has to drain it while the run goes on
         return subprocess.Popen(["bash", "launch/local_multiprocess.sh", "2", "--cpu-devices=4",
                                  f"--log-dir={log.parent / log.stem}", "--", *args],
@@ -55,8 +58,9 @@ def start_two_processes(workdir: pathlib.Path, data_dir: pathlib.Path, log: path
 
 
 def metrics(workdir: pathlib.Path) -> list[dict]:
+    """The complete lines of the run's metrics.jsonl (it may be mid-write while the run goes on)."""
     path = workdir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1]] if path.exists() else []
 
 
 def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
@@ -77,7 +81,9 @@ def test_two_processes_match_one_then_preempt_and_resume(ct_slices, tmp_path):
     # 1 process × 8 devices (conftest's fake devices), same config, 3 steps.
     config = stage1.get_config("tiny")
     config.data.dir, config.total_steps = str(ct_slices), 3
-    config.model.layerscale_init, config.loss.koleo_weight = 0.1, 0.0
+    for key, value in OVERRIDES.items():
+        section, name = key.rsplit(".", 1) if "." in key else (None, key)
+        (config[section] if section else config)[name] = value
     assert trainer.train(config, str(tmp_path / "one_process")) == 0
 
     run_dir, log = tmp_path / "two_processes", tmp_path / "launcher.log"
@@ -92,11 +98,10 @@ def test_two_processes_match_one_then_preempt_and_resume(ct_slices, tmp_path):
             launcher.terminate()
             launcher.wait(timeout=120)
 
-    # Same losses and the same step variants as one process with 8 devices.
+    # Same losses as one process with 8 devices.
     one, two = metrics(tmp_path / "one_process"), metrics(run_dir)
     assert [r["step"] for r in one] == [1, 2, 3]
     for a, b in zip(one, two[:3]):
-        assert a["patch_size"] == b["patch_size"]
         for key in ("loss", "dino_local", "dino_global", "ibot"):
             np.testing.assert_allclose(b[key], a[key], atol=1e-5, rtol=0, err_msg=f"step {a['step']} {key}")
         np.testing.assert_allclose(b["koleo"], a["koleo"], rtol=1e-3, err_msg=f"step {a['step']} koleo")
