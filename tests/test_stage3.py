@@ -180,6 +180,16 @@ def test_align_batches_shapes_determinism_and_host_split(phantom_reports):
     first = _batches(config, 3)
     assert {manifest[row] for b in first for row in b["volume_row"]} <= train_ids
 
+    # Resumable: a restored iterator state continues the same stream (the trainer checkpoints it).
+    it = iter(pipeline_align.build_align_dataset(config.data, config.text, seed=config.seed, batch_size=4,
+                                                 patch_sizes=config.patch_sizes))
+    next(it)
+    state = it.get_state()
+    resumed = iter(pipeline_align.build_align_dataset(config.data, config.text, seed=config.seed, batch_size=4,
+                                                      patch_sizes=config.patch_sizes))
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["caption_tokens"], first[1]["caption_tokens"])
+
     again = _batches(config, 3)
     halves = [_batches(config, 3, batch_size=2, process_index=p, process_count=2) for p in (0, 1)]
     for a, b, h0, h1 in zip(first, again, *halves):
@@ -329,6 +339,19 @@ def test_clip_image_embedding_from_the_masked_or_the_clean_crop(phantom_reports)
     assert float(masked[1]["clip"]) == pytest.approx(float(clean[1]["clip"]), rel=1e-6)
     assert float(masked[0]["clip"]) != pytest.approx(float(clean[0]["clip"]), rel=1e-6)
     assert float(masked[0]["ibot"]) == pytest.approx(float(clean[0]["ibot"]), rel=1e-6)  # SSL terms unchanged
+
+
+def test_siglip_replaces_clip(phantom_reports):
+    config = stage3_config(phantom_reports, arg="tiny,contrastive=siglip")
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: align.build_model(config, 0)))
+    params = nnx.to_pure_dict(nnx.state(align.build_model(config, 0)))
+    batch = align.step_batch(_batches(config, 1)[0], Variant(16))
+    total, terms = jax.jit(lambda p: align.loss_fn(
+        p, align.teacher_params(p), batch, jax.random.key(0), graphdef=graphdef, abstract_state=abstract,
+        config=config, patch_size=16, teacher_temperature=0.07))(params)
+    assert "siglip" in terms and "clip" not in terms and np.isfinite(float(terms["siglip"]))
+    assert float(total) == pytest.approx(0.5 * float(terms["dino_local"]) + float(terms["ibot"])
+                                         + float(terms["siglip"]) + 0.5 * float(terms["osl"]), rel=1e-5)
 
 
 # --- Qwen3 text tower -------------------------------------------------------------------------------------------
