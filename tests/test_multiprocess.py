@@ -20,31 +20,14 @@ import pytest
 
 from configs import stage1
 from flexict_jax import trainer
+from run_utils import REPO, checkpoint_steps
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 # LayerScale 0.1 so the embeddings depend on the input at init; KoLeo off in the loss because its
 # nearest-neighbour distances amplify float32 summation-order differences (see test_train.py's mesh test).
 # One patch size: each run compiles one step variant (the variant draw itself is a pure function of
 # (seed, step), flexict_jax/variants.py), which keeps this test to a few compiles on 2 cores.
 OVERRIDES = {"model.layerscale_init": 0.1, "loss.koleo_weight": 0.0, "patch_sizes": (16,),
              "patch_size_probs": (1.0,)}
-
-
-@pytest.fixture(scope="module")
-def ct_slices(tmp_path_factory, ct_dir) -> pathlib.Path:
-    """Axial slices of a real abdomen/pelvis CT (ts_example_ct, resampled to 3 mm), built by the offline tools."""
-    from data_prep import ingest, slices
-    root = tmp_path_factory.mktemp("mp_real_ct")
-    for main, argv in ((ingest.main, ["--input", str(ct_dir / "ts_example_ct.nii.gz"), "--output",
-                                      str(root / "dataset"), "--spacing", "3,3,3"]),
-                       (slices.main, ["--dataset", str(root / "dataset"), "--output", str(root / "slices"),
-                                      "--size", "64"])):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code
-        assert not code
-    return root / "slices"
 
 
 def start_two_processes(workdir: pathlib.Path, data_dir: pathlib.Path, log: pathlib.Path,
@@ -63,10 +46,6 @@ def metrics(workdir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().split("\n")[:-1]] if path.exists() else []
 
 
-def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
-    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-
-
 def wait_for_steps(proc: subprocess.Popen, workdir: pathlib.Path, n: int, log: pathlib.Path) -> None:
     deadline = time.monotonic() + 900
     while len(metrics(workdir)) < n:
@@ -76,18 +55,18 @@ def wait_for_steps(proc: subprocess.Popen, workdir: pathlib.Path, n: int, log: p
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_then_preempt_and_resume(ct_slices, tmp_path):
+def test_two_processes_match_one_then_preempt_and_resume(real_ct_slices, tmp_path):
     # The reference first (not alongside, to keep this 2-core machine from starving the two processes):
     # 1 process × 8 devices (conftest's fake devices), same config, 3 steps.
     config = stage1.get_config("tiny")
-    config.data.dir, config.total_steps = str(ct_slices), 3
+    config.data.dir, config.total_steps = str(real_ct_slices), 3
     for key, value in OVERRIDES.items():
         section, name = key.rsplit(".", 1) if "." in key else (None, key)
         (config[section] if section else config)[name] = value
     assert trainer.train(config, str(tmp_path / "one_process")) == 0
 
     run_dir, log = tmp_path / "two_processes", tmp_path / "launcher.log"
-    launcher = start_two_processes(run_dir, ct_slices, log, total_steps=100_000, **{"ckpt.every_steps": 1000})
+    launcher = start_two_processes(run_dir, real_ct_slices, log, total_steps=100_000, **{"ckpt.every_steps": 1000})
     try:
         wait_for_steps(launcher, run_dir, 3, log)
         pid = int(re.search(r"process 1 of 2: pid (\d+)", log.read_text()).group(1))
@@ -116,7 +95,7 @@ def test_two_processes_match_one_then_preempt_and_resume(ct_slices, tmp_path):
 
     # The run resumes from that step on both hosts and finishes.
     log = tmp_path / "resume.log"
-    launcher = start_two_processes(run_dir, ct_slices, log, total_steps=stopped + 2)
+    launcher = start_two_processes(run_dir, real_ct_slices, log, total_steps=stopped + 2)
     assert launcher.wait(timeout=600) == 0, log.read_text()[-4000:]
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, stopped + 3))
     assert checkpoint_steps(run_dir)[-1] == stopped + 2

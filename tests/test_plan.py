@@ -24,6 +24,7 @@ from configs import stage1, stage1_hires, stage2
 from flexict_jax import plan, sharding, tasks, trainer
 from flexict_jax.data import datasets
 from flexict_jax.variants import Variant
+from run_utils import run_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -95,11 +96,7 @@ def real_ct(tmp_path_factory, ct_dir) -> dict[str, pathlib.Path]:
                        (volume_stats.main, ["--dataset", str(root / "dataset")]),
                        (slices.main, ["--dataset", str(root / "dataset"), "--output", str(root / "slices"),
                                       "--size", "64"])):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code
-        assert not code
+        assert run_cli(main, argv) == 0
     return {"slices": root / "slices", "dataset": root / "dataset"}
 
 
