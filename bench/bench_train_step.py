@@ -9,9 +9,12 @@ Each variant is a stage config at one model size with a batch and crop budget th
 (`trainer.build_program` → `Program.train_step`), compiled by the planner (`plan.compile_variant`) on a
 synthetic batch of the pipeline's shapes (`plan.abstract_batch`), on all local devices (config.mesh).
 
-FLOPs per step come from XLA's cost analysis of the compiled step; the peak is the best of a few large f32
-matmuls on the same devices, timed before and after every variant (the best over the whole run is the
-denominator), so the ratio stays meaningful on a shared, noisy machine. Tokens per step are the
+FLOPs per step are the model's (`plan.model_flops`: XLA's cost analysis of the step lowered with the blocks
+unrolled and no rematerialisation), so a scanned or rematerialised step is credited with the same work; the peak
+is the best of a few large f32 matmuls on the same devices, timed before and after every variant (the best over
+the whole run is the denominator), so the ratio stays meaningful on a shared, noisy machine. On accelerators the
+bf16 matmul peak is reported beside it (the model computes in f32). A variant that fails (e.g. out of device
+memory) is recorded with its error and the run goes on. Tokens per step are the
 patch tokens of every crop of the batch, each crop counted once (student and teacher passes not multiplied).
 """
 from __future__ import annotations
@@ -50,11 +53,17 @@ VARIANTS = {
                      n_local=2),
     "s2-base": dict(config="base", backbone="base", heads="base", batch=2, global_crop=64, local_crop=32,
                     n_local=2),
+    # One 80 GB GPU: the recipe's 2D crops (recipe §5) and 3D crops shrunk to fit the f32 model; patch 8 needs
+    # `--set model.remat_policy=full` at these batches.
+    "s1-base-gpu": dict(config="base", backbone="base", heads="base", batch=32, global_crop=256, local_crop=112,
+                        n_local=8),
+    "s2-base-gpu": dict(config="base", backbone="base", heads="base", batch=8, global_crop=112, local_crop=48,
+                        n_local=8),
 }
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    a = jnp.ones((n, n), jnp.float32)
+def matmul_peak_flops(n: int, dtype: jnp.dtype = jnp.float32, repeats: int = 5) -> float:
+    a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     best = float("inf")
@@ -65,7 +74,13 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def variant_config(name: str):
+def measured_peak_bytes() -> int | None:
+    """The allocator's peak on the first device since start-up (accelerators only; None on the CPU)."""
+    stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def variant_config(name: str, overrides: dict[str, str]):
     spec = VARIANTS[name]
     config = STAGES[name.split("-")[0]].get_config(spec["config"])
     if "backbone" in spec:
@@ -74,8 +89,13 @@ def variant_config(name: str):
         config.data.update(dict(global_crop_size=spec["global_crop"], local_crop_size=spec["local_crop"],
                                 n_local_crops=spec["n_local"]))
     config.global_batch_size = spec["batch"]
-    config.loss.koleo_group_size = spec["batch"]
+    config.loss.koleo_group_size = config.model.drop_path_group_size = spec["batch"]
     config.total_steps = 1000
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        default = config[section][field]
+        config[section][field] = (value.lower() in ("1", "true") if isinstance(default, bool)
+                                  else type(default)(value) if default is not None else value)
     return config
 
 
@@ -93,8 +113,8 @@ def tokens_per_step(config, patch_size: int) -> int:
                                        + d.n_local_crops * (d.local_crop_size // patch_size) ** dims)
 
 
-def bench_variant(name: str, patch_size: int, steps: int) -> dict:
-    config = variant_config(name)
+def bench_variant(name: str, patch_size: int, steps: int, overrides: dict[str, str]) -> dict:
+    config = variant_config(name, overrides)
     variant = Variant(patch_size)
     mesh = sharding.make_mesh(config.mesh)
     with sharding.activate(mesh, config.sharding_rules):
@@ -116,7 +136,9 @@ def bench_variant(name: str, patch_size: int, steps: int) -> dict:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(program.abstract_state["params"]))
     d = config.data
     crop = "^3" if d.kind == "volumes3d" else "^2"
-    return {"variant": name, "stage": config.stage, "patch_size": patch_size, "dim": config.model.dim,
+    return {"variant": name, "overrides": overrides, "scan_blocks": config.model.scan_blocks,
+            "remat_policy": config.model.remat_policy, "stage": config.stage, "patch_size": patch_size,
+            "dim": config.model.dim,
             "depth": config.model.depth, "prototypes": config.heads.num_prototypes, "params": n_params,
             "global_batch": config.global_batch_size,
             "crops": f"{d.n_global_crops}x{d.global_crop_size}{crop}+{d.n_local_crops}x{d.local_crop_size}{crop}",
@@ -126,6 +148,7 @@ def bench_variant(name: str, patch_size: int, steps: int) -> dict:
             "flops_per_step": flops, "achieved_flops": flops / step_s,
             "peak_bytes_per_device": plan_row["memory_per_device"]["peak"],
             "temp_bytes_per_device": plan_row["memory_per_device"]["temp"],
+            "measured_peak_bytes_per_device": measured_peak_bytes(),
             "loss": float(metrics["loss"])}
 
 
@@ -135,8 +158,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--patch-sizes", default="16,8")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override for every variant, e.g. model.remat_policy=full (repeatable)")
     parser.add_argument("--out", default=None, help="write the JSON result here as well as to stdout")
     args = parser.parse_args(argv)
+    overrides = dict(item.split("=", 1) for item in args.set)
+    bad = [k for k in overrides if k.count(".") != 1]
+    if bad or any("=" not in item for item in args.set):
+        parser.error(f"--set takes SECTION.KEY=VALUE, got {args.set}")
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -144,22 +173,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1:
         parser.error("--steps must be >= 1")
     patch_sizes = [int(x) for x in args.patch_sizes.split(",")]
-    peak = matmul_peak_flops()
+    # Large enough to saturate an accelerator; 2048 keeps the CPU measurement short.
+    matmul_n = 2048 if jax.default_backend() == "cpu" else 8192
+    peak = matmul_peak_flops(matmul_n)
     rows, progress = [], Progress(len(names) * len(patch_sizes), "train-step benchmark")
     for name in names:
         for p in patch_sizes:
-            row = bench_variant(name, p, args.steps)
+            try:
+                row = bench_variant(name, p, args.steps, overrides)
+            except Exception as e:  # noqa: BLE001 - a row that does not fit is a result, not the end of the run
+                row = {"variant": name, "patch_size": p, "overrides": overrides, "error": f"{type(e).__name__}: "
+                       f"{str(e)[:500]}"}
             print(json.dumps(row), file=sys.stderr)
             rows.append(row)
-            peak = max(peak, matmul_peak_flops())
-            progress.advance(1, f"{name} p{p}: {row['step_s']:.2f} s/step")
+            peak = max(peak, matmul_peak_flops(matmul_n))
+            progress.advance(1, f"{name} p{p}: " + (f"{row['step_s']:.2f} s/step" if "step_s" in row else "failed"))
     progress.close()
     for row in rows:
-        row["utilisation_vs_matmul_peak"] = row["achieved_flops"] / peak
+        if "achieved_flops" in row:
+            row["utilisation_vs_matmul_peak"] = row["achieved_flops"] / peak
     result = {"benchmark": "train_step", "device": jax.devices()[0].device_kind,
               "platform": jax.default_backend(), "num_devices": jax.device_count(), "host": platform.machine(),
               "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
-              "matmul_peak_flops": peak, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+              "matmul_peak_flops": peak, "matmul_n": matmul_n,
+              "bf16_matmul_peak_flops": matmul_peak_flops(matmul_n, jnp.bfloat16), "date": time.strftime("%Y-%m-%d"), "rows": rows}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -34,6 +34,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         teacher_temperature=common.schedule(0.04, 0.07, 0.07, warmup_steps=30_000)))
     c.optim.freeze_last_layer_steps = 3000
     c.optim.idle_patterns = ["backbone/patch_embed_3d"]  # 2D stage: the 3D embedding gets no update/decay
+    c.model.drop_path_group_size = 100  # the per-GPU batch (recipe §5)
 
     if variant == "tiny":
         common.cpu_sized(c, "tiny")

@@ -20,6 +20,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c = stage1.get_config(variant)
     c.stage = "stage1_hires"
     c.global_batch_size = 400  # 50 per GPU x 8 (recipe §6)
+    if variant == "base":  # tiny/demo keep their stage-1 groups
+        c.model.drop_path_group_size = 50
     c.total_steps = 100_000
     c.data.kind = "slices2d_hires"
     # (global, local, Gram-teacher) crop sizes and their mixture probabilities (recipe §6 table); each is split

@@ -34,6 +34,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         num_workers=4, worker_buffer_size=2, read_threads=4, prefetch_buffer_size=4))
     c.loss.dino_weight = 0.5  # recipe §3.6 table, stage 2
     c.loss.koleo_group_size = 25
+    c.model.drop_path_group_size = 25  # the per-GPU batch (recipe §7)
     c.schedules = mlc.ConfigDict(dict(
         lr=common.schedule(0.0, 2e-4 * c.get_ref("lr_scale"), 2e-4 * c.get_ref("lr_scale"), warmup_steps=30_000),
         weight_decay=common.constant(0.04),

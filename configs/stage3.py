@@ -29,6 +29,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     # Recipe §8: 35 per GPU x 8 GPUs; 50 "epochs" of 1000 iterations.
     c = common.ssl_config("stage3", variant, global_batch_size=280, total_steps=50_000)
     c.task = "align"
+    c.model.drop_path_group_size = 35  # the per-GPU batch (recipe §8)
     # Preprocessing as stage 2 (2 mm, [-1000, 1000] clamp, z-score, RCC-3D masks), with the stage-3 views: one
     # centred global crop, locals of [20, 40] voxels, no intensity augmentation, no flips (recipe §8).
     c.data = stage2.get_config(variant).data

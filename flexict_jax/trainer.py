@@ -50,9 +50,11 @@ def validate_config(config: mlc.ConfigDict) -> None:
     if batch % devices or batch % processes:
         raise ConfigError(f"config.global_batch_size={batch} must be divisible by the device count ({devices}) "
                           f"and the process count ({processes})")
-    if config.loss.koleo_group_size and batch % config.loss.koleo_group_size:
-        raise ConfigError(f"config.loss.koleo_group_size={config.loss.koleo_group_size} must divide "
-                          f"config.global_batch_size={batch}")
+    for key in ("loss.koleo_group_size", "model.drop_path_group_size"):
+        section, name = key.split(".")
+        group = config[section].get(name)
+        if group and batch % group:
+            raise ConfigError(f"config.{key}={group} must divide config.global_batch_size={batch}")
     if len(config.patch_sizes) != len(config.patch_size_probs) or abs(sum(config.patch_size_probs) - 1) > 1e-6:
         raise ConfigError(f"config.patch_size_probs={config.patch_size_probs} must have one probability per "
                           f"entry of config.patch_sizes={config.patch_sizes} and sum to 1")

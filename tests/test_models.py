@@ -195,19 +195,65 @@ def test_batch_subset_stochastic_depth():
     np.testing.assert_array_equal(batch_subset_residual(x, lambda h: h + 1.0, 0.5, None), 1.0)
 
 
-def test_remat_matches(images):
-    kwargs = dict(TINY, depth=1, drop_path_rate=0.5, layerscale_init=0.5)
-    plain, remat = (VisionTransformer(**kwargs, remat=r, rngs=nnx.Rngs(0)) for r in (False, True))
+def test_grouped_drop_path_draws_a_subset_per_group():
+    x = jnp.zeros((12, 3, 2))
+    out = np.asarray(batch_subset_residual(x, lambda h: h + 1.0, 0.5, jax.random.key(0), groups=3)[:, 0, 0])
+    # 3 groups of 4 rows: max(int(4 * 0.5), 1) = 2 rows of each get the branch, scaled by 4 / 2.
+    for group in out.reshape(3, 4):
+        assert sorted(group.tolist()) == [0.0, 0.0, 2.0, 2.0]
+    with pytest.raises(ValueError, match="drop-path groups"):
+        batch_subset_residual(x, lambda h: h, 0.5, jax.random.key(0), groups=5)
 
-    def grads(model):
+
+@pytest.mark.parametrize("scan_blocks,remat_policy", [(True, "none"), (False, "full"), (True, "full"),
+                                                      (True, "dots"), (True, "dots_no_batch")])
+def test_scan_and_remat_match_the_plain_loop(images, scan_blocks, remat_policy):
+    """Same outputs and gradients (drop path, RoPE rescale and grouped subsets on) as the unrolled, stored loop;
+    the parameters keep one entry per block either way."""
+    kwargs = dict(TINY, drop_path_rate=0.5, layerscale_init=0.5, drop_path_group_size=2)
+    plain = VisionTransformer(**kwargs, rngs=nnx.Rngs(0))
+    other = VisionTransformer(**kwargs, scan_blocks=scan_blocks, remat_policy=remat_policy, rngs=nnx.Rngs(0))
+    assert _paths(plain) == _paths(other)
+
+    def value_and_grads(model):
         graphdef, state = nnx.split(model)
 
         def loss(state):
             out = nnx.merge(graphdef, state)(images, patch_size=16, train=True, key=jax.random.key(1))
             return jnp.sum(out["patch"] ** 2) + jnp.sum(out["cls"])
-        return jax.jit(jax.grad(loss))(state)
-    for a, b in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(remat))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        return jax.jit(jax.value_and_grad(loss))(state)
+    (a_loss, a_grads), (b_loss, b_grads) = value_and_grads(plain), value_and_grads(other)
+    np.testing.assert_allclose(a_loss, b_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(a_grads), jax.tree.leaves(b_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_backbone_rejects_rows_that_do_not_split_into_drop_path_groups(images):
+    model = VisionTransformer(**TINY, drop_path_rate=0.5, drop_path_group_size=3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="drop-path groups of 3 samples"):
+        model(images, patch_size=16, train=True, key=jax.random.key(0))
+    model(images, patch_size=16)  # eval mode has no drop path, so any batch works
+    with pytest.raises(ValueError, match="remat_policy"):
+        VisionTransformer(**TINY, remat_policy="some", rngs=nnx.Rngs(0))
+
+
+def test_grouped_drop_path_keeps_the_gather_on_each_device():
+    """On 8 devices, groups that follow the batch sharding need far less temporary memory than one group over the
+    global batch, which gathers every sample's activations onto every device (docs/scaling.md §4)."""
+    mesh = sharding.make_mesh((1, 8, 1))
+    x = jnp.ones((64, 32, 32, 1))
+
+    def temp_bytes(group_size):
+        model = VisionTransformer(**TINY, drop_path_rate=0.2, drop_path_group_size=group_size, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+
+        def loss(state, x):
+            return jnp.sum(nnx.merge(graphdef, state)(x, patch_size=8, train=True, key=jax.random.key(0))["cls"])
+        with sharding.activate(mesh, RULES):
+            x_sharded = jax.device_put(x, jax.NamedSharding(mesh, sharding.batch_spec(4)))
+            compiled = jax.jit(jax.grad(loss)).lower(state, x_sharded).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+    assert temp_bytes(8) < 0.5 * temp_bytes(None)
 
 
 # --- patch embedding ---------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def test_reference_module_has_exactly_the_upstream_state_dict(full_size_export):
 def test_architecture_is_inferred_from_shapes(full_size_export):
     assert torch_format.infer_architecture(full_size_export) == torch_format.UPSTREAM
     assert torch_format.UPSTREAM.upstream_differences() == []
-    assert torch_format.Architecture.from_config(dict(dim=864, depth=16, num_heads=12, remat=True)) == \
+    assert torch_format.Architecture.from_config(dict(dim=864, depth=16, num_heads=12, remat_policy="full")) == \
         torch_format.UPSTREAM
     assert "dim=48 (upstream builds 864)" in TINY.upstream_differences()
 

@@ -82,18 +82,31 @@ class Attention(nnx.Module):
 
 
 def batch_subset_residual(x: jax.Array, branch: Callable[[jax.Array], jax.Array], rate: float,
-                          key: jax.Array | None) -> jax.Array:
+                          key: jax.Array | None, groups: int = 1) -> jax.Array:
     """x + branch(x), with DINOv2's batch-subset stochastic depth when `key` is given (recipe §2.1).
 
-    A random subset of max(int(B·(1-rate)), 1) samples gets the branch, scaled by B/subset; the others skip
-    it. Unlike per-sample Bernoulli drop-path, the branch is only computed for the subset.
+    The rows of `x` are split into `groups` equal consecutive groups; in each, a random subset of
+    max(int(g·(1-rate)), 1) of its g rows gets the branch, scaled by g/subset; the others skip it. Upstream draws
+    the subset per GPU batch; fixed groups keep that meaning whatever the mesh, and keep the gather inside a device
+    when the groups follow the batch sharding (one group over the global batch gathers across all devices:
+    docs/scaling.md §4). Unlike per-sample Bernoulli drop-path, the branch is only computed for the subset.
     """
-    batch = x.shape[0]
-    subset = max(int(batch * (1.0 - rate)), 1)
-    if key is None or subset == batch:
+    rows = x.shape[0]
+    if rows % groups:
+        raise ValueError(f"{rows} rows cannot be split into {groups} drop-path groups")
+    size = rows // groups
+    subset = max(int(size * (1.0 - rate)), 1)
+    if key is None or subset == size:
         return x + branch(x)
-    index = jax.random.permutation(key, batch)[:subset]
-    return x.at[index].add(branch(x[index]) * (batch / subset))
+    # No sharding constraint: the reshape of batch-sharded rows keeps whole groups on a device when a device holds
+    # whole groups, and splits a group over devices (gathering within it only) when it does not.
+    grouped = x.reshape((groups, size) + x.shape[1:])
+    index = jnp.argsort(jax.random.uniform(key, (groups, size)), axis=1)[:, :subset]  # a permutation per group
+    chosen = jnp.take_along_axis(grouped, index.reshape(index.shape + (1,) * (x.ndim - 1)), axis=1)
+    update = branch(chosen.reshape((groups * subset,) + x.shape[1:])) * (size / subset)
+    rows_of = jnp.arange(groups)[:, None]
+    grouped = grouped.at[rows_of, index].add(update.reshape(chosen.shape))
+    return grouped.reshape(x.shape)
 
 
 class Block(nnx.Module):
@@ -109,9 +122,12 @@ class Block(nnx.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs)
         self.ls2 = LayerScale(dim, layerscale_init)
 
-    def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        """key: None for the deterministic forward; otherwise drives stochastic depth (train mode)."""
+    def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, key: jax.Array | None = None,
+                 drop_path_groups: int = 1) -> jax.Array:
+        """key: None for the deterministic forward; otherwise drives stochastic depth (train mode) drawn in
+        `drop_path_groups` groups of rows (see batch_subset_residual)."""
         attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
-        x = batch_subset_residual(
-            x, lambda h: self.ls1(self.attn(self.norm1(h), sin, cos)), self.drop_path_rate, attn_key)
-        return batch_subset_residual(x, lambda h: self.ls2(self.mlp(self.norm2(h))), self.drop_path_rate, mlp_key)
+        x = batch_subset_residual(x, lambda h: self.ls1(self.attn(self.norm1(h), sin, cos)), self.drop_path_rate,
+                                  attn_key, drop_path_groups)
+        return batch_subset_residual(x, lambda h: self.ls2(self.mlp(self.norm2(h))), self.drop_path_rate, mlp_key,
+                                     drop_path_groups)

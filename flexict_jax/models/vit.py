@@ -16,6 +16,13 @@ from flexict_jax.models.layers import Block, layer_norm
 from flexict_jax.models.patch_embed import PatchEmbed
 
 RESIDUAL_AXES = ("batch", "length", "act_embed")
+# What a block keeps for the backward pass (config.model.remat_policy); "none" keeps everything.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute norms/GELU/RoPE
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+}
 
 
 class VisionTransformer(nnx.Module):
@@ -24,13 +31,18 @@ class VisionTransformer(nnx.Module):
     def __init__(self, *, dim: int = 864, depth: int = 16, num_heads: int = 12, mlp_ratio: float = 4.0,
                  num_storage_tokens: int = 4, in_chans: int = 1, base_patch_size: int = 8,
                  layerscale_init: float = 1e-5, drop_path_rate: float = 0.0, rope_base: float = 100.0,
-                 rope_rescale: float | None = 2.0, rope_bf16: bool = False, remat: bool = False,
+                 rope_rescale: float | None = 2.0, rope_bf16: bool = False, remat_policy: str = "none",
+                 scan_blocks: bool = False, drop_path_group_size: int | None = None,
                  rngs: nnx.Rngs):
         """
         drop_path_rate: batch-subset stochastic depth, the same rate in every block (recipe §2.1).
         rope_rescale: r of the training-time coordinate rescale s = exp(U(-ln r, ln r)); None = off.
         rope_bf16: emulate upstream's bf16 RoPE (needed for parity with released checkpoints).
-        remat: recompute each block in the backward pass instead of storing its activations.
+        remat_policy: what each block stores for the backward pass, a key of REMAT_POLICIES.
+        scan_blocks: run the blocks as one `lax.scan` over their stacked parameters: one block is compiled
+            instead of `depth` (compile time), while parameters stay one entry per block (checkpoint layout).
+        drop_path_group_size: stochastic depth draws its subset within groups of this many samples (upstream:
+            the per-GPU batch); None = one group over the whole batch.
         """
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -44,7 +56,13 @@ class VisionTransformer(nnx.Module):
         self.drop_path_rate = drop_path_rate
         self.rope_rescale = rope_rescale
         self.rope_bf16 = rope_bf16
-        self.remat = remat
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {remat_policy!r}")
+        if drop_path_group_size is not None and drop_path_group_size < 1:
+            raise ValueError(f"drop_path_group_size must be >= 1 or None, got {drop_path_group_size}")
+        self.remat_policy = remat_policy
+        self.scan_blocks = scan_blocks
+        self.drop_path_group_size = drop_path_group_size
         head_dim = dim // num_heads
         # Constants, not parameters. (Torch checkpoints hold them as bf16 `rope_embed_*.periods` buffers,
         # i.e. rope.rope_periods(..., bf16=True), whatever precision this model computes RoPE in.)
@@ -65,11 +83,13 @@ class VisionTransformer(nnx.Module):
         self.norm = layer_norm(dim, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, patch_size: int, masks: jax.Array | None = None, train: bool = False,
-                 key: jax.Array | None = None) -> dict[str, jax.Array]:
+                 key: jax.Array | None = None, crops_per_sample: int = 1) -> dict[str, jax.Array]:
         """Encodes [B, H, W, C] slices or [B, D, H, W, C] volumes.
 
         masks: bool [B, N]; masked patch embeddings are replaced by the mask token (iBOT).
         train: stochastic depth and the RoPE coordinate rescale, all randomness drawn from `key`.
+        crops_per_sample: the rows of `x` are sample-major with this many crops per sample; a drop-path group
+            is drop_path_group_size samples, i.e. that many times this many rows.
         Returns cls [B, dim], storage [B, S, dim], patch [B, N, dim] (after the final norm) and prenorm
         [B, 1+S+N, dim] (before it).
         """
@@ -86,24 +106,49 @@ class VisionTransformer(nnx.Module):
                   jnp.broadcast_to(self.storage_tokens[...], (batch, self.num_storage_tokens, self.dim))]
         h = sharding.constrain(jnp.concatenate(prefix + [tokens], axis=1), RESIDUAL_AXES)
 
-        block_keys = [None] * len(self.blocks)
+        block_keys = None
         rescale = None
         if train and (self.drop_path_rate > 0.0 or self.rope_rescale is not None):
             if key is None:
                 raise ValueError("train=True needs a PRNG `key` for stochastic depth and the RoPE rescale")
             rope_key, blocks_key = jax.random.split(key)
             if self.drop_path_rate > 0.0:
-                block_keys = list(jax.random.split(blocks_key, len(self.blocks)))
+                block_keys = jax.random.split(blocks_key, len(self.blocks))
             if self.rope_rescale is not None:
                 rescale = rope.sample_rescale(rope_key, self.rope_rescale, bf16=self.rope_bf16)
         periods = self.rope_periods_2d if len(grid) == 2 else self.rope_periods_3d
         sin, cos = rope.rope_sincos(grid, periods, rescale=rescale, bf16=self.rope_bf16)
 
-        apply_block = nnx.remat(Block.__call__) if self.remat else Block.__call__
-        for block, block_key in zip(self.blocks, block_keys):
-            h = sharding.constrain(apply_block(block, h, sin, cos, block_key), RESIDUAL_AXES)
-
+        groups = 1
+        if block_keys is not None and self.drop_path_group_size is not None:
+            rows_per_group = self.drop_path_group_size * crops_per_sample
+            if batch % rows_per_group:
+                raise ValueError(f"{batch} rows ({crops_per_sample} crops per sample) do not split into drop-path "
+                                 f"groups of {self.drop_path_group_size} samples")
+            groups = batch // rows_per_group
+        h = self._run_blocks(h, sin, cos, block_keys, groups)
         normed = self.norm(h)
         prefix_len = 1 + self.num_storage_tokens
         return {"cls": normed[:, 0], "storage": normed[:, 1:prefix_len], "patch": normed[:, prefix_len:],
                 "prenorm": h}
+
+    def _run_blocks(self, h: jax.Array, sin: jax.Array, cos: jax.Array, block_keys: jax.Array | None,
+                    groups: int) -> jax.Array:
+        """The residual stream through every block, one after the other or as a scan over stacked parameters."""
+        split = [nnx.split(block) for block in self.blocks]
+        graphdef = split[0][0]
+
+        def apply(block_state, h, key):
+            block = nnx.merge(graphdef, block_state)
+            return sharding.constrain(block(h, sin, cos, key, groups), RESIDUAL_AXES)
+        if self.remat_policy != "none":
+            # prevent_cse only matters outside a scan (jax.checkpoint docs); inside it costs fusion.
+            apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat_policy],
+                                   prevent_cse=not self.scan_blocks)
+        if not self.scan_blocks:
+            for i, (_, block_state) in enumerate(split):
+                h = apply(block_state, h, None if block_keys is None else block_keys[i])
+            return h
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(block_state for _, block_state in split))
+        h, _ = jax.lax.scan(lambda h, xs: (apply(xs[0], h, xs[1]), None), h, (stacked, block_keys))
+        return h

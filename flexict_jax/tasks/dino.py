@@ -107,8 +107,10 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
     # Student: masked global crops and unmasked local crops, train mode (drop path, RoPE rescale).
     s_model = _merge(graphdef, abstract_state, student)
     key_global, key_local = jax.random.split(key)
-    s_global = s_model.backbone(global_crops, patch_size=patch_size, masks=masks, train=True, key=key_global)
-    s_local = s_model.backbone(local_crops, patch_size=patch_size, train=True, key=key_local)
+    s_global = s_model.backbone(global_crops, patch_size=patch_size, masks=masks, train=True, key=key_global,
+                                crops_per_sample=n_global)
+    s_local = s_model.backbone(local_crops, patch_size=patch_size, train=True, key=key_local,
+                               crops_per_sample=n_local)
     s_global_logits = _crops_first(s_model.dino_head(s_global["cls"]), n_global)
     s_local_logits = _crops_first(s_model.dino_head(s_local["cls"]), n_local)
     s_patch_logits = s_model.ibot_head(take_tokens(s_global["patch"]))
