@@ -158,7 +158,7 @@ def plan(config: mlc.ConfigDict, mesh_shape: tuple[int, ...], *, device_memory: 
             "params": {"total_bytes": report["total_bytes"], "bytes_per_device": report["bytes_per_device"],
                        "replicated_fraction": report["replicated_fraction"], "groups": report["groups"],
                        "large_replicated": report["large_replicated"]},
-            "state_bytes": state_bytes, "variants": rows}
+            "state_bytes": state_bytes, "remat_policy": config.model.remat_policy, "variants": rows}
 
 
 def _size(n: float) -> str:
@@ -194,7 +194,8 @@ def format_plan(result: dict[str, Any]) -> str:
             lines.append("  fits" if row["fits"] else
                          f"  DOES NOT FIT: needs {_size(m['peak'])} per device, {_size(usable)} usable "
                          f"({100 * (1 - result['headroom']):.0f}% of {_size(limit)}). Use more devices (fsdp), a "
-                         f"smaller global batch, or config.model.remat_policy=full.")
+                         f"smaller global batch" + (", or config.model.remat_policy=full."
+                                                    if result["remat_policy"] == "none" else "."))
     return "\n".join(lines)
 
 
