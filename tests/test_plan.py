@@ -195,3 +195,18 @@ def test_cli_reports_and_says_when_it_does_not_fit(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "flexict_jax.plan", "--config=configs/stage1.py:tiny",
                            "--devices=8", "--mesh=3,-1,1"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1 and "not divisible" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_model_flops_are_the_same_scanned_unrolled_and_rematerialised():
+    """The planner's and the benchmark's FLOPs are the model's: XLA's cost analysis of a compiled scan counts the
+    loop body once and remat adds recomputation, so `plan.model_flops` lowers the unrolled, stored step."""
+    flops = []
+    for scan_blocks, remat_policy in [(False, "none"), (True, "none"), (True, "full")]:
+        config = stage1.get_config("tiny")
+        config.model.update(scan_blocks=scan_blocks, remat_policy=remat_policy)
+        mesh = sharding.make_mesh((1, -1, 1))
+        with sharding.activate(mesh, config.sharding_rules):
+            program = trainer.build_program(config, mesh)
+            variant = Variant(16)
+            flops.append(plan.model_flops(config, program, variant, plan.abstract_batch(config, variant)))
+    assert flops[0] > 0 and flops == [flops[0]] * 3, flops
