@@ -106,10 +106,16 @@ def test_siglip_matches_pairwise_logistic_losses():
 
 
 def test_siglip_on_a_2x4_mesh_equals_the_single_device_value(batch_sharding):
+    """Loss and gradients (embeddings, logit scale and bias) over the global batch, as for CLIP."""
     image, text = unit_rows(0, 16, 8), unit_rows(1, 16, 8)
-    expected = siglip_loss(image, text, 2.3, -10.0)
+    scale, bias = jnp.float32(2.3), jnp.float32(-10.0)
+    grad = jax.jit(jax.grad(siglip_loss, argnums=(0, 1, 2, 3)))
+    expected, expected_grads = jax.jit(siglip_loss)(image, text, scale, bias), grad(image, text, scale, bias)
     sharded = [jax.device_put(x, batch_sharding) for x in (image, text)]
-    np.testing.assert_allclose(jax.jit(siglip_loss)(*sharded, 2.3, -10.0), expected, rtol=1e-6)
+    assert len(sharded[0].sharding.device_set) == 8
+    np.testing.assert_allclose(jax.jit(siglip_loss)(*sharded, scale, bias), expected, rtol=1e-6)
+    for got, want in zip(grad(*sharded, scale, bias), expected_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
 # --- OSL ------------------------------------------------------------------------------------------------------

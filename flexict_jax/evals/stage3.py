@@ -12,11 +12,16 @@ Embeddings use the *student* backbone, projection and text tower: the VLM head i
 features (recipe §8), so pairing it with the EMA backbone would measure the export's mismatch (recipe §13 #16),
 not training progress. Metrics come back as "eval/..." scalars for the trainer's metric writer; findings with a
 single class in the split have no AUC and are left out.
+
+Across hosts each process reads only its rows of every (padded) global evaluation batch; the embeddings come
+back replicated, in example order, so every process computes the same metrics (tests/test_stage3.py checks
+2 processes x 4 devices against 1 x 8).
 """
 from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,7 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flexict_jax import trainer
+from flexict_jax import distributed, trainer
 from flexict_jax.data import pipeline_align
 from flexict_jax.evals import retrieval
 from flexict_jax.tasks.dino import _flatten_crops, _merge
@@ -83,6 +88,16 @@ class Stage3Evaluator:
         self._embed_pairs = jax.jit(functools.partial(_embed_pairs, **model, patch_size=int(eval_cfg.patch_size)),
                                     out_shardings=replicated)
         self._embed_texts = jax.jit(functools.partial(_embed_texts, **model), out_shardings=replicated)
+        self._executables: dict[str, Callable] = {}
+
+    def _compiled(self, name: str, function: Callable, *args: Any) -> Callable:
+        """`function` compiled for `args` on first use. Every host then waits at a barrier before running it:
+        the embeddings are gathered across hosts, and a host still compiling would make the others' CPU (gloo)
+        collectives give up after 30 s (see `distributed.barrier`; the trainer does the same per step variant)."""
+        if name not in self._executables:
+            self._executables[name] = function.lower(*args).compile()
+            distributed.barrier(f"stage-3 evaluation: compiled {name}")
+        return self._executables[name]
 
     def __call__(self, state: dict[str, Any]) -> dict[str, float]:
         start = time.monotonic()
@@ -90,8 +105,8 @@ class Stage3Evaluator:
         images, reports = [], []
         for local in self.dataset:  # every global batch is held out examples [t·B, (t+1)·B) in order
             batch = trainer.global_batch(self.mesh, local)
-            image_emb, report_emb = self._embed_pairs(params, batch["global_crops"], batch["caption_tokens"],
-                                                      batch["caption_mask"])
+            args = (params, batch["global_crops"], batch["caption_tokens"], batch["caption_mask"])
+            image_emb, report_emb = self._compiled("pairs", self._embed_pairs, *args)(*args)
             images.append(_host(image_emb))
             reports.append(_host(report_emb))
         images = np.concatenate(images)[:self.n_examples]  # the rest is padding to whole batches
@@ -99,7 +114,8 @@ class Stage3Evaluator:
         metrics: dict[str, float] = {"eval/examples": self.n_examples}
         metrics.update({f"eval/{k}": v for k, v in retrieval.recall_at_k(images, reports).items()})
         if self.findings:
-            prompts = _host(self._embed_texts(params, *self.prompts))
+            args = (params, *self.prompts)
+            prompts = _host(self._compiled("prompts", self._embed_texts, *args)(*args))
             positive, negative = np.split(prompts, 2)
             scale = float(np.exp(_host(params["logit_scale"])))
             probabilities = retrieval.zero_shot_probabilities(images, positive, negative, scale)

@@ -171,7 +171,8 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
     s_model = _merge(graphdef, abstract_state, student)
     key_global, key_local, key_clip = jax.random.split(key, 3)
     s_global = s_model.backbone(global_crops, patch_size=patch_size, masks=masks, train=True, key=key_global)
-    s_local = s_model.backbone(local_crops, patch_size=patch_size, train=True, key=key_local)
+    s_local = s_model.backbone(local_crops, patch_size=patch_size, train=True, key=key_local,
+                               crops_per_sample=n_local)
     # Upstream embeds the masked global crop (recipe §8 quirk); the flag embeds an unmasked student view.
     s_image = s_global if loss_cfg.clip_from_masked else s_model.backbone(
         global_crops, patch_size=patch_size, train=True, key=key_clip)
