@@ -59,6 +59,9 @@ def ssl_config(stage: str, variant: str, *, global_batch_size: int, total_steps:
         layerscale_init=1e-5, drop_path_rate=0.2,  # recipe §2.1: same rate in every block
         rope_base=100.0, rope_rescale=2.0,  # recipe §2.2: training-time coordinate rescale in [1/2, 2]
         rope_bf16=False,  # fp32 RoPE for new training (recipe §13 #13); True emulates upstream
+        # Explicit RoPE periods (a released file's own bf16 buffers, torch-format §1.3); None = computed from
+        # rope_base and head_dim. A run started from (or resuming) a checkpoint that has them takes them.
+        rope_periods_2d=None, rope_periods_3d=None,
         remat_policy="none",  # flexict_jax.models.vit.REMAT_POLICIES: none / full / dots / dots_no_batch
         scan_blocks=True,  # one compiled block for all 16 (ViT-B stage-1 step compile 60 s -> 26 s on CPU)
         drop_path_group_size=None))  # stages set upstream's per-GPU batch (recipe §2.1: subset per GPU batch)
@@ -136,7 +139,9 @@ def init_section(mode: str = "none") -> mlc.ConfigDict:
     """Where a run starts when its workdir has no checkpoint yet: `--config.init.from=PREVIOUS_WORKDIR`
     [`--config.init.step=N`] takes that run's EMA teacher (recipe §1: every stage hands its teacher on).
     `mode`: "continue" (backbone + heads), "inflate_2d_to_3d" (stage 2: inflate the patch embedding, new heads,
-    recipe §7), "backbone" (backbone only, new heads)."""
+    recipe §7), "backbone" (backbone only, new heads), "vlm" (stage 3 from an imported FlexiCT-3D-VLM or another
+    stage-3 run: backbone, vision projection, text tower and logit scale, and the DINO/iBOT heads when the source
+    has them, else new ones)."""
     # Stored as `from_workdir`: ml_collections cannot address a key named `from` on the command line, so
     # flexict_jax.train rewrites `--config.init.from=` to it.
     return mlc.ConfigDict(dict(from_workdir=mlc.config_dict.placeholder(str), step=mlc.config_dict.placeholder(int),

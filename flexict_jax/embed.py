@@ -125,9 +125,10 @@ def load_backbone(checkpoint: str | os.PathLike, step: int | None = None) -> Loa
             backbone, found = torch_format.backbone_from_torch(state, rope_base=arch.rope_base, rope_bf16=rope_bf16)
         except torch_format.FormatError as e:
             raise ValueError(f"{directory / 'model.safetensors'}: {e}") from e
-        if found != arch:
+        if found.without_periods() != arch.without_periods():
             raise ValueError(f"{directory / 'model.safetensors'}: weights imply {found}, config.json says {arch}")
-        return LoadedBackbone(backbone_module(arch, backbone, rope_bf16=rope_bf16), arch, rope_bf16, preprocessing,
+        # The periods are the weights' own buffers, as torch_reference.load_safetensors loads them.
+        return LoadedBackbone(backbone_module(found, backbone, rope_bf16=rope_bf16), found, rope_bf16, preprocessing,
                               str(directory))
     if not (directory / "checkpoints").is_dir():
         raise FileNotFoundError(f"{directory}: neither a safetensors export (config.json + model.safetensors) "

@@ -8,7 +8,8 @@ trainer, optimizer or data pipeline) and the architecture from the checkpoint's 
 
   * --format=flexict: `--out` is a `.pth` holding `{"teacher": {"backbone.<key>": tensor, "dino_head.*",
     "ibot_head.*"}, "iteration": step}` (torch-format §1.4): the 219 backbone keys with upstream names,
-    shapes and layouts, fp32, and the two RoPE `periods` buffers in bf16 with exactly upstream's values.
+    shapes and layouts, fp32, and the two RoPE `periods` buffers in bf16 with exactly upstream's values (or,
+    when the checkpoint's config.model has explicit `rope_periods_2d/3d`, e.g. an imported file's, those).
     `Flexi_CT_2D(path)` / `Flexi_CT_3D(path)` load it; they ignore the heads, which upstream's
     `resume_from_teacher_chkpt` needs. The upstream wrappers build only the 864/16/12 backbone with 4
     storage tokens, patch 8 and one input channel; other sizes are refused unless

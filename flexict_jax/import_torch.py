@@ -13,14 +13,18 @@ Writes a new workdir DIR with one checkpoint, `DIR/checkpoints/0/{state, meta}`:
   "text_tower"} (no optimizer state: a run started from it builds a fresh one);
   meta  = {"stage": "imported", "kind", "source", "source_sha256", "config": {"model": {...}[, "heads"]
   [, "text_tower"]}}.
-`--config.init.from=DIR` then continues pretraining from its teacher, and `python -m flexict_jax.export
---workdir=DIR` exports it again. The model config says `rope_bf16: true`: the released weights were trained
-with upstream's bf16 RoPE, and reproducing their features needs it (torch-format §0).
+`--config.init.from=DIR` then continues pretraining from its teacher (`--config.init.mode=vlm` for a VLM, stage
+3), and `python -m flexict_jax.export --workdir=DIR` exports it again. The model config says `rope_bf16: true`:
+the released weights were trained with upstream's bf16 RoPE, and reproducing their features needs it
+(torch-format §0). Its `rope_periods_2d`/`rope_periods_3d` hold the file's RoPE periods when they differ from
+the ones computed here (a file made on a GPU may round the last bf16 bit differently); runs started from DIR
+use them, and export writes them back bit for bit.
 
 The file is read with `torch.load(weights_only=True)` (tensors and plain containers only). A file holding
 other Python objects needs --allow-pickle, which runs its pickled code: use it only for files you trust.
-Checks are strict, like upstream's `load_state_dict(strict=True)` plus dtypes and the RoPE periods; the first
-offending key is named. DIR must not exist or be empty; it is written beside it and renamed when complete.
+Checks are strict, like upstream's `load_state_dict(strict=True)` plus dtypes and plausible RoPE periods
+(length, positive, increasing, within bf16 rounding of base^(2j/(head_dim/2))); the first offending key is
+named. DIR must not exist or be empty; it is written beside it and renamed when complete.
 Exit status 0 on success, 1 on any error.
 """
 from __future__ import annotations

@@ -8,7 +8,9 @@ flat {key: array} dict with upstream names and layouts:
     qkv rows and the proj input columns are [q|k|v] × head-major in both, so a transpose is the whole story;
   * LayerNorm scale/bias are `weight`/`bias`; tokens keep their odd shapes (`mask_token` is (1, dim));
   * the two RoPE `periods` buffers are bf16 (ml_dtypes) with exactly the values torch computes op by op in
-    bf16 (§1.3); our model derives them from `rope_base`, so on import they are checked, not loaded;
+    bf16 (§1.3); our model derives them from `rope_base`. On import they are checked to be plausible periods
+    and, where they differ from ours (a file made on another device may round the last bf16 bit
+    differently), kept as the architecture's explicit periods, which export writes back bit for bit;
   * DINO/iBOT heads: mlp.{0,2,4} Linear + last_layer (no bias, no weight norm), as upstream's DINOHead.
 
 Every problem with a foreign state_dict is a `FormatError` naming the first offending key.
@@ -45,6 +47,14 @@ class Architecture:
     in_chans: int = 1
     base_patch_size: int = 8
     rope_base: float = 100.0
+    # Explicit RoPE periods (a checkpoint's own buffers); None = computed from rope_base and head_dim.
+    rope_periods_2d: tuple[float, ...] | None = None
+    rope_periods_3d: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        for name in ("rope_periods_2d", "rope_periods_3d"):  # JSON configs give lists
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
 
     @property
     def head_dim(self) -> int:
@@ -66,10 +76,17 @@ class Architecture:
     def to_config(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def without_periods(self) -> Architecture:
+        """The architecture with computed periods: what the upstream constructors take (the periods buffers are
+        loaded with the weights)."""
+        return dataclasses.replace(self, rope_periods_2d=None, rope_periods_3d=None)
+
     def upstream_differences(self) -> list[str]:
-        """What the upstream wrappers could not build: they hard-code UPSTREAM (torch-format §1.1)."""
-        return [f"{f.name}={getattr(self, f.name)} (upstream builds {getattr(UPSTREAM, f.name)})"
-                for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(UPSTREAM, f.name)]
+        """What the upstream wrappers could not build: they hard-code UPSTREAM (torch-format §1.1). Explicit
+        periods are no difference: `load_state_dict` loads the file's buffers."""
+        arch = self.without_periods()
+        return [f"{f.name}={getattr(arch, f.name)} (upstream builds {getattr(UPSTREAM, f.name)})"
+                for f in dataclasses.fields(arch) if getattr(arch, f.name) != getattr(UPSTREAM, f.name)]
 
 
 UPSTREAM = Architecture(dim=864, depth=16, num_heads=12)  # `flexi_ct_backbone_base(**_BACKBONE_KWARGS)`
@@ -153,8 +170,11 @@ def _expected_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
 
 def periods(arch: Architecture, num_axes: int, bf16: bool = True) -> np.ndarray:
     """The `rope_embed_{2,3}D.periods` buffer: bf16, computed op by op as torch does (torch-format §1.3), or
-    with `bf16=False` the float32 periods of a model that runs RoPE in float32 (safetensors exports only)."""
-    values = rope.rope_periods(arch.head_dim, num_axes, arch.rope_base, bf16=bf16)
+    with `bf16=False` the float32 periods of a model that runs RoPE in float32 (safetensors exports only).
+    The architecture's explicit periods, when it has them, are written instead (exactly, if they are bf16)."""
+    explicit = arch.rope_periods_2d if num_axes == 2 else arch.rope_periods_3d
+    values = np.asarray(rope.model_periods(arch.head_dim, num_axes, arch.rope_base, bf16=bf16, explicit=explicit),
+                        np.float32)
     return values.astype(ml_dtypes.bfloat16) if bf16 else values
 
 
@@ -277,20 +297,26 @@ def backbone_from_torch(state: Mapping[str, Any], *, rope_base: float = 100.0, r
                         prefix: str = "") -> tuple[dict[str, Any], Architecture]:
     """An upstream backbone state_dict (no prefix; floating arrays) -> (our backbone params, architecture).
 
-    Strict like `load_state_dict(strict=True)`, and also checks the periods: our model computes them from
-    `rope_base` (in bf16 as upstream, or float32 with `rope_bf16=False`), so periods that differ would
-    silently change the forward and are refused.
+    Strict like `load_state_dict(strict=True)`, and also checks the periods: they must be plausible RoPE
+    periods of `rope_base` and the head_dim (length, positive, increasing, within bf16 rounding of
+    base^(2j/(head_dim/2))). Periods that differ from the ones our model computes (in bf16 as upstream, or
+    float32 with `rope_bf16=False`), e.g. rounded differently on the GPU that made the file, become the
+    architecture's explicit periods, so the model runs with the file's values.
     """
     arch = infer_architecture(state, rope_base=rope_base, prefix=prefix)
     entries = backbone_entries(arch.depth)
     _check_keys(state, [e.key for e in entries] + list(PERIODS_KEYS.values()), prefix)
     _check_shapes(state, _expected_shapes(arch), prefix)
+    explicit = {}
     for num_axes, key in PERIODS_KEYS.items():
-        found, want = _float32(state[key], prefix + key), periods(arch, num_axes, rope_bf16).astype(np.float32)
-        if found.shape != want.shape or not np.array_equal(found, want):
-            precision = "bf16" if rope_bf16 else "float32"
-            raise FormatError(f"key {prefix}{key} = {found.tolist()} differs from the {precision} RoPE periods of base "
-                              f"{arch.rope_base} and head_dim {arch.head_dim} ({want.tolist()})")
+        found = _float32(state[key], prefix + key)
+        try:
+            rope.check_periods(found, arch.head_dim, num_axes, arch.rope_base, what=f"key {prefix}{key}")
+        except ValueError as e:
+            raise FormatError(str(e)) from e
+        computed = periods(arch, num_axes, rope_bf16).astype(np.float32)
+        explicit[f"rope_periods_{num_axes}d"] = None if np.array_equal(found, computed) else tuple(found.tolist())
+    arch = dataclasses.replace(arch, **explicit)
     backbone: dict[str, Any] = {}
     for entry in entries:
         _set(backbone, entry.path, entry.load(_float32(state[entry.key], prefix + entry.key)))

@@ -74,11 +74,14 @@ class PatchEmbed(nn.Module):
 class RopeEmbedding(nn.Module):
     """Axial RoPE tables; every op runs in the dtype of the `periods` buffer, as upstream (torch-format §2.3)."""
 
-    def __init__(self, head_dim: int, num_axes: int, base: float, dtype: torch.dtype):
+    def __init__(self, head_dim: int, num_axes: int, base: float, dtype: torch.dtype,
+                 periods: list[float] | tuple[float, ...] | None = None):
         super().__init__()
-        count = head_dim // (2 * num_axes)
-        exponent = 2 * torch.arange(count, dtype=dtype) / (head_dim // 2)
-        self.register_buffer("periods", base ** exponent, persistent=True)
+        if periods is None:  # upstream's op-by-op computation
+            count = head_dim // (2 * num_axes)
+            exponent = 2 * torch.arange(count, dtype=dtype) / (head_dim // 2)
+            periods = base ** exponent
+        self.register_buffer("periods", torch.as_tensor(periods, dtype=dtype), persistent=True)
 
     def forward(self, grid: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         dtype, device = self.periods.dtype, self.periods.device
@@ -151,11 +154,14 @@ class Block(nn.Module):
 
 
 class FlexiCTBackbone(nn.Module):
-    """The upstream `Flexi_CT_Backbone`; defaults are the released 864/16/12 model with 4 storage tokens."""
+    """The upstream `Flexi_CT_Backbone`; defaults are the released 864/16/12 model with 4 storage tokens.
+    rope_periods_2d/3d: explicit periods (as a safetensors config.json "architecture" may list); None = computed
+    as upstream. Either way `load_state_dict` then loads the file's own `periods` buffers."""
 
     def __init__(self, *, dim: int = 864, depth: int = 16, num_heads: int = 12, mlp_ratio: float = 4.0,
                  num_storage_tokens: int = 4, in_chans: int = 1, base_patch_size: int = 8, rope_base: float = 100.0,
-                 rope_dtype: torch.dtype = torch.bfloat16):
+                 rope_dtype: torch.dtype = torch.bfloat16, rope_periods_2d: list[float] | None = None,
+                 rope_periods_3d: list[float] | None = None):
         super().__init__()
         head_dim = dim // num_heads
         self.num_prefix_tokens = 1 + num_storage_tokens
@@ -165,8 +171,8 @@ class FlexiCTBackbone(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
         self.patch_embed_2D = PatchEmbed(2, in_chans, dim, base_patch_size)
         self.patch_embed_3D = PatchEmbed(3, in_chans, dim, base_patch_size)
-        self.rope_embed_2D = RopeEmbedding(head_dim, 2, rope_base, rope_dtype)
-        self.rope_embed_3D = RopeEmbedding(head_dim, 3, rope_base, rope_dtype)
+        self.rope_embed_2D = RopeEmbedding(head_dim, 2, rope_base, rope_dtype, rope_periods_2d)
+        self.rope_embed_3D = RopeEmbedding(head_dim, 3, rope_base, rope_dtype, rope_periods_3d)
         self.blocks = nn.ModuleList(Block(dim, num_heads, int(dim * mlp_ratio)) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 

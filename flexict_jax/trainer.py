@@ -31,7 +31,10 @@ from flexict_jax import tasks
 from flexict_jax.variants import Variant
 
 SCHEDULE_NAMES = ("lr", "weight_decay", "momentum", "teacher_temperature")
-INIT_MODES = ("continue", "inflate_2d_to_3d", "backbone")
+INIT_MODES = ("continue", "inflate_2d_to_3d", "backbone", "vlm")
+# What a "vlm" hand-off needs from its source: the parts of upstream's FlexiCT-3D-VLM (torch-format §3.2).
+VLM_PARTS = ("backbone", "vision_projection", "text_tower", "logit_scale")
+ROPE_PERIODS_KEYS = ("rope_periods_2d", "rope_periods_3d")
 
 
 class ConfigError(ValueError):
@@ -196,30 +199,92 @@ def _train_step(state: dict, batch: dict, *, program: Program, config: mlc.Confi
     return new, metrics
 
 
+def adopt_rope_periods(config: mlc.ConfigDict, workdir: epath.Path) -> None:
+    """Explicit RoPE periods travel with the weights (an imported file's own bf16 buffers, torch-format §1.3):
+    unless config.model sets them, a run takes them from its own latest checkpoint when it resumes, else from
+    config.init.from. Periods set in the config that differ from the source's are refused."""
+    if checkpointing.latest_step(workdir) is not None:
+        source, step = workdir, None
+    elif config.init.from_workdir:
+        source, step = config.init.from_workdir, config.init.step
+    else:
+        return
+    _, _, meta = checkpointing.read_subtree(source, "step", step)
+    model = meta.get("config", {}).get("model", {})
+    for key in ROPE_PERIODS_KEYS:
+        theirs, ours = model.get(key), config.model.get(key)
+        if theirs is None:
+            continue
+        if ours is None:
+            config.model[key] = tuple(theirs)
+            logging.info("config.model.%s: the explicit RoPE periods of %s", key, source)
+        elif tuple(ours) != tuple(theirs):
+            raise ConfigError(f"config.model.{key}={tuple(ours)} differs from the periods {tuple(theirs)} of the "
+                              f"checkpoint in {source}; leave it unset to use the checkpoint's")
+
+
+def vlm_source(config: mlc.ConfigDict, source: str, step: int, teacher: dict, meta: dict) -> dict:
+    """What a "vlm" hand-off takes from its source: the EMA teacher's parts (backbone, and the heads when it has
+    them) and the student's others (text tower, projection, logit scale: stage 3's EMA teacher tracks the image
+    side only, recipe §8). An imported VLM holds the same weights in both."""
+    if config.get("task") != "align":
+        raise ConfigError("config.init.mode='vlm' starts stage 3 from a vision-language checkpoint; use "
+                          "--config=configs/stage3.py")
+    student, _, _ = checkpointing.read_subtree(source, "params", step)
+    found = {**student, **teacher}
+    missing = [part for part in VLM_PARTS if part not in found]
+    if missing:
+        raise checkpointing.IncompatibleCheckpointError(
+            f"config.init.from={source}: no {missing} (it has {sorted(found)}), so not a vision-language checkpoint; "
+            f"config.init.mode='vlm' needs `import_torch --kind=vlm` output or a stage-3 run")
+    # The upstream VLM's tower is Qwen3 (causal, last-token pooling); as a from-scratch tower (bidirectional, mean
+    # pooling) the same weights would compute something else, with no shape to tell.
+    source_config = meta.get("config", {})
+    tower = "qwen3" if "text_tower" in source_config else source_config.get("text", {}).get("tower")
+    if tower != config.text.tower:
+        raise checkpointing.IncompatibleCheckpointError(
+            f"config.init.from={source}: its text tower is {tower!r} but config.text.tower={config.text.tower!r}"
+            + ("; pass --config.text.tower=qwen3 --config.text.hf_folder=DIR (a local Qwen3(-Embedding) folder for "
+               "its config.json and tokenizer; its weights are not read)" if tower == "qwen3" else ""))
+    return found
+
+
 def handoff_state(config: mlc.ConfigDict, program: Program) -> tuple[dict, dict]:
     """The first state of a stage that continues another run's EMA teacher (recipe §1), and a record of it.
 
     The previous teacher becomes both student and teacher; the optimizer starts fresh; heads are kept
     ("continue") or re-initialised ("backbone", "inflate_2d_to_3d" — upstream drops head keys, recipe §7).
+    "vlm" (stage 3 from an imported FlexiCT-3D-VLM or another stage-3 run) takes every part of the student the
+    source has (see `vlm_source`); the rest (the released VLM has no DINO/iBOT heads) starts fresh. The task's
+    `initial_params` (e.g. the Qwen3 weights of config.text.hf_folder) applies to the other modes only.
     """
     source, mode = config.init.from_workdir, config.init.mode
     teacher, step, source_meta = checkpointing.read_subtree(source, "teacher", config.init.step)
+    if mode == "vlm":
+        teacher = vlm_source(config, source, step, teacher, source_meta)
+    task = tasks.get(config)
     fresh = jax.device_get(jax.jit(program.init_state)())
     params = dict(fresh["params"])
     reference = jax.tree.map(lambda a: a, program.abstract_state["params"])
     if mode == "inflate_2d_to_3d":
         teacher = dict(teacher, backbone=inflate.inflate_patch_embed(teacher["backbone"]))
-    parts = (("backbone",) if mode in ("backbone", "inflate_2d_to_3d")
-             else tuple(tasks.get(config).teacher_params(params)))  # "continue": the parts an EMA teacher has
+    if mode == "vlm":
+        parts = tuple(part for part in params if part in teacher)
+    else:
+        parts = (("backbone",) if mode in ("backbone", "inflate_2d_to_3d")
+                 else tuple(task.teacher_params(params)))  # "continue": the parts an EMA teacher has
     for part in parts:
         if part not in teacher:
             raise checkpointing.IncompatibleCheckpointError(
                 f"config.init.from={source}: its teacher has no {part!r} (it has {sorted(teacher)})")
         params[part] = checkpointing.conform(teacher[part], reference[part], what=f"config.init.from={source}")
     state = dict(fresh, step=np.zeros((), np.int32), params=params,
-                 teacher=tasks.get(config).teacher_params(params), opt_state=jax.device_get(program.tx.init(params)))
+                 teacher=task.teacher_params(params), opt_state=jax.device_get(program.tx.init(params)))
     state = jax.device_put(state, program.state_shardings)
-    record = {"from": str(source), "step": step, "mode": mode, "from_stage": source_meta.get("stage")}
+    if mode != "vlm":
+        state = dict(state, params=task.initial_params(config, state["params"]))
+    record = {"from": str(source), "step": step, "mode": mode, "from_stage": source_meta.get("stage"),
+              "fresh": sorted(set(params) - set(parts))}
     return state, record
 
 
@@ -241,6 +306,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
     validate_config(config)
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    adopt_rope_periods(config, workdir)
     is_chief = jax.process_index() == 0
     if is_chief:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -275,7 +341,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
                              meta["init"]["mode"])
             else:
                 state = jax.jit(program.init_state, out_shardings=program.state_shardings)()
-            state = dict(state, params=tasks.get(config).initial_params(config, state["params"]))
+                state = dict(state, params=tasks.get(config).initial_params(config, state["params"]))
             if uses_gram(config):
                 state, meta["gram"] = with_gram_teacher(config, program, state)
                 logging.info("Gram teacher: %s step %d", meta["gram"]["from"], meta["gram"]["step"])

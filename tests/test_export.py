@@ -1,4 +1,5 @@
-"""Export of a real (tiny) stage-1 run to the upstream .pth payload and to safetensors, and import back.
+"""Export of a real (tiny) stage-1 run to the upstream .pth payload and to safetensors, and import back; a tiny
+released-style VLM imported, continued in stage 3 and exported again.
 
 The run trains the tiny config for two steps on slices of synthetic phantoms (seconds), so the exported
 teacher and student are real training outputs with both checkpoint steps on disk.
@@ -13,23 +14,19 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from configs import stage1
+from configs import stage1, stage3
 from data_prep import ingest, slices, synthetic
 from data_prep.readers import file_sha256
-from flexict_jax import checkpointing, embed, export, import_torch, torch_format, trainer
+from flexict_jax import checkpointing, embed, export, import_torch, sharding, torch_format, trainer
+from run_utils import config_with, metrics, run_cli, saved_state
+# The stage-3 reports data and the tiny local Qwen3 folder (config.json, weights, tokenizer.json) of test_stage3.
+from test_stage3 import QWEN3_TINY, phantom_reports, qwen3_folder  # noqa: F401  (fixtures)
 
 torch = pytest.importorskip("torch")
 from flexict_jax import torch_reference  # noqa: E402  (imports torch)
+from test_torch_format import last_bf16_bit_flipped  # noqa: E402
 
 TINY_ARCH = dict(dim=48, depth=2, num_heads=2)
-
-
-def _cli(main, argv) -> int:
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    return int(code or 0)
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +51,22 @@ def run(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def pth(run, tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("pth") / "FlexiCT_tiny.pth"
-    assert _cli(export.main, ["--workdir", str(run), "--kind", "2d", "--format", "flexict", "--out", str(out),
-                              "--allow-custom-architecture"]) == 0
+    assert run_cli(export.main, ["--workdir", str(run), "--kind", "2d", "--format", "flexict", "--out", str(out),
+                                 "--allow-custom-architecture"]) == 0
     return out
 
 
 def _leaves(tree) -> dict[str, np.ndarray]:
     return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _assert_trees_equal(a, b, what: str = "") -> None:
+    """Same leaf paths (string and int block keys alike), bit-identical values."""
+    a, b = _leaves(a), _leaves(b)
+    assert sorted(a) == sorted(b), what
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{what} {key}")
 
 
 def _cls_and_patch(model, x: np.ndarray, patch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +82,7 @@ def _assert_close(a: np.ndarray, b: np.ndarray, max_abs: float = 1e-3, min_cos: 
 
 def test_upstream_format_refuses_sizes_the_wrappers_cannot_build(run, tmp_path, capsys):
     out = tmp_path / "model.pth"
-    assert _cli(export.main, ["--workdir", str(run), "--kind", "2d", "--format", "flexict", "--out", str(out)]) == 1
+    assert run_cli(export.main, ["--workdir", str(run), "--kind", "2d", "--format", "flexict", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "upstream FlexiCT wrappers cannot build" in err and "dim=48 (upstream builds 864)" in err
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -127,8 +132,8 @@ def test_pth_loads_strictly_into_the_reference_and_matches_jax(run, pth):
 
 def test_safetensors_export_config_and_parity(run, tmp_path):
     out = tmp_path / "flexict_tiny_3d"
-    assert _cli(export.main, ["--workdir", str(run), "--kind", "3d", "--format", "safetensors",
-                              "--out", str(out)]) == 0
+    assert run_cli(export.main, ["--workdir", str(run), "--kind", "3d", "--format", "safetensors",
+                                 "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flexict_tiny_3d"]  # no temporary left
     config = json.loads((out / "config.json").read_text())
@@ -154,8 +159,8 @@ def test_safetensors_export_config_and_parity(run, tmp_path):
 def test_student_and_step_select_what_is_exported(run, tmp_path):
     def backbone_of(*extra) -> dict[str, torch.Tensor]:
         out = tmp_path / f"{len(list(tmp_path.iterdir()))}.pth"
-        assert _cli(export.main, ["--workdir", str(run), "--kind", "2d", "--format", "flexict", "--out", str(out),
-                                  "--allow-custom-architecture", *extra]) == 0
+        assert run_cli(export.main, ["--workdir", str(run), "--kind", "2d", "--format", "flexict", "--out", str(out),
+                                     "--allow-custom-architecture", *extra]) == 0
         return torch.load(out, weights_only=True)
 
     teacher, student, step1 = backbone_of(), backbone_of("--params", "student"), backbone_of("--step", "1")
@@ -173,9 +178,9 @@ def test_existing_output_is_kept_unless_overwrite(run, tmp_path, capsys):
     out.write_bytes(b"user data")
     argv = ["--workdir", str(run), "--kind", "2d", "--format", "flexict", "--out", str(out),
             "--allow-custom-architecture"]
-    assert _cli(export.main, argv) == 1
+    assert run_cli(export.main, argv) == 1
     assert "exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == b"user data"
-    assert _cli(export.main, argv + ["--overwrite"]) == 0
+    assert run_cli(export.main, argv + ["--overwrite"]) == 0
     assert "teacher" in torch.load(out, weights_only=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]
 
@@ -187,20 +192,20 @@ def test_existing_output_is_kept_unless_overwrite(run, tmp_path, capsys):
     (["--kind", "2d", "--format", "safetensors", "--step", "7"], "no checkpoint state"),
 ], ids=["vlm-of-stage1", "recipe-vlm-2d", "missing-step"])
 def test_clear_errors(run, tmp_path, capsys, argv, message):
-    assert _cli(export.main, ["--workdir", str(run), "--out", str(tmp_path / "x"), *argv]) == 1
+    assert run_cli(export.main, ["--workdir", str(run), "--out", str(tmp_path / "x"), *argv]) == 1
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_workdir(tmp_path, capsys):
-    assert _cli(export.main, ["--workdir", str(tmp_path / "nope"), "--kind", "2d", "--format", "safetensors",
-                              "--out", str(tmp_path / "x")]) == 1
+    assert run_cli(export.main, ["--workdir", str(tmp_path / "nope"), "--kind", "2d", "--format", "safetensors",
+                                 "--out", str(tmp_path / "x")]) == 1
     assert "no checkpoint under" in capsys.readouterr().err
 
 
 def test_help_describes_the_cli(capsys):
     for main in (export.main, import_torch.main):
-        assert _cli(main, ["--help"]) == 0
+        assert run_cli(main, ["--help"]) == 0
     assert "--allow-pickle" in capsys.readouterr().out
 
 
@@ -208,7 +213,7 @@ def test_help_describes_the_cli(capsys):
 
 def test_import_round_trip_is_bitwise_and_exports_again(run, pth, tmp_path):
     imported = tmp_path / "imported"
-    assert _cli(import_torch.main, ["--checkpoint", str(pth), "--kind", "2d", "--workdir", str(imported)]) == 0
+    assert run_cli(import_torch.main, ["--checkpoint", str(pth), "--kind", "2d", "--workdir", str(imported)]) == 0
     assert [p.name for p in (imported / "checkpoints").iterdir()] == ["0"]
     original, _, _ = checkpointing.read_subtree(run, "teacher")
     for name in ("teacher", "params"):  # both set to the file's teacher
@@ -225,8 +230,8 @@ def test_import_round_trip_is_bitwise_and_exports_again(run, pth, tmp_path):
     assert meta["config"]["heads"] == {"hidden_dim": 64, "bottleneck_dim": 32, "num_prototypes": 128}
     # Exported again, every tensor is the same.
     again = tmp_path / "again.pth"
-    assert _cli(export.main, ["--workdir", str(imported), "--kind", "2d", "--format", "flexict", "--out", str(again),
-                              "--allow-custom-architecture"]) == 0
+    assert run_cli(export.main, ["--workdir", str(imported), "--kind", "2d", "--format", "flexict", "--out", str(again),
+                                 "--allow-custom-architecture"]) == 0
     first, second = (torch.load(p, weights_only=True)["teacher"] for p in (pth, again))
     assert list(first) == list(second)
     assert all(torch.equal(first[k], second[k]) and first[k].dtype == second[k].dtype for k in first)
@@ -239,24 +244,27 @@ def test_import_round_trip_is_bitwise_and_exports_again(run, pth, tmp_path):
     _assert_close(_cls_and_patch(loaded.model, x)[0], out["cls_token"].numpy())
 
 
+def _handoff(config) -> tuple[dict, dict]:
+    """The trainer's hand-off of `config` (its first state and record) on the config's mesh."""
+    mesh = sharding.make_mesh(config.mesh)
+    with sharding.activate(mesh, config.sharding_rules):
+        state, record = trainer.handoff_state(config, trainer.build_program(config, mesh))
+    return jax.device_get(state), record
+
+
 def test_imported_workdir_is_a_training_hand_off_source(run, pth, tmp_path):
     """`--config.init.from_workdir=IMPORTED` (mode "continue") starts from the file's teacher and heads: the
     trainer's hand-off (no train step compiled: that part is the trainer's own tests)."""
-    from flexict_jax import sharding
-
     imported = tmp_path / "imported"
     import_torch.import_checkpoint(pth, kind="2d", workdir=imported)
     config = stage1.get_config("tiny")
     config.data.dir = str(run.parent / "slices")
     config.init.from_workdir, config.init.mode = str(imported), "continue"
-    mesh = sharding.make_mesh(config.mesh)
-    with sharding.activate(mesh, config.sharding_rules):
-        state, record = trainer.handoff_state(config, trainer.build_program(config, mesh))
+    state, record = _handoff(config)
     assert record["from_stage"] == "imported" and record["step"] == 0
     source, _, _ = checkpointing.read_subtree(imported, "teacher")
     for name in ("params", "teacher"):
-        a, b = _leaves(source), _leaves(jax.device_get(state[name]))
-        assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a), name
+        _assert_trees_equal(state[name], source, name)
 
 
 def test_import_backbone_only_file(run, pth, tmp_path):
@@ -301,8 +309,8 @@ def test_bad_files_name_the_first_offending_key(pth, tmp_path, capsys, edit, ext
     path = tmp_path / "bad.pth"
     torch.save(payload, path)
     workdir = tmp_path / "w"
-    assert _cli(import_torch.main, ["--checkpoint", str(path), "--kind", "2d", "--workdir", str(workdir),
-                                    *extra]) == 1
+    assert run_cli(import_torch.main, ["--checkpoint", str(path), "--kind", "2d", "--workdir", str(workdir),
+                                       *extra]) == 1
     err = capsys.readouterr().err
     assert message in err and str(path) in err
     assert not workdir.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth"]
@@ -311,8 +319,8 @@ def test_bad_files_name_the_first_offending_key(pth, tmp_path, capsys, edit, ext
 def test_truncated_file(pth, tmp_path, capsys):
     path = tmp_path / "truncated.pth"
     path.write_bytes(pth.read_bytes()[: pth.stat().st_size // 2])
-    assert _cli(import_torch.main, ["--checkpoint", str(path), "--kind", "2d", "--workdir",
-                                    str(tmp_path / "w")]) == 1
+    assert run_cli(import_torch.main, ["--checkpoint", str(path), "--kind", "2d", "--workdir",
+                                       str(tmp_path / "w")]) == 1
     assert "cannot read, truncated or not a PyTorch checkpoint" in capsys.readouterr().err
 
 
@@ -320,11 +328,11 @@ def test_import_refuses_a_non_empty_workdir_and_a_wrong_kind(pth, tmp_path, caps
     workdir = tmp_path / "w"
     workdir.mkdir()
     (workdir / "notes.txt").write_text("keep me")
-    assert _cli(import_torch.main, ["--checkpoint", str(pth), "--kind", "2d", "--workdir", str(workdir)]) == 1
+    assert run_cli(import_torch.main, ["--checkpoint", str(pth), "--kind", "2d", "--workdir", str(workdir)]) == 1
     assert "not an empty directory" in capsys.readouterr().err
     assert [p.name for p in workdir.iterdir()] == ["notes.txt"]
-    assert _cli(import_torch.main, ["--checkpoint", str(pth), "--kind", "vlm", "--workdir",
-                                    str(tmp_path / "v")]) == 1
+    assert run_cli(import_torch.main, ["--checkpoint", str(pth), "--kind", "vlm", "--workdir",
+                                       str(tmp_path / "v")]) == 1
     assert "no 'model' entry" in capsys.readouterr().err
 
 
@@ -338,9 +346,14 @@ def test_periods_written_by_export_are_bf16_bit_patterns():
 
 # --- the VLM (stage 3) ------------------------------------------------------------------------------------------
 
+VLM_PERIODS_3D = "vision_model.rope_embed_3D.periods"
+
+
 @pytest.fixture(scope="module")
 def vlm_pth(tmp_path_factory) -> tuple[pathlib.Path, dict]:
-    """A tiny released-style VLM file, {"model": {...}}, and the params it holds."""
+    """A tiny released-style VLM file, {"model": {...}}, and the params it holds: the tiny backbone and a Qwen3 text
+    tower of test_stage3's tiny folder architecture (other weights). Its 3-D RoPE periods are one bf16 bit off
+    ours, as those of a file made on a GPU may be (torch-format §1.3)."""
     from flax import nnx
 
     from flexict_jax.models import qwen3
@@ -348,41 +361,45 @@ def vlm_pth(tmp_path_factory) -> tuple[pathlib.Path, dict]:
     from flexict_jax.models.vlm import VisionLanguageHead
 
     arch = torch_format.Architecture(**TINY_ARCH)
-    text = qwen3.Qwen3Config(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    text = qwen3.Qwen3Config.from_hf_dict(QWEN3_TINY)
     rngs = nnx.Rngs(0)
     model = {"backbone": VisionTransformer(**arch.to_config(), layerscale_init=0.5, rngs=rngs),
              "head": VisionLanguageHead(qwen3.qwen3_encoder(text, rngs=rngs), vision_width=arch.dim, rngs=rngs)}
     state = jax.tree.map(np.asarray, {name: nnx.to_pure_dict(nnx.state(m, nnx.Param)) for name, m in model.items()})
-    params = {"backbone": state["backbone"], **state["head"]}
+    params = {"backbone": state["backbone"], **state["head"], "logit_scale": np.float32(3.0)}  # not the init value
+    payload = torch_format.vlm_to_torch(params, arch)
+    payload[VLM_PERIODS_3D] = last_bf16_bit_flipped(payload[VLM_PERIODS_3D], 2)
     path = tmp_path_factory.mktemp("vlm") / "FlexiCT_VLM_tiny.pth"
-    export.write_pth({"model": torch_format.vlm_to_torch(params, arch)}, path)
+    export.write_pth({"model": payload}, path)
     return path, params
 
 
 def test_vlm_import_and_export_round_trip(vlm_pth, tmp_path):
     path, params = vlm_pth
     workdir = tmp_path / "vlm_run"
-    assert _cli(import_torch.main, ["--checkpoint", str(path), "--kind", "vlm", "--workdir", str(workdir)]) == 0
+    assert run_cli(import_torch.main, ["--checkpoint", str(path), "--kind", "vlm", "--workdir", str(workdir)]) == 0
     teacher, _, meta = checkpointing.read_subtree(workdir, "teacher")
     assert sorted(teacher) == ["backbone", "logit_scale", "text_tower", "vision_projection"]
     a, b = _leaves(params), _leaves(teacher)
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
-    assert meta["kind"] == "vlm" and meta["config"]["text_tower"]["num_hidden_layers"] == 2
+    assert meta["kind"] == "vlm" and meta["config"]["text_tower"]["num_hidden_layers"] == 1
+    file_periods = torch.load(path, weights_only=True)["model"][VLM_PERIODS_3D]
+    assert meta["config"]["model"]["rope_periods_3d"] == file_periods.float().tolist()
+    assert meta["config"]["model"]["rope_periods_2d"] is None  # the file's 2-D periods are ours
     # Upstream-format export: refused at this size, then written with every key bit-identical to the source.
     out = tmp_path / "again.pth"
     argv = ["--workdir", str(workdir), "--kind", "vlm", "--format", "flexict", "--out", str(out)]
-    assert _cli(export.main, argv) == 1
-    assert _cli(export.main, argv + ["--allow-custom-architecture"]) == 0
+    assert run_cli(export.main, argv) == 1
+    assert run_cli(export.main, argv + ["--allow-custom-architecture"]) == 0
     first, second = (torch.load(p, weights_only=True)["model"] for p in (path, out))
     assert list(first) == list(second) and all(torch.equal(first[k], second[k]) for k in first)
     assert second["logit_scale"].shape == (1,) and second["vision_model.rope_embed_3D.periods"].dtype == torch.bfloat16
     # safetensors: the same keys, the text tower's config, and the vision tower loads into the reference.
     st = tmp_path / "vlm_st"
-    assert _cli(export.main, ["--workdir", str(workdir), "--kind", "vlm", "--format", "safetensors",
-                              "--out", str(st)]) == 0
+    assert run_cli(export.main, ["--workdir", str(workdir), "--kind", "vlm", "--format", "safetensors",
+                                 "--out", str(st)]) == 0
     config = json.loads((st / "config.json").read_text())
-    assert config["vision_language"]["text_tower"]["hidden_size"] == 16
+    assert config["vision_language"]["text_tower"]["hidden_size"] == QWEN3_TINY["hidden_size"]
     assert config["preprocessing"]["crop"] == 160 and config["rope"]["dtype"] == "bfloat16"
     reference, _ = torch_reference.load_safetensors(st)
     x = np.random.default_rng(3).normal(size=(1, 16, 16, 16)).astype(np.float32)
@@ -403,9 +420,9 @@ def test_recipe_vlm_pairs_the_teacher_backbone_with_the_student_text_tower(vlm_p
     exported = {}
     for which in ("teacher", "student", "recipe-vlm", "default"):
         out = tmp_path / f"{which}.pth"
-        code = _cli(export.main, ["--workdir", str(workdir), "--kind", "vlm", "--format", "flexict", "--out",
-                                  str(out), "--allow-custom-architecture"]
-                    + ([] if which == "default" else ["--params", which]))
+        code = run_cli(export.main, ["--workdir", str(workdir), "--kind", "vlm", "--format", "flexict", "--out",
+                                     str(out), "--allow-custom-architecture"]
+                       + ([] if which == "default" else ["--params", which]))
         if which == "teacher":
             assert code == 1 and "use --params=recipe-vlm" in capsys.readouterr().err
             continue
@@ -419,3 +436,70 @@ def test_recipe_vlm_pairs_the_teacher_backbone_with_the_student_text_tower(vlm_p
     assert not torch.equal(mixed[vision], student_sd[vision])
     for key in (text, "vlm_vision_projection.weight", "logit_scale"):
         assert torch.equal(mixed[key], student_sd[key])
+
+
+def test_stage3_continues_an_imported_vlm_and_another_stage3_run(vlm_pth, phantom_reports, qwen3_folder, run,
+                                                                  tmp_path, capsys):
+    """`configs/stage3.py:tiny --config.init.from=IMPORTED --config.init.mode=vlm`, with the Qwen3 tower of the file
+    (the local folder gives config.json and the tokenizer): step 0 holds the file's backbone, vision projection,
+    text tower and logit scale, and new DINO/iBOT heads (the released VLM has none); the run uses the file's RoPE
+    periods (one bf16 bit off ours) and exports them back bit for bit. A stage-3 run started from this one in the
+    same mode takes everything: the EMA teacher's image side and the student's text side."""
+    path, params = vlm_pth
+    folder, folder_weights = qwen3_folder
+    imported = tmp_path / "imported"
+    import_torch.import_checkpoint(path, kind="vlm", workdir=imported)
+    workdir = tmp_path / "stage3"
+
+    def stage3_config(source, **overrides):
+        return config_with(stage3.get_config, "tiny", phantom_reports, **{
+            "init.from_workdir": str(source), "init.mode": "vlm", "text.tower": "qwen3",
+            "text.hf_folder": str(folder), "total_steps": 2, "eval.every_steps": 0,
+            # One compiled step variant, the cheaper one: patch 16 only, one local crop.
+            "patch_sizes": (16,), "patch_size_probs": (1.0,), "data.n_local_crops": 1, **overrides})
+
+    assert trainer.train(stage3_config(imported), str(workdir)) == 0
+    start = saved_state(workdir, 0)
+    vlm_parts = ("backbone", "vision_projection", "text_tower", "logit_scale")
+    for part in vlm_parts:
+        _assert_trees_equal(start["params"][part], params[part], part)
+    # The file's tower, not the folder's (other weights, which a "vlm" hand-off does not read).
+    assert not np.array_equal(params["text_tower"]["embed_tokens"]["embedding"],
+                              folder_weights["embed_tokens"]["embedding"])
+    _assert_trees_equal(start["teacher"]["backbone"], params["backbone"], "teacher")
+    meta = json.loads((workdir / "checkpoints" / "0" / "meta" / "metadata").read_text())
+    assert meta["init"]["mode"] == "vlm" and meta["init"]["fresh"] == ["dino_head", "ibot_head"]
+    file_periods = torch.load(path, weights_only=True)["model"][VLM_PERIODS_3D]
+    assert meta["config"]["model"]["rope_periods_3d"] == file_periods.float().tolist()
+    assert [r["step"] for r in metrics(workdir) if np.isfinite(r["loss"])] == [1, 2]
+    out = tmp_path / "continued.pth"
+    assert run_cli(export.main, ["--workdir", str(workdir), "--kind", "vlm", "--format", "flexict", "--out", str(out),
+                                 "--allow-custom-architecture"]) == 0
+    exported = torch.load(out, weights_only=True)["model"][VLM_PERIODS_3D]
+    assert exported.dtype == torch.bfloat16 and torch.equal(exported.view(torch.int16), file_periods.view(torch.int16))
+    # A resume (the command run again, without --config.init.from) takes them from the run's own checkpoint;
+    # other periods in the config are refused.
+    resumed = stage3.get_config("tiny")
+    trainer.adopt_rope_periods(resumed, workdir)
+    assert list(resumed.model.rope_periods_3d) == file_periods.float().tolist()
+    resumed.model.rope_periods_3d = tuple(torch_format.periods(torch_format.Architecture(**TINY_ARCH), 3).tolist())
+    with pytest.raises(trainer.ConfigError, match="config.model.rope_periods_3d=.* differs from the periods"):
+        trainer.adopt_rope_periods(resumed, workdir)
+
+    # Stage 3 from stage 3: what the hand-off takes (the step above showed how it is taken) is the EMA teacher's
+    # backbone and heads and the student's text side; nothing starts fresh.
+    source, step, source_meta = checkpointing.read_subtree(workdir, "teacher")
+    taken = trainer.vlm_source(stage3_config(workdir), str(workdir), step, source, source_meta)
+    end = saved_state(workdir, 2)
+    assert sorted(taken) == sorted(end["params"])
+    for part in ("backbone", "dino_head", "ibot_head"):
+        _assert_trees_equal(taken[part], end["teacher"][part], part)
+    for part in ("vision_projection", "text_tower", "logit_scale"):
+        _assert_trees_equal(taken[part], end["params"][part], part)
+
+    # Refused: the Qwen3 tower as a from-scratch one, and a source without a text side.
+    with pytest.raises(checkpointing.IncompatibleCheckpointError,
+                       match="its text tower is 'qwen3' but config.text.tower='scratch'; pass --config.text"):
+        _handoff(stage3_config(imported, **{"text.tower": "scratch", "text.hf_folder": None}))
+    with pytest.raises(checkpointing.IncompatibleCheckpointError, match="so not a vision-language checkpoint"):
+        _handoff(stage3_config(run))

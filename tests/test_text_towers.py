@@ -24,6 +24,7 @@ RULES = [("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fsdp"), ("
          ("qkv", "tensor"), ("heads", "tensor"), ("norm", None), ("length", None), ("act_embed", None)]
 HF_TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=64)
+QWEN3_TINY = qwen3.Qwen3Config(**{k: v for k, v in HF_TINY.items() if k != "max_position_embeddings"})
 
 
 def _forward(model: TextEncoder, tokens, mask):
@@ -176,13 +177,10 @@ def hf_folder(hf_model, tmp_path_factory):
     return folder
 
 
-def test_qwen3_matches_transformers(hf_model, hf_folder):
+def _assert_matches_transformers(model: TextEncoder, hf_model) -> None:
+    """Our tower and a transformers Qwen3Model on the same left-padded token ids: hidden states of real tokens
+    to 1e-4, and the last-token pooling against each sequence encoded alone, cosine >= 0.9999."""
     import torch
-    config, params = qwen3.load_hf_folder(hf_folder)
-    assert config == qwen3.Qwen3Config(**{k: v for k, v in HF_TINY.items() if k != "max_position_embeddings"})
-    model = qwen3.qwen3_encoder(config, rngs=nnx.Rngs(1))
-    qwen3.load_into(model, params)
-
     rng = np.random.default_rng(0)
     sequences = [rng.integers(0, 64, size=n) for n in (10, 6, 1, 8)]
     tokens, mask = _pad(sequences, 10, "left", rng, 64)
@@ -203,17 +201,57 @@ def test_qwen3_matches_transformers(hf_model, hf_folder):
     np.testing.assert_allclose(pooled, reference[:, -1], rtol=1e-4, atol=1e-4)
 
 
+def test_qwen3_matches_transformers(hf_model, hf_folder):
+    config, params = qwen3.load_hf_folder(hf_folder)
+    assert config == QWEN3_TINY
+    model = qwen3.qwen3_encoder(config, rngs=nnx.Rngs(1))
+    qwen3.load_into(model, params)
+    _assert_matches_transformers(model, hf_model)
+
+
+def test_exported_vlm_text_tower_matches_transformers(hf_model, tmp_path):
+    """The text tower of a `python -m flexict_jax.export --kind=vlm` file (upstream's `text_model.backbone.*` keys,
+    torch-format §3.2), loaded strictly into a fresh transformers Qwen3Model of the same config, computes what our
+    JAX tower computes."""
+    import torch
+    import transformers
+
+    from flexict_jax import export, import_torch, torch_format
+    from flexict_jax.models.vit import VisionTransformer
+    from flexict_jax.models.vlm import VisionLanguageHead
+    from run_utils import run_cli
+
+    tower = qwen3.qwen3_encoder(QWEN3_TINY, rngs=nnx.Rngs(3))
+    _randomise(tower, 4)
+    arch = torch_format.Architecture(dim=24, depth=1, num_heads=2)
+    parts = {"backbone": VisionTransformer(**arch.to_config(), rngs=nnx.Rngs(5)),
+             "head": VisionLanguageHead(tower, vision_width=arch.dim, rngs=nnx.Rngs(6))}
+    state = {name: jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(m, nnx.Param))) for name, m in parts.items()}
+    params = {"backbone": state["backbone"], **state["head"]}
+    workdir, out = tmp_path / "stage3", tmp_path / "vlm.pth"
+    import_torch.write_workdir(workdir, {"step": np.int32(1), "params": params,
+                                         "teacher": {"backbone": params["backbone"]}},
+                               {"stage": "stage3", "config": {"model": arch.to_config()}})
+    assert run_cli(export.main, ["--workdir", str(workdir), "--kind", "vlm", "--format", "flexict", "--out", str(out),
+                                 "--allow-custom-architecture"]) == 0
+    prefix = torch_format.VLM_TEXT
+    text_state = {k[len(prefix):]: v for k, v in torch.load(out, weights_only=True)["model"].items()
+                  if k.startswith(prefix)}
+    reference = transformers.Qwen3Model(hf_model.config).eval()
+    reference.load_state_dict(text_state, strict=True)
+    _assert_matches_transformers(tower, reference)
+
+
 def test_hf_round_trip_is_bitwise(hf_model):
-    config = qwen3.Qwen3Config(**{k: v for k, v in HF_TINY.items() if k != "max_position_embeddings"})
     torch_state = {k: v.numpy() for k, v in hf_model.state_dict().items()}
-    params = qwen3.hf_state_dict_to_params(torch_state, config)
+    params = qwen3.hf_state_dict_to_params(torch_state, QWEN3_TINY)
     exported = qwen3.params_to_hf_state_dict(params)
     assert exported.keys() == torch_state.keys()
     for key, value in torch_state.items():
         assert exported[key].dtype == value.dtype and np.array_equal(exported[key], value), key
-    model = qwen3.qwen3_encoder(config, rngs=nnx.Rngs(0))
+    model = qwen3.qwen3_encoder(QWEN3_TINY, rngs=nnx.Rngs(0))
     live = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    again = qwen3.hf_state_dict_to_params(qwen3.params_to_hf_state_dict(live), config)
+    again = qwen3.hf_state_dict_to_params(qwen3.params_to_hf_state_dict(live), QWEN3_TINY)
     assert jax.tree.structure(again) == jax.tree.structure(live)
     for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(live)):
         assert a.dtype == b.dtype and np.array_equal(a, b)

@@ -185,20 +185,59 @@ def _edit(state: dict, drop: str | None = None, **changes) -> dict:
      "key backbone.blocks.1.mlp.fc1.weight has shape (48, 192), expected (192, 48)"),
     (lambda s: _edit(s, backbone__norm__weight=np.ones(48, np.int32)),
      "key backbone.norm.weight has dtype int32"),
-    (lambda s: _edit(s, **{"backbone__rope_embed_2D__periods": torch_format.periods(TINY, 2, bf16=False)}),
-     "key backbone.rope_embed_2D.periods"),
     (lambda s: {k: v for k, v in s.items() if not k.startswith("ibot_head.")},
      "missing key ibot_head.mlp.0.weight"),
     (lambda s: _edit(s, drop="dino_head.mlp.2.bias"), "missing key dino_head.mlp.2.bias"),
     (lambda s: _edit(s, student__cls_token=np.zeros((1, 1, 48), np.float32)), "unexpected key student.cls_token"),
     (lambda s: {k[len("backbone."):]: v for k, v in s.items() if k.startswith("backbone.")},
      "unexpected key cls_token"),
-], ids=["missing-token", "missing-block-key", "qkv-bias", "transposed-fc1", "int-dtype", "fp32-periods",
-        "one-head", "head-key", "foreign-prefix", "no-prefix"])
+], ids=["missing-token", "missing-block-key", "qkv-bias", "transposed-fc1", "int-dtype", "one-head", "head-key",
+        "foreign-prefix", "no-prefix"])
 def test_bad_state_dicts_name_the_first_offending_key(tiny_payload, change, message):
     with pytest.raises(torch_format.FormatError) as error:
         torch_format.params_from_torch(change(tiny_payload))
     assert message in str(error.value)
+
+
+def last_bf16_bit_flipped(periods: np.ndarray, index: int) -> np.ndarray:
+    """bf16 periods with entry `index` moved to the next bf16 value up (what another device's rounding gives)."""
+    bits = periods.view(np.uint16).copy()
+    bits[index] += 1
+    return bits.view(ml_dtypes.bfloat16)
+
+
+def test_periods_off_by_the_last_bf16_bit_become_explicit_and_export_back_bitwise(tiny_payload):
+    key = "backbone.rope_embed_2D.periods"
+    flipped = last_bf16_bit_flipped(tiny_payload[key], 3)
+    params, arch = torch_format.params_from_torch(through_torch({**tiny_payload, key: flipped}))
+    assert arch.rope_periods_2d == tuple(flipped.astype(np.float32).tolist()) and arch.rope_periods_3d is None
+    assert arch.without_periods() == TINY and arch.upstream_differences() == TINY.upstream_differences()
+    again = torch_format.params_to_torch(params, arch)
+    assert again[key].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(again[key].view(np.uint16), flipped.view(np.uint16))
+    np.testing.assert_array_equal(again["backbone.rope_embed_3D.periods"].view(np.uint16),
+                                  tiny_payload["backbone.rope_embed_3D.periods"].view(np.uint16))
+    # Both models take them: ours (from the config keys) and the torch reference (which also loads the buffer).
+    model = nnx.eval_shape(lambda: VisionTransformer(**arch.to_config(), rngs=nnx.Rngs(0)))
+    assert model.rope_periods_2d == arch.rope_periods_2d
+    reference = torch_reference.FlexiCTBackbone(**arch.to_config())
+    assert reference.rope_embed_2D.periods.float().tolist() == list(arch.rope_periods_2d)
+
+
+@pytest.mark.parametrize("axes,change,reason", [
+    (3, lambda p: p[:-1], "3 values, but 3-D RoPE with head_dim 24 has 4 periods"),
+    (2, lambda p: -p, "must be finite and positive"),
+    (2, lambda p: p[::-1], "must increase strictly"),
+    (2, lambda p: p * np.float32(1.1), r"is far from base\^\(2j/\(head_dim/2\)\)"),
+], ids=["wrong-length", "non-positive", "not-increasing", "far-from-computed"])
+def test_implausible_periods_are_refused_naming_the_key(tiny_payload, axes, change, reason):
+    key = f"backbone.rope_embed_{axes}D.periods"
+    bad = change(tiny_payload[key].astype(np.float32)).astype(ml_dtypes.bfloat16)
+    with pytest.raises(torch_format.FormatError, match=f"key {key}: .*{reason}"):
+        torch_format.params_from_torch({**tiny_payload, key: bad})
+    with pytest.raises(ValueError, match=f"rope_periods_{axes}d: .*{reason}"):
+        VisionTransformer(**{**TINY.to_config(), f"rope_periods_{axes}d": tuple(bad.astype(np.float32))},
+                          rngs=nnx.Rngs(0))
 
 
 def test_other_rope_base_is_refused_unless_declared(tiny_payload):

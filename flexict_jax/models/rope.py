@@ -55,6 +55,46 @@ def rope_periods(head_dim: int, num_axes: int, base: float = 100.0, bf16: bool =
     return (np.float32(base) ** exponent).astype(bf).astype(np.float32)
 
 
+def periods_tolerance(base: float) -> float:
+    """Largest |ln(period) − ln(exact period)| accepted for explicit periods. The bf16 chain may round the
+    exponent 2j/(head_dim/2) differently by one ulp (≤ 2^-8) on another device, which scales the period by up to
+    base^(2^-8), and rounds the result by ≤ 2^-8 more; twice that admits device differences (released files were
+    made on CUDA, torch-format §1.3; this CPU's bf16 periods sit ≤ 0.016 from exact) and still refuses a wrong
+    base or head_dim."""
+    return 2 * 2.0 ** -8 * (math.log(base) + 1)
+
+
+def check_periods(periods: Sequence[float] | np.ndarray, head_dim: int, num_axes: int, base: float, *,
+                  what: str) -> tuple[float, ...]:
+    """Explicit periods (a checkpoint's own RoPE buffers) as a tuple of floats, after checking that they are
+    plausible RoPE periods for this head_dim and base; the ValueError names `what` and the reason."""
+    check_head_dim(head_dim)
+    values = np.asarray(periods, dtype=np.float64)
+    count = head_dim // (2 * num_axes)
+    if values.shape != (count,):
+        raise ValueError(f"{what}: {values.shape[0] if values.ndim == 1 else values.shape} values, but {num_axes}-D "
+                         f"RoPE with head_dim {head_dim} has {count} periods")
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(f"{what}: periods must be finite and positive, got {values.tolist()}")
+    if np.any(np.diff(values) <= 0):
+        raise ValueError(f"{what}: periods must increase strictly (base^(2j/(head_dim/2))), got {values.tolist()}")
+    exact = float(base) ** (2.0 * np.arange(count) / (head_dim // 2))
+    error = np.abs(np.log(values) - np.log(exact))
+    worst = int(np.argmax(error))
+    if error[worst] > periods_tolerance(base):
+        raise ValueError(f"{what}: period {worst} = {values[worst]} is far from base^(2j/(head_dim/2)) = "
+                         f"{exact[worst]:.6g} (base {base}, head_dim {head_dim}); more than bf16 rounding can explain")
+    return tuple(values.tolist())
+
+
+def model_periods(head_dim: int, num_axes: int, base: float, *, bf16: bool,
+                  explicit: Sequence[float] | None = None) -> tuple[float, ...]:
+    """The periods a model uses: `explicit` ones (checked) when given, else `rope_periods` of base and head_dim."""
+    if explicit is not None:
+        return check_periods(explicit, head_dim, num_axes, base, what=f"rope_periods_{num_axes}d")
+    return tuple(rope_periods(head_dim, num_axes, base, bf16=bf16).tolist())
+
+
 def rope_sincos(grid: Sequence[int], periods: Sequence[float] | np.ndarray, *, rescale: jax.Array | None = None,
                 bf16: bool = False) -> tuple[jax.Array, jax.Array]:
     """(sin, cos) tables, each [prod(grid), 2·len(grid)·len(periods)], rows in row-major grid order.

@@ -31,13 +31,18 @@ class VisionTransformer(nnx.Module):
     def __init__(self, *, dim: int = 864, depth: int = 16, num_heads: int = 12, mlp_ratio: float = 4.0,
                  num_storage_tokens: int = 4, in_chans: int = 1, base_patch_size: int = 8,
                  layerscale_init: float = 1e-5, drop_path_rate: float = 0.0, rope_base: float = 100.0,
-                 rope_rescale: float | None = 2.0, rope_bf16: bool = False, remat_policy: str = "none",
+                 rope_rescale: float | None = 2.0, rope_bf16: bool = False,
+                 rope_periods_2d: tuple[float, ...] | None = None, rope_periods_3d: tuple[float, ...] | None = None,
+                 remat_policy: str = "none",
                  scan_blocks: bool = False, drop_path_group_size: int | None = None,
                  rngs: nnx.Rngs):
         """
         drop_path_rate: batch-subset stochastic depth, the same rate in every block (recipe §2.1).
         rope_rescale: r of the training-time coordinate rescale s = exp(U(-ln r, ln r)); None = off.
         rope_bf16: emulate upstream's bf16 RoPE (needed for parity with released checkpoints).
+        rope_periods_2d, rope_periods_3d: explicit RoPE periods, e.g. a checkpoint's own `periods` buffers
+            (made on another device, they may differ from ours in the last bf16 bit); checked to be plausible
+            for head_dim and rope_base. None = computed from rope_base and head_dim (in bf16 with rope_bf16).
         remat_policy: what each block stores for the backward pass, a key of REMAT_POLICIES.
         scan_blocks: run the blocks as one `lax.scan` over their stacked parameters: one block is compiled
             instead of `depth` (compile time), while parameters stay one entry per block (checkpoint layout).
@@ -66,8 +71,8 @@ class VisionTransformer(nnx.Module):
         head_dim = dim // num_heads
         # Constants, not parameters. (Torch checkpoints hold them as bf16 `rope_embed_*.periods` buffers,
         # i.e. rope.rope_periods(..., bf16=True), whatever precision this model computes RoPE in.)
-        self.rope_periods_2d = tuple(rope.rope_periods(head_dim, 2, rope_base, bf16=rope_bf16).tolist())
-        self.rope_periods_3d = tuple(rope.rope_periods(head_dim, 3, rope_base, bf16=rope_bf16).tolist())
+        self.rope_periods_2d = rope.model_periods(head_dim, 2, rope_base, bf16=rope_bf16, explicit=rope_periods_2d)
+        self.rope_periods_3d = rope.model_periods(head_dim, 3, rope_base, bf16=rope_bf16, explicit=rope_periods_3d)
 
         self.patch_embed_2d = PatchEmbed(2, in_chans, dim, base_patch_size, rngs=rngs)
         self.patch_embed_3d = PatchEmbed(3, in_chans, dim, base_patch_size, rngs=rngs)
