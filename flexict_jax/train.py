@@ -40,10 +40,6 @@ def main(argv: list[str]) -> None:
     from flexict_jax import trainer  # after flag parsing, so --help stays fast
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
-    import jax
-    # A persistent XLA cache makes a resumed or repeated run skip recompiling its step variants.
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/flexict_jax/xla"))
     try:
         code = trainer.train(_CONFIG.value, _WORKDIR.value)
     except (trainer.ConfigError, FileNotFoundError, ValueError) as e:

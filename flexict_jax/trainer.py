@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -300,9 +301,19 @@ def with_gram_teacher(config: mlc.ConfigDict, program: Program, state: dict) -> 
     return state, {"from": str(source), "step": step}
 
 
+def enable_compilation_cache() -> None:
+    """A persistent XLA cache lets a resumed or repeated run skip recompiling its step variants — on
+    accelerators only: on XLA:CPU with several devices, stage-3 steps loaded from the cache were seen to hang in
+    their collectives (then abort at the rendezvous timeout), so CPU runs always compile. Call after
+    `distributed.maybe_initialize` (it starts the backend); a cache directory set by the user is kept."""
+    if jax.default_backend() != "cpu" and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/flexict_jax/xla"))
+
+
 def train(config: mlc.ConfigDict, workdir: str) -> int:
     """Runs (or resumes) the stage in `workdir`. Returns the process exit code."""
     distributed.maybe_initialize()
+    enable_compilation_cache()
     validate_config(config)
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
