@@ -21,7 +21,8 @@ def linear_warmup_cosine_decay(*, start: float, peak: float, end: float, warmup_
     """float64 table of length `total_steps` (recipe §4 `linear_warmup_cosine_decay`), truncated if shorter.
 
     Steps [0, warmup): linear start → peak, endpoint excluded. Then `cosine_steps` (default: the rest) of a
-    half-cosine peak → end whose last value is one step short of `end`. Then constant `end`.
+    half-cosine peak → end sampled at `np.linspace(0, π, cosine_steps)` — endpoint included, so its last value is
+    exactly `end`, as upstream's. Then constant `end`.
     """
     for name, value in (("start", start), ("peak", peak), ("end", end)):
         if not math.isfinite(value):
@@ -38,7 +39,7 @@ def linear_warmup_cosine_decay(*, start: float, peak: float, end: float, warmup_
     # interrupted upstream run would; the values at a given step never depend on where the run stops.
     length = max(total_steps, warmup_steps + cosine_steps)
     warmup = np.linspace(start, peak, warmup_steps, endpoint=False)
-    cosine = end + (peak - end) * 0.5 * (1.0 + np.cos(np.pi * np.arange(cosine_steps) / max(cosine_steps, 1)))
+    cosine = end + (peak - end) * 0.5 * (1.0 + np.cos(np.linspace(0.0, np.pi, cosine_steps)))
     constant = np.full(length - warmup_steps - cosine_steps, end, dtype=np.float64)
     return np.concatenate([warmup, cosine, constant]).astype(np.float64)[:total_steps]
 
