@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
               "platform": jax.default_backend(), "num_devices": jax.device_count(), "host": platform.machine(),
               "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
               "matmul_peak_flops": peak, "matmul_n": matmul_n,
-              "bf16_matmul_peak_flops": matmul_peak_flops(matmul_n, jnp.bfloat16), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+              "bf16_matmul_peak_flops": matmul_peak_flops(matmul_n, jnp.bfloat16), "date": time.strftime("%Y-%m-%d"),
+              "rows": rows}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
