@@ -121,7 +121,7 @@ def bench_variant(name: str, patch_size: int, steps: int, overrides: dict[str, s
         program = trainer.build_program(config, mesh)
         plan_row, compiled = plan.compile_variant(config, program, variant)
         state = jax.jit(program.init_state, out_shardings=program.state_shardings)()
-        batch = trainer.global_batch(mesh, synthetic_batch(config, variant))
+        batch = sharding.global_batch(mesh, synthetic_batch(config, variant))
         state, metrics = compiled(state, batch)  # warm-up
         jax.block_until_ready(metrics)
         times = []

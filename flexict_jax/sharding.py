@@ -82,6 +82,12 @@ def batch_spec(ndim: int) -> P:
     return logical_to_spec(("batch",) + (None,) * (ndim - 1))
 
 
+def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Global arrays, batch-sharded over the mesh, from this process's rows of the batch."""
+    return {k: jax.make_array_from_process_local_data(NamedSharding(mesh, batch_spec(v.ndim)), v)
+            for k, v in local.items()}
+
+
 def named_sharding_tree(mesh: Mesh, spec_tree: Any) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree, is_leaf=lambda s: isinstance(s, P))
 

@@ -118,12 +118,6 @@ def _state_shardings(mesh, abstract_state: dict, param_specs: Any, tx: optax.Gra
     return shardings
 
 
-def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Global arrays, batch-sharded over the mesh, from this process's rows of the batch."""
-    return {k: jax.make_array_from_process_local_data(NamedSharding(mesh, sharding.batch_spec(v.ndim)), v)
-            for k, v in local.items()}
-
-
 @dataclasses.dataclass(frozen=True)
 class Program:
     """Everything the loop (and the benchmarks/planner) need, built once per run under the active mesh."""
@@ -374,7 +368,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
                 break
             variant = datasets.variant_for_step(config, step)
             local = tasks.get(config).step_batch(next(data_iterator), variant)
-            batch = global_batch(mesh, local)
+            batch = sharding.global_batch(mesh, local)
             if variant not in compiled:  # one compiled step per variant, built on first use
                 compiled[variant] = program.train_step(config, variant, local).lower(state, batch).compile()
                 # Hosts finish compiling at different times; see distributed.barrier for why they wait here.

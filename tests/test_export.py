@@ -16,7 +16,7 @@ import pytest
 
 from configs import stage1, stage3
 from data_prep import ingest, slices, synthetic
-from data_prep.readers import file_sha256
+from flexict_jax.imaging.readers import file_sha256
 from flexict_jax import checkpointing, embed, export, import_torch, sharding, torch_format, trainer
 from run_utils import config_with, metrics, run_cli, saved_state
 # The stage-3 reports data and the tiny local Qwen3 folder (config.json, weights, tokenizer.json) of test_stage3.

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from flexict_jax import variants
-from flexict_jax.data import pipeline, slice_source
+from flexict_jax.data import pipeline2d, slice_source
 from flexict_jax.data.crops2d import resize_crops, resized_crop
 from flexict_jax.data.intensity import normalize_hu
 # The stage-1 pipeline tests' synthetic slices dir and config (the 2D key names are the contract).
@@ -26,7 +26,7 @@ def slices_dir(tmp_path_factory):
 def hires(data, *, seed=0, batch_size=4, **kwargs):
     args = dict(seed=seed, batch_size=batch_size, patch_sizes=PATCH_SIZES, patch_size_probs=PATCH_PROBS,
                 resolutions=RESOLUTIONS, resolution_probs=RESOLUTION_PROBS)
-    return pipeline.build_stage1_hires_dataset(data, **{**args, **kwargs})
+    return pipeline2d.build_stage1_hires_dataset(data, **{**args, **kwargs})
 
 
 def step_resolution(seed: int, step: int) -> int:

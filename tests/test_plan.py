@@ -141,9 +141,9 @@ with sharding.activate(mesh, config.sharding_rules):
     local = {k: (rng.random(v.shape) < 0.3) if v.dtype == bool else rng.standard_normal(v.shape).astype(v.dtype)
              for k, v in plan.abstract_batch(config, variant).items()}
     state = jax.jit(program.init_state, out_shardings=program.state_shardings)()
-    state, metrics = compiled(state, trainer.global_batch(mesh, local))  # warm-up
+    state, metrics = compiled(state, sharding.global_batch(mesh, local))  # warm-up
     jax.block_until_ready((state, metrics))
-    batch = trainer.global_batch(mesh, local)
+    batch = sharding.global_batch(mesh, local)
     arguments = sum(x.nbytes for x in jax.tree.leaves((state, batch)))
     time.sleep(0.2)
     before = status("VmRSS")

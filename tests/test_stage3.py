@@ -25,7 +25,7 @@ from data_prep import ingest, synthetic, volume_stats
 from data_prep import reports as build_reports
 from data_prep import tokenizer as build_tokenizer
 from flexict_jax import checkpointing, sharding, trainer
-from flexict_jax.data import datasets, pipeline3d, pipeline_align, reports
+from flexict_jax.data import datasets, pipeline3d, pipeline_align, report_records, report_text
 from flexict_jax.models import qwen3
 from flexict_jax.models.vlm import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX
 from flexict_jax.tasks import align
@@ -167,7 +167,7 @@ def test_siglip_train_steps_learn_the_scale_and_bias_and_clamp_the_scale(phantom
         variant = datasets.variant_for_step(config, 0)
         local = align.step_batch(next(iter(datasets.build_dataset(config, process_index=0, process_count=1))),
                                  variant)
-        step, batch = program.train_step(config, variant, local), trainer.global_batch(mesh, local)
+        step, batch = program.train_step(config, variant, local), sharding.global_batch(mesh, local)
         state = init()
         scalars = ("logit_scale", "logit_bias")
         start = {k: float(state["params"][k]) for k in scalars}
@@ -215,7 +215,7 @@ def test_align_batches_shapes_determinism_and_host_split(phantom_reports):
     assert np.isin(batch["osl_labels"], [-1, 0, 1]).all() and (batch["osl_labels"] == 1).any()
 
     # Only training records (the 6 phantoms of split "train") are drawn.
-    index = reports.read_report_index(phantom_reports)
+    index = report_records.read_report_index(phantom_reports)
     train_ids = {v["volume_id"] for v in index["volumes"] if v["split"] == "train"}
     manifest = [json.loads(line)["id"] for line in
                 (pathlib.Path(index["dataset"]) / "manifest.jsonl").read_text().splitlines()]
@@ -254,8 +254,8 @@ def test_image_views_are_the_stage3_views_and_text_is_a_caption_of_the_record(ph
             np.testing.assert_array_equal(batch[key][k], image[key], err_msg=key)
         # The caption is one finding of this record, or its Findings (truncated), which open with one section.
         record = item["record"]
-        candidates = [reports.model_text(text) for _, text in record["findings_sections"]] + [
-            reports.model_text(s) for section in record["sections"].values() for kind in section.values()
+        candidates = [report_text.model_text(text) for _, text in record["findings_sections"]] + [
+            report_text.model_text(s) for section in record["sections"].values() for kind in section.values()
             for s in kind]
         caption = tokenizer.decode(batch["caption_tokens"][k])
         assert any(c.startswith(caption) or caption.startswith(c) for c in candidates), caption

@@ -12,11 +12,11 @@ def build_dataset(config: mlc.ConfigDict, *, process_index: int, process_count: 
     common = dict(seed=config.seed, batch_size=config.global_batch_size // process_count,
                   patch_sizes=config.patch_sizes, process_index=process_index, process_count=process_count)
     if kind == "slices2d":
-        from flexict_jax.data import pipeline
-        return pipeline.build_stage1_dataset(data, **common)
+        from flexict_jax.data import pipeline2d
+        return pipeline2d.build_stage1_dataset(data, **common)
     if kind == "slices2d_hires":
-        from flexict_jax.data import pipeline
-        return pipeline.build_stage1_hires_dataset(
+        from flexict_jax.data import pipeline2d
+        return pipeline2d.build_stage1_hires_dataset(
             data, patch_size_probs=config.patch_size_probs, resolutions=data.resolutions,
             resolution_probs=data.resolution_probs, **common)
     if kind == "volumes3d":

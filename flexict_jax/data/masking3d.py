@@ -21,7 +21,7 @@ import math
 import numpy as np
 import scipy.ndimage
 
-from flexict_jax.data.masking import masked_crops
+from flexict_jax.data.masking2d import masked_crops
 
 # The box centre is drawn from the cell shrunk by this fraction of its width on each side (recipe §7).
 _CELL_MARGIN = 0.25
@@ -87,7 +87,7 @@ class RccMasking:
     """Per-example RCC-3D iBOT masks for the global crops (config `data.mask` of the 3-D stages).
 
     The same per-example rule as the 2-D `IbotMasking`: n_crops·probability of an example's global crops are
-    masked (`masking.masked_crops`), each with its own ratio r ~ U(ratio).
+    masked (`masking2d.masked_crops`), each with its own ratio r ~ U(ratio).
     """
 
     probability: float = 0.5

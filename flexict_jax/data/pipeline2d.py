@@ -30,7 +30,7 @@ from flexict_jax import variants
 from flexict_jax.data import grain_common, slice_source
 from flexict_jax.data.crops2d import MultiCrop, resize_crops
 from flexict_jax.data.intensity import IntensityAugment, normalize_hu
-from flexict_jax.data.masking import IbotMasking
+from flexict_jax.data.masking2d import IbotMasking
 
 
 class Stage1Transform(grain.transforms.MapWithIndex):

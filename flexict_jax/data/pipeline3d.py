@@ -8,8 +8,8 @@ global_crop_extent, resized to G³) of which `flip_global_crops` get RandAxisFli
 -> L³, every one flipped with flip_prob), and RCC-3D iBOT masks per patch size. Only the voxels each crop needs
 are read (`crops3d`).
 
-Stage 3 (recipe §8) uses the same transform with `STAGE3_IMAGE_VIEWS` applied to its data config: one
-deterministic centre G³ crop, locals of [20, 40] voxels, no intensity augmentation and no flips.
+Stage 3 (recipe §8) uses the same transform with `configs.stage3.STAGE3_IMAGE_VIEWS` applied to its data
+config: one deterministic centre G³ crop, locals of [20, 40] voxels, no intensity augmentation and no flips.
 
 Host cost at the recipe sizes (2 x 160³ + 8 x 80³, masks for p16 and p8), on the real test CTs at 2 mm (1-6 M
 voxels each), single-threaded BLAS: ~70 ms per example on one core, 3x faster than upstream's per-sample NIfTI
@@ -31,11 +31,6 @@ from flexict_jax.data.grain_common import config_value
 from flexict_jax.data.intensity import IntensityAugment
 from flexict_jax.data.masking3d import RccMasking
 from flexict_jax.data.volume_source import Volume, VolumeSource
-
-# Recipe §8: the stage-3 views differ from stage 2's only in these data keys (configs/stage3.py applies them).
-STAGE3_IMAGE_VIEWS = dict(n_global_crops=1, global_crop_mode="center", local_crop_extent=(20, 40),
-                          flip_prob=0.0, flip_global_crops=(), intensity_augment=False)
-
 
 class VolumeViewsTransform(grain.transforms.MapWithIndex):
     """A `Volume` + its global example index -> one training example (numpy only).

@@ -30,24 +30,24 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flexict_jax import distributed, trainer
+from flexict_jax import distributed, sharding
 from flexict_jax.data import pipeline_align
 from flexict_jax.evals import retrieval
-from flexict_jax.tasks.dino import _flatten_crops, _merge
+from flexict_jax.tasks.common import flatten_crops, merge_model
 
 
 def _embed_pairs(params: dict[str, Any], crops: jax.Array, tokens: jax.Array, mask: jax.Array, *,
                  graphdef: nnx.GraphDef, abstract_state: nnx.State,
                  patch_size: int) -> tuple[jax.Array, jax.Array]:
     """(image embeddings, report embeddings) [B, E] of global crops [B, 1, G, G, G, 1] and report tokens."""
-    model = _merge(graphdef, abstract_state, params)
-    out = model.backbone(_flatten_crops(crops), patch_size=patch_size, train=False)
+    model = merge_model(graphdef, abstract_state, params)
+    out = model.backbone(flatten_crops(crops), patch_size=patch_size, train=False)
     return model.embed_image(out["cls"], out["patch"]), model.embed_text(tokens, mask)
 
 
 def _embed_texts(params: dict[str, Any], tokens: jax.Array, mask: jax.Array, *, graphdef: nnx.GraphDef,
                  abstract_state: nnx.State) -> jax.Array:
-    return _merge(graphdef, abstract_state, params).embed_text(tokens, mask)
+    return merge_model(graphdef, abstract_state, params).embed_text(tokens, mask)
 
 
 def _host(x: jax.Array) -> np.ndarray:
@@ -104,7 +104,7 @@ class Stage3Evaluator:
         params = state["params"]
         images, reports = [], []
         for local in self.dataset:  # every global batch is held out examples [t·B, (t+1)·B) in order
-            batch = trainer.global_batch(self.mesh, local)
+            batch = sharding.global_batch(self.mesh, local)
             args = (params, batch["global_crops"], batch["caption_tokens"], batch["caption_mask"])
             image_emb, report_emb = self._compiled("pairs", self._embed_pairs, *args)(*args)
             images.append(_host(image_emb))

@@ -31,7 +31,8 @@ from flexict_jax.data import pipeline_align
 from flexict_jax.losses import contrastive, dino, ibot, sinkhorn
 from flexict_jax.models import qwen3, vlm
 from flexict_jax.models.text_encoder import TextEncoder
-from flexict_jax.tasks.dino import DinoModel, _crops_first, _flatten_crops, _merge, masked_token_capacity
+from flexict_jax.tasks.common import crops_first, flatten_crops, masked_token_capacity, merge_model
+from flexict_jax.tasks.dino import DinoModel
 from flexict_jax.variants import Variant
 
 Params = dict[str, Any]
@@ -137,7 +138,7 @@ def _osl_term(model: AlignModel, image_emb: jax.Array, batch: Mapping[str, jax.A
     n_pairs = batch["osl_labels"].shape[1]
     tokens = jnp.concatenate([batch["osl_pos_tokens"], batch["osl_neg_tokens"]], axis=1)  # [B, 2K, L]
     mask = jnp.concatenate([batch["osl_pos_mask"], batch["osl_neg_mask"]], axis=1)
-    sentences = model.embed_text(_flatten_crops(tokens), _flatten_crops(mask))  # sample-major: batch-sharded
+    sentences = model.embed_text(flatten_crops(tokens), flatten_crops(mask))  # sample-major: batch-sharded
     sentences = sentences.reshape(tokens.shape[:2] + sentences.shape[-1:])
     return contrastive.osl_loss(image_emb, sentences[:, :n_pairs], sentences[:, n_pairs:], batch["osl_labels"],
                                 model.logit_scale[...])
@@ -151,9 +152,9 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
     if gram_teacher is not None:
         raise ValueError("stage 3 has no Gram anchoring: set config.loss.gram_weight = 0")
     loss_cfg, n_local = config.loss, config.data.n_local_crops
-    global_crops = _flatten_crops(batch["global_crops"])  # [B, G, G, G, 1]: one global crop per sample
-    local_crops = _flatten_crops(batch["local_crops"])
-    masks = _flatten_crops(batch["masks"])
+    global_crops = flatten_crops(batch["global_crops"])  # [B, G, G, G, 1]: one global crop per sample
+    local_crops = flatten_crops(batch["local_crops"])
+    masks = flatten_crops(batch["masks"])
     token_index, token_valid, token_weight = ibot.gather_masked(
         masks, masked_token_capacity(batch["masks"].shape, config))
 
@@ -161,14 +162,14 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
         return patch_tokens.reshape((-1, patch_tokens.shape[-1]))[token_index]
 
     # Teacher: eval mode, unmasked global crop. It has no text side; the student's fills those slots, unused.
-    t_model = _merge(graphdef, abstract_state, jax.lax.stop_gradient({**student, **teacher}))
+    t_model = merge_model(graphdef, abstract_state, jax.lax.stop_gradient({**student, **teacher}))
     t_out = t_model.backbone(global_crops, patch_size=patch_size, train=False)
-    t_cls_probs = _crops_first(sinkhorn.sinkhorn_knopp(t_model.dino_head(t_out["cls"]), teacher_temperature,
+    t_cls_probs = crops_first(sinkhorn.sinkhorn_knopp(t_model.dino_head(t_out["cls"]), teacher_temperature,
                                                        n_iterations=loss_cfg.sinkhorn_iterations), 1)
     t_patch_probs = sinkhorn.sinkhorn_knopp(t_model.ibot_head(take_tokens(t_out["patch"])), teacher_temperature,
                                             n_iterations=loss_cfg.sinkhorn_iterations, valid=token_valid)
 
-    s_model = _merge(graphdef, abstract_state, student)
+    s_model = merge_model(graphdef, abstract_state, student)
     key_global, key_local, key_clip = jax.random.split(key, 3)
     s_global = s_model.backbone(global_crops, patch_size=patch_size, masks=masks, train=True, key=key_global)
     s_local = s_model.backbone(local_crops, patch_size=patch_size, train=True, key=key_local,
@@ -182,7 +183,7 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
     tau = loss_cfg.student_temperature
     terms = {
         # 8 student locals vs the 1 teacher global, no global term and no pair-count scale factors (recipe §8).
-        "dino_local": dino.dino_cross_entropy(_crops_first(s_model.dino_head(s_local["cls"]), n_local),
+        "dino_local": dino.dino_cross_entropy(crops_first(s_model.dino_head(s_local["cls"]), n_local),
                                               t_cls_probs, tau),
         "ibot": ibot.ibot_patch_loss(s_model.ibot_head(take_tokens(s_global["patch"])), t_patch_probs,
                                      token_weight, masks.shape[0], tau),
