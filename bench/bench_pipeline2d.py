@@ -66,7 +66,7 @@ def write_synthetic_slices(path: str, num_records: int, size: int) -> None:
 
 def time_transform(data, args, progress: Progress) -> float:
     """samples/s of the bare per-example transform on this core."""
-    transform = pipeline.stage1_transform(data, seed=args.seed, patch_sizes=(16, 8))
+    transform = pipeline2d.stage1_transform(data, seed=args.seed, patch_sizes=(16, 8))
     source = slice_source.open_slice_source(data.dir)
     n = args.batches * args.batch_size
     for i in range(n):  # warm the resize-matrix caches, as in a long-running worker

@@ -3,7 +3,7 @@
     python -m data_prep.reports --dataset DATASET_DIR --output REPORTS_DIR [--reports FILE.csv|FILE.jsonl]
 
 Reads the volumes of DATASET_DIR/manifest.jsonl (written by `python -m data_prep.ingest`) and writes one record
-per volume (layout in `flexict_jax.data.report_text`) into REPORTS_DIR/reports-NNNNN-of-MMMMM.array_record, plus
+per volume (layout in `flexict_jax.data.report_rules`) into REPORTS_DIR/reports-NNNNN-of-MMMMM.array_record, plus
 REPORTS_DIR/index.json (one entry per volume: volume_id, dataset-relative path, split, source, in record order)
 and REPORTS_DIR/positive_pool.json (per split and section, the de-duplicated positive findings from which OSL
 draws its false pairs, recipe §8).
@@ -42,7 +42,7 @@ from typing import Any
 
 from data_prep import ingest, outputs, slices
 from flexict_jax.imaging.readers import NIFTI_SUFFIXES, file_sha256
-from flexict_jax.data import pseudo_reports, report_records, report_text, volume_store
+from flexict_jax.data import pseudo_reports, report_records, report_rules, volume_store
 from flexict_jax.progress import Progress
 
 EXIT_OK, EXIT_FATAL, EXIT_SKIPPED = 0, 1, 2
@@ -220,8 +220,8 @@ def report_fields(row: dict, columns: Columns) -> dict[str, Any]:
     text = row.get(columns.text) if columns.text else ""
     structured = row.get(columns.findings) if columns.findings else None
     if text is not None and not isinstance(text, str):
-        raise report_text.ReportError(f"column {columns.text!r}: expected text, got {type(text).__name__}")
-    parsed = report_text.parse_report(text or "", structured)
+        raise report_rules.ReportError(f"column {columns.text!r}: expected text, got {type(text).__name__}")
+    parsed = report_rules.parse_report(text or "", structured)
     labels = {}
     for column in columns.labels:
         try:
@@ -386,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
         raise FatalError(f"no record written: {len(skipped_rows)} report row(s) and {len(skipped_volumes)} "
                          f"volume(s) skipped, {unmatched} report row(s) match no volume of {dataset_dir}")
     splits = sorted({report_records.split_key(r["split"]) for r in ordered})
-    pools = {key: report_text.build_positive_pool([r for r in ordered if report_records.split_key(r["split"]) == key])
+    pools = {key: report_rules.build_positive_pool([r for r in ordered if report_records.split_key(r["split"]) == key])
              for key in splits}
 
     with outputs.staged_dir(output) as tmp:

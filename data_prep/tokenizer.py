@@ -24,7 +24,7 @@ import numpy as np
 import sentencepiece as spm
 
 from data_prep import outputs
-from flexict_jax.data import report_records, report_text
+from flexict_jax.data import report_records, report_rules
 from flexict_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, SP_MODEL_FILE, UNK_ID, SentencePieceTokenizer
 from flexict_jax.progress import Progress
 
@@ -36,12 +36,12 @@ def corpus_sentences(reports_dir: pathlib.Path) -> Iterator[str]:
     for i in range(len(source)):
         record = report_records.decode_report(source[i])
         for _, text in record["findings_sections"]:
-            yield from (report_text.model_text(s) for s in report_text.split_sentences(text))
+            yield from (report_rules.model_text(s) for s in report_rules.split_sentences(text))
         for section in record["sections"].values():
-            for sentence in section[report_text.POSITIVE]:
-                yield report_text.model_text(sentence)
-                yield report_text.model_text(report_text.negate(sentence))
-            yield from (report_text.model_text(s) for s in section[reports.NEGATIVE])
+            for sentence in section[report_rules.POSITIVE]:
+                yield report_rules.model_text(sentence)
+                yield report_rules.model_text(report_rules.negate(sentence))
+            yield from (report_rules.model_text(s) for s in section[report_rules.NEGATIVE])
         progress.advance(1)
     progress.close()
 

@@ -13,7 +13,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from flexict_jax.errors import ConfigError
+
 SCHEDULE_KEYS = ("start", "peak", "end", "warmup_steps", "cosine_steps")
+SCHEDULE_NAMES = ("lr", "weight_decay", "momentum", "teacher_temperature")  # the sections of config.schedules
 
 
 def linear_warmup_cosine_decay(*, start: float, peak: float, end: float, warmup_steps: int, total_steps: int,
@@ -52,15 +55,24 @@ def table_from_config(section: ml_collections.ConfigDict, total_steps: int, *, n
     """
     missing = [key for key in SCHEDULE_KEYS if key not in section]
     if missing:
-        raise KeyError(f"config {name} lacks key(s) {missing}; a schedule needs {list(SCHEDULE_KEYS)}")
+        raise ConfigError(f"config {name} lacks key(s) {missing}; a schedule needs {list(SCHEDULE_KEYS)}")
     try:
         table = linear_warmup_cosine_decay(
             start=float(section.start), peak=float(section.peak), end=float(section.end),
             warmup_steps=int(section.warmup_steps), total_steps=int(total_steps),
             cosine_steps=None if section.cosine_steps is None else int(section.cosine_steps))
-    except ValueError as e:
-        raise ValueError(f"config {name}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config {name}: {e}") from None
     return jnp.asarray(table, dtype=jnp.float32)
+
+
+def validate(schedules_config: ml_collections.ConfigDict, total_steps: int) -> None:
+    """Every section of config.schedules builds a table (cheap: numpy); ConfigError names the bad key."""
+    missing = [name for name in SCHEDULE_NAMES if name not in schedules_config]
+    if missing:
+        raise ConfigError(f"config.schedules lacks section(s) {missing}")
+    for name in SCHEDULE_NAMES:
+        table_from_config(schedules_config[name], total_steps, name=f"schedules.{name}")
 
 
 def value_at(table: jax.Array, step: jax.Array | int) -> jax.Array:

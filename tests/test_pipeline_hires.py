@@ -120,8 +120,8 @@ def test_process_shards_concatenate_to_the_single_process_batch(slices_dir):
 def test_stage1_examples_are_unchanged_by_the_generalisation(slices_dir):
     # A resolution whose Gram crop equals the global crop reproduces the stage-1 example exactly.
     data = data_config(slices_dir, global_crop_size=32, local_crop_size=16)
-    stage1 = pipeline.stage1_transform(data, seed=0, patch_sizes=PATCH_SIZES)
-    same = pipeline.stage1_transform(data, seed=0, patch_sizes=PATCH_SIZES, resolution=(32, 16, 32))
+    stage1 = pipeline2d.stage1_transform(data, seed=0, patch_sizes=PATCH_SIZES)
+    same = pipeline2d.stage1_transform(data, seed=0, patch_sizes=PATCH_SIZES, resolution=(32, 16, 32))
     record = slice_source.open_slice_source(slices_dir)[5]
     a, b = stage1.map_with_index(11, record), same.map_with_index(11, record)
     np.testing.assert_array_equal(b.pop("gram_crops"), b["global_crops"])

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from configs import stage1, stage1_hires, stage2
-from flexict_jax import plan, sharding, tasks, trainer
+from flexict_jax import plan, sharding, tasks, train_step
 from flexict_jax.data import datasets
 from flexict_jax.variants import Variant
 from run_utils import run_cli
@@ -34,7 +34,7 @@ def real_size_report(rules) -> dict:
     config = stage1.get_config()  # the recipe's model and heads
     mesh = sharding.make_mesh((2, 4, 1))
     with sharding.activate(mesh, rules):
-        program = trainer.build_program(config, mesh)
+        program = train_step.build_program(config, mesh)
         return sharding.sharding_report(mesh, program.abstract_state["params"], program.param_specs)
 
 
@@ -125,7 +125,7 @@ MEASURE = r"""
 import json, re, sys, time
 import jax, numpy as np
 from configs import stage1
-from flexict_jax import plan, sharding, trainer
+from flexict_jax import plan, sharding, train_step
 from flexict_jax.variants import Variant
 
 def status(field):
@@ -136,7 +136,7 @@ variant = Variant(int(sys.argv[2]))
 mesh = sharding.make_mesh((1, 1, 1))
 rng = np.random.default_rng(0)
 with sharding.activate(mesh, config.sharding_rules):
-    program = trainer.build_program(config, mesh)
+    program = train_step.build_program(config, mesh)
     row, compiled = plan.compile_variant(config, program, variant)
     local = {k: (rng.random(v.shape) < 0.3) if v.dtype == bool else rng.standard_normal(v.shape).astype(v.dtype)
              for k, v in plan.abstract_batch(config, variant).items()}
@@ -206,7 +206,7 @@ def test_model_flops_are_the_same_scanned_unrolled_and_rematerialised():
         config.model.update(scan_blocks=scan_blocks, remat_policy=remat_policy)
         mesh = sharding.make_mesh((1, -1, 1))
         with sharding.activate(mesh, config.sharding_rules):
-            program = trainer.build_program(config, mesh)
+            program = train_step.build_program(config, mesh)
             variant = Variant(16)
             flops.append(plan.model_flops(config, program, variant, plan.abstract_batch(config, variant)))
     assert flops[0] > 0 and flops == [flops[0]] * 3, flops

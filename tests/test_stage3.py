@@ -24,8 +24,8 @@ from configs import stage1, stage2, stage3
 from data_prep import ingest, synthetic, volume_stats
 from data_prep import reports as build_reports
 from data_prep import tokenizer as build_tokenizer
-from flexict_jax import checkpointing, sharding, trainer
-from flexict_jax.data import datasets, pipeline3d, pipeline_align, report_records, report_text
+from flexict_jax import checkpointing, evals, sharding, train_step, trainer
+from flexict_jax.data import datasets, pipeline3d, pipeline_align, report_records, report_rules
 from flexict_jax.models import qwen3
 from flexict_jax.models.vlm import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX
 from flexict_jax.tasks import align
@@ -79,7 +79,7 @@ def stage3_config(reports_dir, stage2_dir=None, arg="tiny", **overrides):
 def stage3_run(tmp_path_factory, phantom_reports, stage2_run) -> pathlib.Path:
     workdir = tmp_path_factory.mktemp("stage3")
     config = stage3_config(phantom_reports, stage2_run, **{"ckpt.every_steps": 1, "ckpt.keep_last": 10})
-    assert trainer.train(config, str(workdir)) == 0
+    assert trainer.train(config, str(workdir), evaluator=evals.build_evaluator) == 0
     return workdir
 
 
@@ -162,7 +162,7 @@ def test_siglip_train_steps_learn_the_scale_and_bias_and_clamp_the_scale(phantom
     config = stage3_config(phantom_reports, arg="tiny,contrastive=siglip")
     mesh = sharding.make_mesh(config.mesh)
     with sharding.activate(mesh, config.sharding_rules):
-        program = trainer.build_program(config, mesh)
+        program = train_step.build_program(config, mesh)
         init = jax.jit(program.init_state, out_shardings=program.state_shardings)
         variant = datasets.variant_for_step(config, 0)
         local = align.step_batch(next(iter(datasets.build_dataset(config, process_index=0, process_count=1))),
@@ -254,8 +254,8 @@ def test_image_views_are_the_stage3_views_and_text_is_a_caption_of_the_record(ph
             np.testing.assert_array_equal(batch[key][k], image[key], err_msg=key)
         # The caption is one finding of this record, or its Findings (truncated), which open with one section.
         record = item["record"]
-        candidates = [report_text.model_text(text) for _, text in record["findings_sections"]] + [
-            report_text.model_text(s) for section in record["sections"].values() for kind in section.values()
+        candidates = [report_rules.model_text(text) for _, text in record["findings_sections"]] + [
+            report_rules.model_text(s) for section in record["sections"].values() for kind in section.values()
             for s in kind]
         caption = tokenizer.decode(batch["caption_tokens"][k])
         assert any(c.startswith(caption) or caption.startswith(c) for c in candidates), caption
@@ -316,13 +316,13 @@ def test_config_defaults_follow_the_recipe():
 def test_config_errors_name_the_key(phantom_reports):
     config = stage3_config(phantom_reports, **{"text.tower": "qwen3"})
     with pytest.raises(ValueError, match="needs --config.text.hf_folder"):
-        align.build_model(config, 0)
+        align.validate(config)
     config = stage3_config(phantom_reports, **{"loss.contrastive": "siglip"})  # without the optimizer groups
     with pytest.raises(ValueError, match="contrastive=siglip"):
-        align.build_model(config, 0)
+        align.validate(config)
     config = stage3_config(phantom_reports, **{"eval.patch_size": 4})
     with pytest.raises(ValueError, match="eval.patch_size"):
-        align.build_model(config, 0)
+        align.validate(config)
 
 
 def test_parameter_groups_of_the_student(phantom_reports):

@@ -12,7 +12,7 @@ import pytest
 
 from data_prep import reports as build
 from data_prep import tokenizer as train
-from flexict_jax.data import report_text, volume_store
+from flexict_jax.data import report_rules, volume_store
 from flexict_jax.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, HuggingFaceTokenizer, SentencePieceTokenizer,
                                         load_tokenizer)
 
@@ -52,9 +52,9 @@ def tokenizer(corpus) -> SentencePieceTokenizer:
 
 
 def _sentences(rows: list[dict]) -> list[str]:
-    return [report_text.model_text(s) for row in rows for _, text in report_text.parse_report(row["report_text"]
+    return [report_rules.model_text(s) for row in rows for _, text in report_rules.parse_report(row["report_text"]
                                                                                        ).findings_sections
-            for s in report_text.split_sentences(text)]
+            for s in report_rules.split_sentences(text)]
 
 
 def test_model_is_stored_with_the_corpus_with_fixed_ids(corpus, tokenizer):

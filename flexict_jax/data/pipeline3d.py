@@ -31,6 +31,7 @@ from flexict_jax.data.grain_common import config_value
 from flexict_jax.data.intensity import IntensityAugment
 from flexict_jax.data.masking3d import RccMasking
 from flexict_jax.data.volume_source import Volume, VolumeSource
+from flexict_jax.errors import ConfigError
 
 class VolumeViewsTransform(grain.transforms.MapWithIndex):
     """A `Volume` + its global example index -> one training example (numpy only).
@@ -100,14 +101,14 @@ def volume_views_transform(data: Mapping[str, Any], *, seed: int,
     patch_sizes = grain_common.check_patch_sizes(patch_sizes, global_size, "data.global_crop_size")
     pad_to = grain_common.integer(config_value(data, "pad_to"), "data.pad_to")
     if pad_to < 1:
-        raise ValueError(f"data.pad_to must be >= 1, got {pad_to}")
+        raise ConfigError(f"data.pad_to must be >= 1, got {pad_to}")
     n_global = grain_common.integer(config_value(data, "n_global_crops"), "data.n_global_crops")
     flipped = config_value(data, "flip_global_crops")
     if not isinstance(flipped, (list, tuple)):
-        raise ValueError(f"config key data.flip_global_crops must be a list of global crop indices, got {flipped!r}")
+        raise ConfigError(f"config key data.flip_global_crops must be a list of global crop indices, got {flipped!r}")
     flipped = tuple(grain_common.integer(k, "data.flip_global_crops") for k in flipped)
     if any(not 0 <= k < n_global for k in flipped):
-        raise ValueError(f"data.flip_global_crops {flipped} must be indices of global crops in "
+        raise ConfigError(f"data.flip_global_crops {flipped} must be indices of global crops in "
                          f"[0, data.n_global_crops={n_global})")
     augment = grain_common.boolean(config_value(data, "intensity_augment"), "data.intensity_augment")
     intensity = grain_common.dataclass_from_config(IntensityAugment, config_value(data, "intensity"),

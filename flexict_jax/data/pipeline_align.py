@@ -6,7 +6,7 @@ the records (`data.split`; "" = records without a split) is the source. Per exam
 
   image: the stage-3 views of `pipeline3d` (config `data` with `configs.stage3.STAGE3_IMAGE_VIEWS`): one centred global crop,
          local crops, RCC-3D iBOT masks per patch size;
-  text:  `report_text.stage3_text_example`: the CLIP caption (Findings / one positive / one negative finding) and K
+  text:  `report_rules.stage3_text_example`: the CLIP caption (Findings / one positive / one negative finding) and K
          OSL pairs, tokenised and left-padded to the static lengths of config `text`.
 
 The stream is `grain_common`'s: reshuffled every epoch, example i keyed by (seed, i) — the text draws use their
@@ -26,11 +26,12 @@ import grain
 import ml_collections
 import numpy as np
 
-from flexict_jax.data import grain_common, report_records, report_text
+from flexict_jax.data import grain_common, report_records, report_rules
 from flexict_jax.data.grain_common import config_value
 from flexict_jax.data.pipeline3d import VolumeViewsTransform, volume_views_transform
 from flexict_jax.data.tokenizer import Tokenizer, load_tokenizer
 from flexict_jax.data.volume_source import VolumeSource
+from flexict_jax.errors import ConfigError
 
 TEXT_TOWERS = ("scratch", "qwen3")
 # Entropy word that separates an example's text generator from its image generators (both keyed by (seed, i)).
@@ -44,10 +45,10 @@ def load_text_tokenizer(text: Mapping[str, Any], reports_dir: str | os.PathLike)
     tower (text.hf_folder) or the sentencepiece model stored with the reports (`python -m data_prep.tokenizer`)."""
     tower = config_value(text, "tower", "text")
     if tower not in TEXT_TOWERS:
-        raise ValueError(f"config key text.tower must be one of {TEXT_TOWERS}, got {tower!r}")
+        raise ConfigError(f"config key text.tower must be one of {TEXT_TOWERS}, got {tower!r}")
     path = text.get("tokenizer") or (text.get("hf_folder") if tower == "qwen3" else reports_dir)
     if not path:
-        raise ValueError("config key text.hf_folder is not set: the qwen3 text tower needs a local Hugging Face "
+        raise ConfigError("config key text.hf_folder is not set: the qwen3 text tower needs a local Hugging Face "
                          "folder (config.json, *.safetensors, tokenizer.json)")
     return load_tokenizer(path)
 
@@ -56,9 +57,9 @@ def report_text(record: Mapping[str, Any]) -> str:
     """The whole report of a record as the text tower sees it: the Findings, else every structured finding
     (reports given only as structured findings have no Findings text). Evaluation retrieves this text."""
     text = record["findings"] or " ".join(
-        s for section in record["sections"].values() for kind in (report_text.POSITIVE, reports.NEGATIVE)
+        s for section in record["sections"].values() for kind in (report_rules.POSITIVE, report_rules.NEGATIVE)
         for s in section[kind])
-    return report_text.model_text(text)
+    return report_rules.model_text(text)
 
 
 class ReportVolumes:
@@ -114,7 +115,7 @@ class AlignTransform(grain.transforms.MapWithIndex):
     """{"record", "volume"} + its global example index -> one stage-3 example (numpy only).
 
     Output: the `VolumeViewsTransform` arrays (global_crops [1, G, G, G, 1], local_crops, masks_p{p}, index,
-    volume_row) and the `report_text.stage3_text_example` arrays (caption_tokens/mask [Lc], osl_{pos,neg}_tokens/mask
+    volume_row) and the `report_rules.stage3_text_example` arrays (caption_tokens/mask [Lc], osl_{pos,neg}_tokens/mask
     [K, Lo], osl_labels [K]).
     """
 
@@ -130,7 +131,7 @@ class AlignTransform(grain.transforms.MapWithIndex):
 
     def map_with_index(self, index: int, item: Mapping[str, Any]) -> dict[str, np.ndarray]:
         example = self.views.map_with_index(index, item["volume"])
-        text = report_text.stage3_text_example(item["record"], _text_rng(self.seed, index), self.tokenizer,
+        text = report_rules.stage3_text_example(item["record"], _text_rng(self.seed, index), self.tokenizer,
                                            self.caption_len, self.osl_len, self.osl_pairs,
                                            positive_pool=self.positive_pool)
         return {**example, **text}
@@ -140,7 +141,7 @@ def _text_lengths(text: Mapping[str, Any]) -> tuple[int, int, int]:
     lengths = tuple(grain_common.integer(config_value(text, key, "text"), f"text.{key}")
                     for key in ("caption_len", "osl_len", "osl_pairs"))
     if min(lengths) < 1:
-        raise ValueError(f"config keys text.caption_len, text.osl_len, text.osl_pairs must be positive, got {lengths}")
+        raise ConfigError(f"config keys text.caption_len, text.osl_len, text.osl_pairs must be positive, got {lengths}")
     return lengths
 
 
@@ -207,7 +208,7 @@ def build_eval_dataset(data: ml_collections.ConfigDict, text: ml_collections.Con
     source = ReportVolumes(reports_dir, split, views.hu_window, data.get("dataset_dir"))
     n = len(source) if max_examples is None else min(len(source), int(max_examples))
     if n < 1:
-        raise ValueError(f"config key eval.max_examples must be positive, got {max_examples}")
+        raise ConfigError(f"config key eval.max_examples must be positive, got {max_examples}")
     global_batch = batch_size * process_count
     padded = -(-n // global_batch) * global_batch
     ds = grain.MapDataset.range(padded).map(

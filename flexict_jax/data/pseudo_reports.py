@@ -1,7 +1,7 @@
 """Pseudo-reports written from label maps, for volumes without a radiology report (stage 3, recipe §8).
 
 The report is built from the structures and lesions a (z, y, x) LPS label map holds, in the same form a parsed
-radiology report takes (`report_text.ParsedReport`), so label-only data trains and evaluates like reported data.
+radiology report takes (`report_rules.ParsedReport`), so label-only data trains and evaluates like reported data.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from flexict_jax.data.report_text import (LESION_SECTION, NEGATIVE, OTHER_SECTION, POSITIVE, SECTION_KEYWORDS,
+from flexict_jax.data.report_rules import (LESION_SECTION, NEGATIVE, OTHER_SECTION, POSITIVE, SECTION_KEYWORDS,
                                           ParsedReport, ReportError, section_of)
 
 _LESION_NAME = re.compile(r"lesion|tumou?r|nodule|mass|cyst|metasta|cancer|carcinoma|neoplasm", re.I)

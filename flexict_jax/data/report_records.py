@@ -1,7 +1,7 @@
 """Stage-3 report records on disk: the record codec, `index.json` and the per-split OSL pool.
 
 A reports directory (written by `python -m data_prep.reports`) holds ArrayRecord shards of report records (see
-`report_text` for their fields), `index.json` and `positive_pool.json`.
+`report_rules` for their fields), `index.json` and `positive_pool.json`.
 """
 from __future__ import annotations
 

@@ -34,6 +34,7 @@ from flexict_jax import distributed, sharding
 from flexict_jax.data import pipeline_align
 from flexict_jax.evals import retrieval
 from flexict_jax.tasks.common import flatten_crops, merge_model
+from flexict_jax.train_step import Program
 
 
 def _embed_pairs(params: dict[str, Any], crops: jax.Array, tokens: jax.Array, mask: jax.Array, *,
@@ -63,12 +64,9 @@ class Stage3Evaluator:
     the whole split). `program` is the trainer's `Program`; call inside its mesh context.
     """
 
-    def __init__(self, config: mlc.ConfigDict, program: Any):
+    def __init__(self, config: mlc.ConfigDict, program: Program):
         eval_cfg = config.eval
-        batch, processes = int(eval_cfg.batch_size), jax.process_count()
-        if batch < 1 or batch % jax.device_count() or batch % processes:
-            raise ValueError(f"config.eval.batch_size={batch} must be a positive multiple of the device count "
-                             f"({jax.device_count()}) and the process count ({processes})")
+        batch, processes = int(eval_cfg.batch_size), jax.process_count()  # checked by the task's validate
         self.dataset, records = pipeline_align.build_eval_dataset(
             config.data, config.text, split=str(eval_cfg.split), batch_size=batch // processes,
             patch_size=int(eval_cfg.patch_size), process_index=jax.process_index(), process_count=processes,

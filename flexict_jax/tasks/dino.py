@@ -1,7 +1,7 @@
-"""The DINO/iBOT/KoLeo self-distillation task of stages 1 (2D) and 2 (3D) — recipe §3, §5, §7.
+"""The DINO/iBOT/KoLeo self-distillation task of stages 1 (2D), 1.1 (2D + Gram) and 2 (3D) — recipe §3, §5-§7.
 
-Pure functions over pytrees (the task protocol of `flexict_jax.tasks`): `loss_fn` computes the student loss given
-the EMA teacher. The trainer owns sharding, the optimizer, the EMA and the loop; this file owns what is specific
+Pure functions over pytrees (`flexict_jax.tasks.Task`): `loss_fn` computes the student loss given the EMA
+teacher, and the frozen Gram teacher when the stage has one. The trainer owns sharding, the optimizer, the EMA and the loop; this file owns what is specific
 to DINO.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import ml_collections as mlc
 import numpy as np
 from flax import nnx
 
+from flexict_jax.errors import ConfigError
 from flexict_jax.losses import dino, gram, ibot, koleo, sinkhorn
 from flexict_jax.models.heads import DINOHead
 from flexict_jax.models.vit import VisionTransformer
@@ -22,6 +23,9 @@ from flexict_jax.tasks.common import crops_first, flatten_crops, masked_token_ca
 from flexict_jax.variants import Variant
 
 Params = dict[str, Any]
+# Stage 1 starts from scratch or continues a run; stage 1.1 continues stage 1; stage 2 inflates stage 1's
+# backbone (heads re-initialised, recipe §7). A vision-language source is stage 3's.
+INIT_MODES = ("continue", "inflate_2d_to_3d", "backbone")
 
 
 class DinoModel(nnx.Module):
@@ -140,7 +144,11 @@ def initial_params(config: mlc.ConfigDict, params: Params) -> Params:
     return params
 
 
-def evaluator(config: mlc.ConfigDict, program: Any) -> None:
-    """Stages 1-2 have no in-training evaluation."""
-    del config, program
-    return None
+def validate(config: mlc.ConfigDict) -> None:
+    """DINO has no keys beyond those every stage has (`flexict_jax.config_check`)."""
+    del config
+
+
+def check_vlm_source(config: mlc.ConfigDict, source: str, parts: Params, meta: dict) -> None:
+    raise ConfigError("config.init.mode='vlm' starts stage 3 from a vision-language checkpoint; use "
+                      "--config=configs/stage3.py")

@@ -18,7 +18,7 @@ A report record (one per volume, written by the builder) is a dict:
 
 Findings extraction handles the recipe's LLM template (text between `**4. Findings:**` and `**5. Impression:**`,
 `**4.x Section:**` markup stripped), plain reports with "Findings:" / "Impression:" headers, and CT-RATE's
-`report_text`, which has no headers: its Findings come first and the Impression starts at the first quotation
+`report_rules`, which has no headers: its Findings come first and the Impression starts at the first quotation
 mark or bullet ("…are preserved. " Thoracic CT…", "…normal. • Hepatosteatosis.").
 
 Every random choice takes the example's numpy Generator: the upstream section shuffle with a fixed seed 42 and
