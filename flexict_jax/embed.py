@@ -45,7 +45,7 @@ from flexict_jax.data.intensity import normalize_hu
 from flexict_jax.models.vit import VisionTransformer
 from flexict_jax.progress import Progress
 
-KINDS = ("2d", "3d")
+KINDS = torch_format.MODEL_KINDS[:2]  # --kind: the 2D and 3D backbones
 AIR_HU = -1000.0  # 2-D padding: air, as the slice builder pads (recipe §5)
 
 
