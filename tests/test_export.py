@@ -20,12 +20,10 @@ from flexict_jax.imaging.readers import file_sha256
 from flexict_jax import checkpointing, embed, export, handoff, import_torch, sharding, torch_format, train_step, trainer
 from flexict_jax.errors import ConfigError
 from run_utils import config_with, metrics, run_cli, saved_state
-# The stage-3 reports data and the tiny local Qwen3 folder (config.json, weights, tokenizer.json) of test_stage3.
-from test_stage3 import QWEN3_TINY, phantom_reports, qwen3_folder  # noqa: F401  (fixtures)
 
 torch = pytest.importorskip("torch")
 from flexict_jax import torch_reference  # noqa: E402  (imports torch)
-from test_torch_format import last_bf16_bit_flipped  # noqa: E402
+from run_utils import QWEN3_TINY, last_bf16_bit_flipped  # noqa: E402
 
 TINY_ARCH = dict(dim=48, depth=2, num_heads=2)
 

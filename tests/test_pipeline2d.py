@@ -2,80 +2,26 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
-from array_record.python.array_record_module import ArrayRecordWriter
 
-from configs import stage1
-from flexict_jax.data import pipeline2d, records, slice_source
+from flexict_jax.data import pipeline2d, slice_source
 from flexict_jax.data.crops2d import resized_crop
 from flexict_jax.data.intensity import normalize_hu
-from run_utils import assemble_process_batches, assert_batches_equal, assert_resumes, take, take_closing
+from run_utils import SLICE_GLOBAL as G
+from run_utils import SLICE_LOCAL as L
+from run_utils import SLICE_SIZE as S
+from run_utils import (CELL, NUM_RECORDS, assemble_process_batches, assert_batches_equal, assert_resumes,
+                       synthetic_slice, take, take_closing, unaugmented, write_slices_dir)
+from run_utils import slices_data_config as data_config
 
-S, G, L = 64, 32, 16
 PATCH_SIZES = (8, 16)
-NUM_RECORDS = 24
-CELL = 8  # record k carries a 1000 HU marker in cell k of an 8x8 grid of 8-px cells
-
-
-def synthetic_slice(k: int) -> np.ndarray:
-    """int16 HU: ellipse body (40 HU) with a lung-like region (-850 HU) in air, plus record k's marker cell."""
-    rng = np.random.default_rng(k)
-    yy, xx = np.mgrid[:S, :S] / S
-    ry, rx = rng.uniform(0.3, 0.45), rng.uniform(0.25, 0.4)
-    hu = np.full((S, S), -1000, np.int16)
-    hu[((yy - 0.5) / ry) ** 2 + ((xx - 0.5) / rx) ** 2 < 1] = 40
-    hu[((yy - 0.55) / 0.15) ** 2 + ((xx - 0.4) / 0.1) ** 2 < 1] = -850
-    r, c = divmod(k, S // CELL)
-    hu[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL] = 1000
-    return hu
-
-
-def write_slices_dir(path, num_records: int = NUM_RECORDS, num_shards: int = 3, corrupt: int | None = None,
-                     slices=None):
-    """A slices dir in the data_prep contract; `slices` (int16 HU [n, S, S]) replaces the synthetic ones."""
-    os.makedirs(path, exist_ok=True)
-    if slices is not None:
-        num_records = len(slices)
-    names = [f"slices-{i:05d}-of-{num_shards:05d}.arrayrecord" for i in range(num_shards)]
-    writers = [ArrayRecordWriter(os.path.join(path, n), "group_size:1") for n in names]
-    for k in range(num_records):
-        meta = dict(volume_id=f"vol{k // 8}", subject=f"sub{k // 8}", z_index=k % 8, z_mm=1.5 * (k % 8),
-                    pixel_spacing_mm=1.0, fov_mm=float(S), body_fraction=0.5, split="train")
-        hu = synthetic_slice(k) if slices is None else slices[k]
-        record = b"garbage" if k == corrupt else records.encode_array(hu, meta)
-        writers[k * num_shards // num_records].write(record)
-    for w in writers:
-        w.close()
-    index = dict(format="flexict_slices/1", shards=names, num_records=num_records, size=S, fov_mm=float(S),
-                 pixel_spacing_mm=1.0)
-    with open(os.path.join(path, "index.json"), "w") as f:
-        json.dump(index, f)
-    return path
 
 
 @pytest.fixture(scope="module")
 def slices_dir(tmp_path_factory):
     return write_slices_dir(tmp_path_factory.mktemp("slices"))
-
-
-def data_config(slices_dir, **overrides):
-    data = stage1.get_config("tiny").data  # the lead's config: the key names are the contract
-    data.dir = str(slices_dir)
-    data.update(dict(global_crop_size=G, local_crop_size=L, n_global_crops=2, n_local_crops=3, num_workers=0,
-                     read_threads=1, prefetch_buffer_size=2))
-    data.update(overrides)
-    return data
-
-
-def unaugmented(data):
-    """Global crops = the whole slice, no flip, no intensity augmentation (in place; returns `data`)."""
-    data.update(dict(global_crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip_prob=0.0))
-    data.intensity.update(dict(noise_prob=0.0, smooth_prob=0.0, scale_prob=0.0, lowres_prob=0.0,
-                               contrast_prob=0.0))
-    return data
 
 
 def test_batch_shapes_dtypes_and_stats(slices_dir):

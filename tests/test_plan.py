@@ -16,7 +16,6 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -24,7 +23,6 @@ from configs import stage1, stage1_hires, stage2
 from flexict_jax import plan, sharding, tasks, train_step
 from flexict_jax.data import datasets
 from flexict_jax.variants import Variant
-from run_utils import run_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -86,25 +84,11 @@ def test_multislice_mesh_spans_slices_with_the_data_axis():
         sharding.make_mesh((1, -1, 1), chips)
 
 
-@pytest.fixture(scope="module")
-def real_ct(tmp_path_factory, ct_dir) -> dict[str, pathlib.Path]:
-    """A real CT (ts_example_ct at 3 mm): the ingested dataset (stage 2) and its axial slices (stage 1)."""
-    from data_prep import ingest, slices, volume_stats
-    root = tmp_path_factory.mktemp("plan_real_ct")
-    for main, argv in ((ingest.main, ["--input", str(ct_dir / "ts_example_ct.nii.gz"), "--output",
-                                      str(root / "dataset"), "--spacing", "3,3,3"]),
-                       (volume_stats.main, ["--dataset", str(root / "dataset")]),
-                       (slices.main, ["--dataset", str(root / "dataset"), "--output", str(root / "slices"),
-                                      "--size", "64"])):
-        assert run_cli(main, argv) == 0
-    return {"slices": root / "slices", "dataset": root / "dataset"}
-
-
 @pytest.mark.parametrize("config_module, data_key", [(stage1, "slices"), (stage1_hires, "slices"),
                                                       (stage2, "dataset")])
-def test_abstract_batch_matches_the_pipeline(config_module, data_key, real_ct):
+def test_abstract_batch_matches_the_pipeline(config_module, data_key, real_ct_3mm):
     config = config_module.get_config("tiny")
-    config.data.dir = str(real_ct[data_key])
+    config.data.dir = str(real_ct_3mm[data_key])
     config.data.num_workers = 0
     local = next(iter(datasets.build_dataset(config, process_index=0, process_count=1)))
     for variant in datasets.step_variants(config):

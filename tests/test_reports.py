@@ -21,20 +21,6 @@ LABEL_COLUMNS = 18  # CT-RATE's abnormality labels, columns 2..19 (shared/data R
 
 
 @pytest.fixture(scope="module")
-def ctrate_csv(shared_data) -> pathlib.Path:
-    path = shared_data / "reports" / "ctrate_reports.csv"
-    if not path.is_file():
-        pytest.skip(f"CT-RATE reports not found at {path}")
-    return path
-
-
-@pytest.fixture(scope="module")
-def ctrate_rows(ctrate_csv) -> list[dict]:
-    with open(ctrate_csv, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope="module")
 def parsed(ctrate_rows) -> list[report_rules.ParsedReport]:
     return [report_rules.parse_report(row["report_text"]) for row in ctrate_rows]
 

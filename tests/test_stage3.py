@@ -21,44 +21,15 @@ import pytest
 from flax import nnx
 
 from configs import stage1, stage2, stage3
-from data_prep import ingest, synthetic, volume_stats
-from data_prep import reports as build_reports
-from data_prep import tokenizer as build_tokenizer
+from data_prep import synthetic, volume_stats
 from flexict_jax import checkpointing, evals, sharding, train_step, trainer
 from flexict_jax.data import datasets, pipeline3d, pipeline_align, report_records, report_rules
-from flexict_jax.models import qwen3
 from flexict_jax.models.vlm import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX
 from flexict_jax.tasks import align
 from flexict_jax.variants import Variant
 import stage3_eval_worker
-from run_utils import REPO, assert_trees_close, checkpoint_steps, config_with, metrics, run_cli, saved_state
-
-PHANTOM_SHAPE = (24, 40, 40)
-
-
-def _ingest(raw: pathlib.Path, dataset: pathlib.Path, split: str) -> None:
-    assert run_cli(ingest.main, ["--input", str(raw), "--output", str(dataset), "--spacing", "6,6,6",
-                                 "--split", split]) == 0
-
-
-@pytest.fixture(scope="module")
-def phantom_reports(tmp_path_factory) -> pathlib.Path:
-    """Reports dir over 6 training phantoms (with lesions) and 4 validation phantoms (2 with, 2 without
-    lesions, so the "lesion" finding has both classes), ingested at 6 mm, with its sentencepiece tokenizer."""
-    root = tmp_path_factory.mktemp("stage3_data")
-    synthetic.write_phantoms(root / "train", count=6, seed=0, shape=PHANTOM_SHAPE, progress=False)
-    synthetic.write_phantoms(root / "val_lesions", count=2, seed=1, shape=PHANTOM_SHAPE, progress=False)
-    synthetic.write_phantoms(root / "val_clean", count=2, seed=2, shape=PHANTOM_SHAPE, lesions=False,
-                             progress=False)
-    dataset = root / "dataset"
-    _ingest(root / "train", dataset, "train")
-    _ingest(root / "val_lesions", dataset, "val")
-    _ingest(root / "val_clean", dataset, "val")
-    assert run_cli(volume_stats.main, ["--dataset", str(dataset)]) == 0
-    assert run_cli(build_reports.main, ["--dataset", str(dataset), "--output", str(root / "reports")]) == 0
-    assert run_cli(build_tokenizer.main, ["--corpus", str(root / "reports"), "--vocab-size", "200"]) == 0
-    return root / "reports"
-
+from run_utils import (PHANTOM_SHAPE, REPO, assert_trees_close, checkpoint_steps, config_with, ingest_split, metrics,
+                       run_cli, saved_state)
 
 @pytest.fixture(scope="module")
 def stage2_run(tmp_path_factory, real_ct_slices, real_ct_volumes) -> pathlib.Path:
@@ -269,7 +240,7 @@ def test_pipeline_errors_name_the_problem(phantom_reports, tmp_path):
     config.data.split = "train"
     other = tmp_path / "other"
     synthetic.write_phantoms(tmp_path / "raw", count=1, seed=5, shape=PHANTOM_SHAPE, progress=False)
-    _ingest(tmp_path / "raw", other, "train")
+    ingest_split(tmp_path / "raw", other, "train")
     assert run_cli(volume_stats.main, ["--dataset", str(other)]) == 0
     config.data.dataset_dir = str(other)
     with pytest.raises(ValueError, match="describe volumes that are not in"):
@@ -384,32 +355,6 @@ def test_clip_image_embedding_from_the_masked_or_the_clean_crop(phantom_reports)
 
 
 # --- Qwen3 text tower -------------------------------------------------------------------------------------------
-
-QWEN3_TINY = dict(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=1e6)
-
-
-@pytest.fixture(scope="module")
-def qwen3_folder(tmp_path_factory) -> tuple[pathlib.Path, dict]:
-    """A local Hugging Face folder: config.json, model.safetensors (random weights) and a word-level
-    tokenizer.json with a pad token; returns it and the weights as our params."""
-    tokenizers = pytest.importorskip("tokenizers")
-    safetensors_numpy = pytest.importorskip("safetensors.numpy")
-    folder = tmp_path_factory.mktemp("qwen3")
-    config = qwen3.Qwen3Config.from_hf_dict(QWEN3_TINY)
-    encoder = qwen3.qwen3_encoder(config, rngs=nnx.Rngs(7))
-    params = nnx.to_pure_dict(nnx.state(encoder, nnx.Param))
-    safetensors_numpy.save_file(qwen3.params_to_hf_state_dict(params), str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(QWEN3_TINY))
-    words = ["<|endoftext|>", "<unk>", "the", "liver", "is", "present", "no", "lesion", ".", "ml"]
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.post_processor = tokenizers.processors.TemplateProcessing(single="$A <|endoftext|>",
-                                                                  special_tokens=[("<|endoftext|>", 0)])
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}))
-    return folder, jax.tree.map(np.asarray, params)
-
 
 def test_qwen3_tower_is_imported_at_the_hand_off(qwen3_folder, phantom_reports, stage2_run, tmp_path):
     folder, weights = qwen3_folder

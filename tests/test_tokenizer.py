@@ -2,7 +2,6 @@
 truncation, pickling, and the Hugging Face `tokenizer.json` backend."""
 from __future__ import annotations
 
-import csv
 import json
 import pathlib
 import pickle
@@ -17,15 +16,6 @@ from flexict_jax.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, HuggingF
                                         load_tokenizer)
 
 TRAIN_REPORTS = 80
-
-
-@pytest.fixture(scope="module")
-def ctrate_rows(shared_data) -> list[dict]:
-    path = shared_data / "reports" / "ctrate_reports.csv"
-    if not path.is_file():
-        pytest.skip(f"CT-RATE reports not found at {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
