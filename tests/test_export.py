@@ -25,6 +25,8 @@ torch = pytest.importorskip("torch")
 from flexict_jax import torch_reference  # noqa: E402  (imports torch)
 from run_utils import QWEN3_TINY, last_bf16_bit_flipped  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end to end: trains real runs (the fast loop is `pytest -m "not slow"`)
+
 TINY_ARCH = dict(dim=48, depth=2, num_heads=2)
 
 

@@ -31,6 +31,9 @@ import stage3_eval_worker
 from run_utils import (PHANTOM_SHAPE, REPO, assert_trees_close, checkpoint_steps, config_with, ingest_split, metrics,
                        run_cli, saved_state)
 
+pytestmark = pytest.mark.slow  # end to end: trains real runs (the fast loop is `pytest -m "not slow"`)
+
+
 @pytest.fixture(scope="module")
 def stage2_run(tmp_path_factory, real_ct_slices, real_ct_volumes) -> pathlib.Path:
     stage1_dir = tmp_path_factory.mktemp("stage1")
