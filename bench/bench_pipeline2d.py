@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from array_record.python.array_record_module import ArrayRecordWriter  # noqa: E402
 
 from configs import stage1  # noqa: E402
-from flexict_jax.data import pipeline, records, slice_source  # noqa: E402
+from flexict_jax.data import pipeline2d, records, slice_source  # noqa: E402
 from flexict_jax.progress import Progress  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def write_synthetic_slices(path: str, num_records: int, size: int) -> None:
 
 def time_transform(data, args, progress: Progress) -> float:
     """samples/s of the bare per-example transform on this core."""
-    transform = pipeline.stage1_transform(data, seed=args.seed, patch_sizes=(16, 8))
+    transform = pipeline2d.stage1_transform(data, seed=args.seed, patch_sizes=(16, 8))
     source = slice_source.open_slice_source(data.dir)
     n = args.batches * args.batch_size
     for i in range(n):  # warm the resize-matrix caches, as in a long-running worker
@@ -81,7 +81,7 @@ def time_transform(data, args, progress: Progress) -> float:
 
 def time_pipeline(data, args, progress: Progress, note: str) -> float:
     """samples/s of the Grain pipeline after a warm-up of two batches per process (start-up, caches)."""
-    it = iter(pipeline.build_stage1_dataset(data, seed=args.seed, batch_size=args.batch_size, patch_sizes=(16, 8)))
+    it = iter(pipeline2d.build_stage1_dataset(data, seed=args.seed, batch_size=args.batch_size, patch_sizes=(16, 8)))
     return common.time_batches(it, args.batch_size, 2 * max(1, data.num_workers), args.batches, progress, note)
 
 

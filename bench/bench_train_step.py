@@ -6,7 +6,7 @@ utilisation against the matmul peak measured in the same run, compile time and p
 
 Each variant is a stage config at one model size with a batch and crop budget the device can time in minutes
 (the recipe's batch and crops are listed by `python -m flexict_jax.plan`). The step is the trainer's own
-(`trainer.build_program` → `Program.train_step`), compiled by the planner (`plan.compile_variant`) on a
+(`train_step.build_program` → `Program.train_step`), compiled by the planner (`plan.compile_variant`) on a
 synthetic batch of the pipeline's shapes (`plan.abstract_batch`), on all local devices (config.mesh).
 
 FLOPs per step are the model's (`plan.model_flops`: XLA's cost analysis of the step lowered with the blocks
@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import common, stage1, stage2  # noqa: E402
-from flexict_jax import plan, sharding, trainer  # noqa: E402
+from flexict_jax import plan, sharding, train_step  # noqa: E402
 from flexict_jax.progress import Progress  # noqa: E402
 from flexict_jax.variants import Variant  # noqa: E402
 
@@ -118,10 +118,10 @@ def bench_variant(name: str, patch_size: int, steps: int, overrides: dict[str, s
     variant = Variant(patch_size)
     mesh = sharding.make_mesh(config.mesh)
     with sharding.activate(mesh, config.sharding_rules):
-        program = trainer.build_program(config, mesh)
+        program = train_step.build_program(config, mesh)
         plan_row, compiled = plan.compile_variant(config, program, variant)
         state = jax.jit(program.init_state, out_shardings=program.state_shardings)()
-        batch = trainer.global_batch(mesh, synthetic_batch(config, variant))
+        batch = sharding.global_batch(mesh, synthetic_batch(config, variant))
         state, metrics = compiled(state, batch)  # warm-up
         jax.block_until_ready(metrics)
         times = []
@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
               "platform": jax.default_backend(), "num_devices": jax.device_count(), "host": platform.machine(),
               "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
               "matmul_peak_flops": peak, "matmul_n": matmul_n,
-              "bf16_matmul_peak_flops": matmul_peak_flops(matmul_n, jnp.bfloat16), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+              "bf16_matmul_peak_flops": matmul_peak_flops(matmul_n, jnp.bfloat16), "date": time.strftime("%Y-%m-%d"),
+              "rows": rows}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -16,7 +16,10 @@ from __future__ import annotations
 import ml_collections as mlc
 
 from configs import common, stage2
-from flexict_jax.data.pipeline3d import STAGE3_IMAGE_VIEWS
+
+# Recipe §8: the stage-3 views differ from stage 2's only in these data keys.
+STAGE3_IMAGE_VIEWS = dict(n_global_crops=1, global_crop_mode="center", local_crop_extent=(20, 40),
+                          flip_prob=0.0, flip_global_crops=(), intensity_augment=False)
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:

@@ -37,14 +37,14 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import dicom, geometry, outputs, readers
+from data_prep import outputs
+from flexict_jax.imaging import dicom, geometry, readers
+from flexict_jax.imaging.geometry import IMAGE_FILL_HU, LABEL_FILL
 from flexict_jax.data import volume_store
 from flexict_jax.progress import Progress
 
 EXIT_OK, EXIT_FATAL, EXIT_REFUSED = 0, 1, 2
 DEFAULT_SPACING = (1.5, 1.5, 1.5)  # recipe §5: the slice builder's README spacing, mm (z, y, x)
-IMAGE_FILL_HU = -1024  # air, outside the source field of view
-LABEL_FILL = 0
 LOCK_NAME = ".ingest.lock"
 
 

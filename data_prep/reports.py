@@ -3,7 +3,7 @@
     python -m data_prep.reports --dataset DATASET_DIR --output REPORTS_DIR [--reports FILE.csv|FILE.jsonl]
 
 Reads the volumes of DATASET_DIR/manifest.jsonl (written by `python -m data_prep.ingest`) and writes one record
-per volume (layout in `flexict_jax.data.reports`) into REPORTS_DIR/reports-NNNNN-of-MMMMM.array_record, plus
+per volume (layout in `flexict_jax.data.report_rules`) into REPORTS_DIR/reports-NNNNN-of-MMMMM.array_record, plus
 REPORTS_DIR/index.json (one entry per volume: volume_id, dataset-relative path, split, source, in record order)
 and REPORTS_DIR/positive_pool.json (per split and section, the de-duplicated positive findings from which OSL
 draws its false pairs, recipe §8).
@@ -41,8 +41,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from data_prep import ingest, outputs, slices
-from data_prep.readers import NIFTI_SUFFIXES, file_sha256
-from flexict_jax.data import reports, volume_store
+from flexict_jax.imaging.readers import NIFTI_SUFFIXES, file_sha256
+from flexict_jax.data import pseudo_reports, report_records, report_rules, volume_store
 from flexict_jax.progress import Progress
 
 EXIT_OK, EXIT_FATAL, EXIT_SKIPPED = 0, 1, 2
@@ -220,8 +220,8 @@ def report_fields(row: dict, columns: Columns) -> dict[str, Any]:
     text = row.get(columns.text) if columns.text else ""
     structured = row.get(columns.findings) if columns.findings else None
     if text is not None and not isinstance(text, str):
-        raise reports.ReportError(f"column {columns.text!r}: expected text, got {type(text).__name__}")
-    parsed = reports.parse_report(text or "", structured)
+        raise report_rules.ReportError(f"column {columns.text!r}: expected text, got {type(text).__name__}")
+    parsed = report_rules.parse_report(text or "", structured)
     labels = {}
     for column in columns.labels:
         try:
@@ -300,7 +300,7 @@ def pseudo_record(job: PseudoJob) -> tuple[dict | None, str | None]:
             raise ValueError(f"label map {list(label_map.shape)} / image {list(image.shape)} differ from the "
                              f"manifest shape {entry['shape']}")
         _, midline_x_mm = slices.body_centre(image, entry["shape"], entry["spacing"])
-        parsed, finding_labels = reports.pseudo_report(label_map, entry["spacing"], job.label_names,
+        parsed, finding_labels = pseudo_reports.pseudo_report(label_map, entry["spacing"], job.label_names,
                                                        midline_x_mm=midline_x_mm, min_volume_ml=job.min_volume_ml)
     except Exception as e:  # a batch job reports a bad volume and carries on (house rules)
         return None, f"{entry['label_path']}: {type(e).__name__}: {e}"
@@ -338,8 +338,8 @@ def run(args: argparse.Namespace) -> int:
     entries = volume_store.read_manifest(dataset_dir)
     if not entries:
         raise FatalError(f"{dataset_dir / volume_store.MANIFEST_NAME}: no volumes")
-    outputs.check_output(output, args.overwrite, kind="reports dir", index_file=reports.INDEX_FILE,
-                         index_format=reports.REPORTS_FORMAT, error=FatalError)
+    outputs.check_output(output, args.overwrite, kind="reports dir", index_file=report_records.INDEX_FILE,
+                         index_format=report_records.REPORTS_FORMAT, error=FatalError)
     given_names = read_label_names(args.label_names) if args.label_names else None
 
     skipped_volumes = [{"volume_id": e["id"], "reason": f"{e['path']}: volume array missing"}
@@ -385,34 +385,34 @@ def run(args: argparse.Namespace) -> int:
     if not ordered:
         raise FatalError(f"no record written: {len(skipped_rows)} report row(s) and {len(skipped_volumes)} "
                          f"volume(s) skipped, {unmatched} report row(s) match no volume of {dataset_dir}")
-    splits = sorted({reports.split_key(r["split"]) for r in ordered})
-    pools = {key: reports.build_positive_pool([r for r in ordered if reports.split_key(r["split"]) == key])
+    splits = sorted({report_records.split_key(r["split"]) for r in ordered})
+    pools = {key: report_rules.build_positive_pool([r for r in ordered if report_records.split_key(r["split"]) == key])
              for key in splits}
 
     with outputs.staged_dir(output) as tmp:
         writer = outputs.ShardWriter(tmp, args.records_per_shard, SHARD_PREFIX)
         for record in ordered:
-            writer.write(reports.encode_report(record))
+            writer.write(report_records.encode_report(record))
         shards = writer.finish()
         index = {
-            "format": reports.REPORTS_FORMAT, "shards": shards, "num_records": len(ordered),
+            "format": report_records.REPORTS_FORMAT, "shards": shards, "num_records": len(ordered),
             "dataset": str(dataset_dir), "manifest_sha256": file_sha256(dataset_dir / volume_store.MANIFEST_NAME),
             "reports_file": str(args.reports.resolve()) if args.reports else None,
             "reports_sha256": file_sha256(args.reports) if args.reports else None,
             "columns": dataclasses.asdict(columns) if columns else None,
             "label_names_file": str(args.label_names.resolve()) if args.label_names else None,
             "counts": {source: sum(r["source"] == source for r in ordered) for source in ("report", "pseudo")},
-            "splits": {key: sum(reports.split_key(r["split"]) == key for r in ordered) for key in splits},
+            "splits": {key: sum(report_records.split_key(r["split"]) == key for r in ordered) for key in splits},
             "sections": sorted({name for r in ordered for name in r["sections"]}),
             "finding_names": sorted({name for r in ordered for name in r["finding_labels"]}),
-            "pool_file": reports.POOL_FILE,
+            "pool_file": report_records.POOL_FILE,
             "unmatched_report_rows": unmatched,
             "volumes": [{"volume_id": r["volume_id"], "path": r["path"], "label_path": r["label_path"],
                          "split": r["split"], "source": r["source"]} for r in ordered],
             "skipped_rows": skipped_rows, "skipped_volumes": skipped_volumes,
         }
-        (tmp / reports.POOL_FILE).write_text(json.dumps(pools, indent=1, ensure_ascii=False) + "\n", "utf-8")
-        (tmp / reports.INDEX_FILE).write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n", "utf-8")
+        (tmp / report_records.POOL_FILE).write_text(json.dumps(pools, indent=1, ensure_ascii=False) + "\n", "utf-8")
+        (tmp / report_records.INDEX_FILE).write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n", "utf-8")
 
     print(f"reports: {len(ordered)} records ({index['counts']['report']} from reports, {index['counts']['pseudo']} "
           f"pseudo-reports) -> {output}; {len(skipped_rows)} report row(s) and {len(skipped_volumes)} volume(s) "

@@ -37,7 +37,8 @@ from typing import Any, Sequence
 import numpy as np
 import tensorstore as ts
 
-from data_prep import outputs, readers
+from data_prep import outputs
+from flexict_jax.imaging import readers
 from flexict_jax.data import records, volume_store
 from flexict_jax.data.slice_source import INDEX_FILE, SLICES_FORMAT
 from flexict_jax.progress import Progress

@@ -24,24 +24,24 @@ import numpy as np
 import sentencepiece as spm
 
 from data_prep import outputs
-from flexict_jax.data import reports
+from flexict_jax.data import report_records, report_rules
 from flexict_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, SP_MODEL_FILE, UNK_ID, SentencePieceTokenizer
 from flexict_jax.progress import Progress
 
 
 def corpus_sentences(reports_dir: pathlib.Path) -> Iterator[str]:
     """The lower-cased training sentences of a reports dir, record by record."""
-    source = reports.open_report_source(reports_dir)
+    source = report_records.open_report_source(reports_dir)
     progress = Progress(len(source), "reading reports")
     for i in range(len(source)):
-        record = reports.decode_report(source[i])
+        record = report_records.decode_report(source[i])
         for _, text in record["findings_sections"]:
-            yield from (reports.model_text(s) for s in reports.split_sentences(text))
+            yield from (report_rules.model_text(s) for s in report_rules.split_sentences(text))
         for section in record["sections"].values():
-            for sentence in section[reports.POSITIVE]:
-                yield reports.model_text(sentence)
-                yield reports.model_text(reports.negate(sentence))
-            yield from (reports.model_text(s) for s in section[reports.NEGATIVE])
+            for sentence in section[report_rules.POSITIVE]:
+                yield report_rules.model_text(sentence)
+                yield report_rules.model_text(report_rules.negate(sentence))
+            yield from (report_rules.model_text(s) for s in section[report_rules.NEGATIVE])
         progress.advance(1)
     progress.close()
 

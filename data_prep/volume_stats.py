@@ -87,7 +87,7 @@ def parse_window(text: str) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--hu-window {text!r}: expected LOW,HIGH in HU, e.g. -1000,1000")
+        raise argparse.ArgumentTypeError(f"--hu-window {text!r}: expected LOW,HIGH in HU, e.g. -1000,1000") from None
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise argparse.ArgumentTypeError(f"--hu-window {text!r}: need finite LOW < HIGH")
     return lo, hi

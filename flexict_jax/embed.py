@@ -39,14 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data_prep import dicom, geometry, readers
-from data_prep.ingest import IMAGE_FILL_HU
+from flexict_jax.imaging import dicom, geometry, readers
 from flexict_jax import checkpointing, torch_format
 from flexict_jax.data.intensity import normalize_hu
 from flexict_jax.models.vit import VisionTransformer
 from flexict_jax.progress import Progress
 
-KINDS = ("2d", "3d")
+KINDS = torch_format.MODEL_KINDS[:2]  # --kind: the 2D and 3D backbones
 AIR_HU = -1000.0  # 2-D padding: air, as the slice builder pads (recipe §5)
 
 
@@ -281,7 +280,7 @@ def prepare(path: pathlib.Path, kind: str, preprocessing: Preprocessing, patch_s
     if spacing[0] is None:
         spacing = (geometry.native_spacing(source.affine)[0],) + tuple(spacing[1:])
     grid = geometry.canonical_grid(source.array.shape, source.affine, spacing)
-    hu = geometry.to_grid(source.array, source.affine, grid, 1, IMAGE_FILL_HU).astype(np.float32)
+    hu = geometry.to_grid(source.array, source.affine, grid, 1, geometry.IMAGE_FILL_HU).astype(np.float32)
     if kind == "2d":
         z_indices = parse_slices(slices, hu.shape[0])
         inputs, affine = slices_2d(hu, grid.affine, preprocessing, patch_size, z_indices)

@@ -46,7 +46,7 @@ import numpy as np
 from flexict_jax import checkpointing, torch_format
 from flexict_jax.embed import Preprocessing
 
-KINDS = ("2d", "3d", "vlm")
+KINDS = torch_format.MODEL_KINDS
 FORMATS = ("flexict", "safetensors")
 PARAMS = {"teacher": "teacher", "student": "params"}  # --params -> top-level entry of the saved state
 SAFETENSORS_FORMAT = "flexict_jax.safetensors/1"

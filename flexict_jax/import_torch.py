@@ -42,10 +42,10 @@ from typing import Any
 import numpy as np
 import orbax.checkpoint as ocp
 
-from data_prep.readers import file_sha256
+from flexict_jax.imaging.readers import file_sha256
 from flexict_jax import torch_format
 
-KINDS = ("2d", "3d", "vlm")
+KINDS = torch_format.MODEL_KINDS
 
 
 class TorchImportError(ValueError):

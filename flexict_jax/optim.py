@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from flexict_jax.errors import ConfigError
 from flexict_jax.schedules import value_at
 
 # Backbone leaves that sit before the first block for layer-wise LR decay (recipe §4: layer_id 0).
@@ -208,19 +209,20 @@ def scale_by_param_groups(groups: Any, lr_table: jax.Array, wd_table: jax.Array,
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _checked_config(optim_cfg: ml_collections.ConfigDict) -> None:
+def validate(optim_cfg: ml_collections.ConfigDict) -> None:
+    """The keys of config `optim` that need no parameters to check; ConfigError names the key."""
     missing = [key for key in OPTIM_KEYS if key not in optim_cfg]
     if missing:
-        raise KeyError(f"config optim lacks key(s) {missing}")
+        raise ConfigError(f"config optim lacks key(s) {missing}")
     for key in ("clip_grad", "eps", "layer_decay", "patch_embed_lr_mult"):
         value = optim_cfg[key]
         if not isinstance(value, (int, float)) or not value > 0:  # also rejects NaN
-            raise ValueError(f"config optim.{key} must be a positive number, got {value!r}")
+            raise ConfigError(f"config optim.{key} must be a positive number, got {value!r}")
     betas = optim_cfg.betas
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-        raise ValueError(f"config optim.betas must be two numbers in [0, 1), got {betas!r}")
+        raise ConfigError(f"config optim.betas must be two numbers in [0, 1), got {betas!r}")
     if not isinstance(optim_cfg.freeze_last_layer_steps, int) or optim_cfg.freeze_last_layer_steps < 0:
-        raise ValueError("config optim.freeze_last_layer_steps must be an int >= 0, "
+        raise ConfigError("config optim.freeze_last_layer_steps must be an int >= 0, "
                          f"got {optim_cfg.freeze_last_layer_steps!r}")
 
 
@@ -232,7 +234,7 @@ def build_optimizer(params: Any, optim_cfg: ml_collections.ConfigDict, *, lr_tab
     freeze_last_layer_steps, idle_patterns, and optionally no_weight_decay (path prefixes, see
     `param_groups`). `lr_table`/`wd_table` hold one value per step (`schedules.table_from_config`).
     """
-    _checked_config(optim_cfg)
+    validate(optim_cfg)
     groups = param_groups(params, depth=depth, layer_decay=optim_cfg.layer_decay,
                           patch_embed_lr_mult=optim_cfg.patch_embed_lr_mult,
                           idle_patterns=list(optim_cfg.idle_patterns),
@@ -240,7 +242,7 @@ def build_optimizer(params: Any, optim_cfg: ml_collections.ConfigDict, *, lr_tab
     submodules = {info.clip_group for info in jax.tree.leaves(groups)}
     unknown = sorted(set(optim_cfg.unclipped) - submodules)
     if unknown:
-        raise ValueError(f"config optim.unclipped names {unknown}, which are not submodules {sorted(submodules)}")
+        raise ConfigError(f"config optim.unclipped names {unknown}, which are not submodules {sorted(submodules)}")
     b1, b2 = optim_cfg.betas
     # Idle leaves keep (zero) Adam moments instead of being masked out: the state then mirrors the params
     # everywhere, so optax.tree_utils.tree_map_params can shard it, at the cost of two idle patch-embed copies.

@@ -23,14 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+from flexict_jax.errors import ConfigError
 
 if TYPE_CHECKING:
     import ml_collections as mlc
 
-    from flexict_jax.trainer import Program
+    from flexict_jax.train_step import Program
     from flexict_jax.variants import Variant
 
-# jax and the trainer are imported inside the functions: `--devices` must reach jax's config before anything
+# jax and the train step are imported inside the functions: `--devices` must reach jax's config before anything
 # starts a backend, and --help stays fast.
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/stage1.py:demo",
@@ -85,11 +86,11 @@ def model_flops(config: mlc.ConfigDict, program: Program, variant: Variant, batc
     cost analysis of the step lowered, not compiled, with the blocks unrolled and no rematerialisation: the
     analysis counts a loop body once and counts recomputed work, and per-device compiled costs count replicated
     work once per device."""
-    from flexict_jax import trainer
+    from flexict_jax import train_step
     if config.model.scan_blocks or config.model.remat_policy != "none":
         config = config.copy_and_resolve_references()
         config.model.update(scan_blocks=False, remat_policy="none")
-        program = trainer.build_program(config, program.mesh)
+        program = train_step.build_program(config, program.mesh)
     cost = program.train_step(config, variant, batch).lower(program.abstract_state, batch).cost_analysis()
     cost = (cost[0] if isinstance(cost, list) else cost) or {}
     return float(cost.get("flops", float("nan")))
@@ -131,18 +132,18 @@ def plan(config: mlc.ConfigDict, mesh_shape: tuple[int, ...], *, device_memory: 
          headroom: float = 0.1) -> dict[str, Any]:
     """Compiles every step variant of `config` on a `mesh_shape` mesh of the local devices; the plan as a dict."""
     import jax
-    from flexict_jax import sharding, trainer
+    from flexict_jax import sharding, train_step
     from flexict_jax.data import datasets
 
     mesh = sharding.make_mesh(mesh_shape)
     if config.global_batch_size % mesh.size:
-        raise ValueError(f"config.global_batch_size={config.global_batch_size} is not divisible by the "
+        raise ConfigError(f"config.global_batch_size={config.global_batch_size} is not divisible by the "
                          f"{mesh.size} devices of mesh {dict(mesh.shape)}")
     device = jax.devices()[0]
     device_memory = device_memory if device_memory is not None else device_memory_bytes(device)
     with sharding.activate(mesh, config.sharding_rules):
         start = time.perf_counter()
-        program = trainer.build_program(config, mesh)
+        program = train_step.build_program(config, mesh)
         build_s = time.perf_counter() - start
         report = sharding.sharding_report(mesh, program.abstract_state["params"], program.param_specs)
         state_bytes = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(program.abstract_state))

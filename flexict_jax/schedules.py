@@ -13,7 +13,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from flexict_jax.errors import ConfigError
+
 SCHEDULE_KEYS = ("start", "peak", "end", "warmup_steps", "cosine_steps")
+SCHEDULE_NAMES = ("lr", "weight_decay", "momentum", "teacher_temperature")  # the sections of config.schedules
 
 
 def linear_warmup_cosine_decay(*, start: float, peak: float, end: float, warmup_steps: int, total_steps: int,
@@ -21,7 +24,8 @@ def linear_warmup_cosine_decay(*, start: float, peak: float, end: float, warmup_
     """float64 table of length `total_steps` (recipe §4 `linear_warmup_cosine_decay`), truncated if shorter.
 
     Steps [0, warmup): linear start → peak, endpoint excluded. Then `cosine_steps` (default: the rest) of a
-    half-cosine peak → end whose last value is one step short of `end`. Then constant `end`.
+    half-cosine peak → end sampled at `np.linspace(0, π, cosine_steps)` — endpoint included, so its last value is
+    exactly `end`, as upstream's. Then constant `end`.
     """
     for name, value in (("start", start), ("peak", peak), ("end", end)):
         if not math.isfinite(value):
@@ -38,7 +42,7 @@ def linear_warmup_cosine_decay(*, start: float, peak: float, end: float, warmup_
     # interrupted upstream run would; the values at a given step never depend on where the run stops.
     length = max(total_steps, warmup_steps + cosine_steps)
     warmup = np.linspace(start, peak, warmup_steps, endpoint=False)
-    cosine = end + (peak - end) * 0.5 * (1.0 + np.cos(np.pi * np.arange(cosine_steps) / max(cosine_steps, 1)))
+    cosine = end + (peak - end) * 0.5 * (1.0 + np.cos(np.linspace(0.0, np.pi, cosine_steps)))
     constant = np.full(length - warmup_steps - cosine_steps, end, dtype=np.float64)
     return np.concatenate([warmup, cosine, constant]).astype(np.float64)[:total_steps]
 
@@ -51,15 +55,24 @@ def table_from_config(section: ml_collections.ConfigDict, total_steps: int, *, n
     """
     missing = [key for key in SCHEDULE_KEYS if key not in section]
     if missing:
-        raise KeyError(f"config {name} lacks key(s) {missing}; a schedule needs {list(SCHEDULE_KEYS)}")
+        raise ConfigError(f"config {name} lacks key(s) {missing}; a schedule needs {list(SCHEDULE_KEYS)}")
     try:
         table = linear_warmup_cosine_decay(
             start=float(section.start), peak=float(section.peak), end=float(section.end),
             warmup_steps=int(section.warmup_steps), total_steps=int(total_steps),
             cosine_steps=None if section.cosine_steps is None else int(section.cosine_steps))
-    except ValueError as e:
-        raise ValueError(f"config {name}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config {name}: {e}") from None
     return jnp.asarray(table, dtype=jnp.float32)
+
+
+def validate(schedules_config: ml_collections.ConfigDict, total_steps: int) -> None:
+    """Every section of config.schedules builds a table (cheap: numpy); ConfigError names the bad key."""
+    missing = [name for name in SCHEDULE_NAMES if name not in schedules_config]
+    if missing:
+        raise ConfigError(f"config.schedules lacks section(s) {missing}")
+    for name in SCHEDULE_NAMES:
+        table_from_config(schedules_config[name], total_steps, name=f"schedules.{name}")
 
 
 def value_at(table: jax.Array, step: jax.Array | int) -> jax.Array:

@@ -16,6 +16,7 @@ from flax import nnx
 from flax.core import spmd as core_spmd
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from flexict_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
@@ -31,22 +32,22 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     devices = list(devices if devices is not None else jax.devices())
     shape = list(shape)
     if len(shape) != len(MESH_AXES):
-        raise ValueError(f"config.mesh must have {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
+        raise ConfigError(f"config.mesh must have {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
     if shape.count(-1) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1, got {shape}")
+        raise ConfigError(f"config.mesh: at most one axis may be -1, got {shape}")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if len(devices) % known:
-            raise ValueError(f"config.mesh {shape}: {len(devices)} devices are not divisible by {known}")
+            raise ConfigError(f"config.mesh {shape}: {len(devices)} devices are not divisible by {known}")
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
-        raise ValueError(f"config.mesh {tuple(shape)} needs {math.prod(shape)} devices, {len(devices)} available")
+        raise ConfigError(f"config.mesh {tuple(shape)} needs {math.prod(shape)} devices, {len(devices)} available")
     num_slices = len({getattr(d, "slice_index", 0) for d in devices})
     if num_slices > 1:
         # Multi-slice (jax_stack.md §C4): only "data" crosses the slow links between slices (DCN); fsdp and
         # tensor stay inside a slice (ICI). The data axis is the slices times any data parallelism within one.
         if shape[0] % num_slices:
-            raise ValueError(f"config.mesh {tuple(shape)}: the devices span {num_slices} slices, so the data axis "
+            raise ConfigError(f"config.mesh {tuple(shape)}: the devices span {num_slices} slices, so the data axis "
                              f"must be a multiple of {num_slices}, e.g. config.mesh=({num_slices},-1,1)")
         device_array = mesh_utils.create_hybrid_device_mesh(
             (shape[0] // num_slices, *shape[1:]), (num_slices, 1, 1), devices=devices)
@@ -80,6 +81,12 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 def batch_spec(ndim: int) -> P:
     """The data-parallel spec for an array whose leading axis is the (global) batch."""
     return logical_to_spec(("batch",) + (None,) * (ndim - 1))
+
+
+def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Global arrays, batch-sharded over the mesh, from this process's rows of the batch."""
+    return {k: jax.make_array_from_process_local_data(NamedSharding(mesh, batch_spec(v.ndim)), v)
+            for k, v in local.items()}
 
 
 def named_sharding_tree(mesh: Mesh, spec_tree: Any) -> Any:

@@ -30,6 +30,8 @@ from flexict_jax.models import qwen3, rope
 BACKBONE, DINO_HEAD, IBOT_HEAD = "backbone", "dino_head", "ibot_head"
 HEADS = (DINO_HEAD, IBOT_HEAD)
 PERIODS_KEYS = {2: "rope_embed_2D.periods", 3: "rope_embed_3D.periods"}
+# The released FlexiCT models (torch-format §0): the 2D and 3D backbones and the vision-language model.
+MODEL_KINDS = ("2d", "3d", "vlm")
 
 
 class FormatError(ValueError):

@@ -5,6 +5,7 @@ conftest.py (pytest imports it first).
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 
@@ -51,16 +52,25 @@ def dicom_dir(shared_data) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def real_ct_slices(tmp_path_factory, ct_dir) -> pathlib.Path:
-    """Axial slices of a real abdomen/pelvis CT (ts_example_ct, 3 mm), built with the offline tools."""
-    from data_prep import ingest, slices
+def real_ct_3mm(tmp_path_factory, ct_dir) -> dict[str, pathlib.Path]:
+    """A real abdomen/pelvis CT (ts_example_ct) built with the offline tools: ingested at 3 mm with its HU
+    statistics ("dataset", stage-2 layout) and cut into 64-px axial slices ("slices", stage 1)."""
+    from data_prep import ingest, slices, volume_stats
     from run_utils import run_cli
-    root = tmp_path_factory.mktemp("stage1_real_ct")
-    assert run_cli(ingest.main, ["--input", str(ct_dir / "ts_example_ct.nii.gz"), "--output", str(root / "dataset"),
-                                 "--spacing", "3,3,3"]) == 0
-    assert run_cli(slices.main, ["--dataset", str(root / "dataset"), "--output", str(root / "slices"),
-                                 "--size", "64"]) == 0
-    return root / "slices"
+    root = tmp_path_factory.mktemp("real_ct_3mm")
+    for main, argv in ((ingest.main, ["--input", str(ct_dir / "ts_example_ct.nii.gz"), "--output",
+                                      str(root / "dataset"), "--spacing", "3,3,3"]),
+                       (volume_stats.main, ["--dataset", str(root / "dataset")]),
+                       (slices.main, ["--dataset", str(root / "dataset"), "--output", str(root / "slices"),
+                                      "--size", "64"])):
+        assert run_cli(main, argv) == 0
+    return {"slices": root / "slices", "dataset": root / "dataset"}
+
+
+@pytest.fixture(scope="session")
+def real_ct_slices(real_ct_3mm) -> pathlib.Path:
+    """Axial slices of a real abdomen/pelvis CT (ts_example_ct, 3 mm), built with the offline tools."""
+    return real_ct_3mm["slices"]
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +83,79 @@ def real_ct_volumes(tmp_path_factory, ct_dir) -> pathlib.Path:
     assert run_cli(ingest.main, ["--input", *inputs, "--output", str(root), "--spacing", "4,4,4"]) == 0
     assert run_cli(volume_stats.main, ["--dataset", str(root)]) == 0
     return root
+
+
+@pytest.fixture(scope="module")
+def batch_sharding():
+    """Leading (batch) axis split over the 8 fake devices of a 2×4 (data, fsdp) mesh."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from flexict_jax.sharding import make_mesh
+    return NamedSharding(make_mesh((2, 4, 1)), P(("data", "fsdp")))
+
+
+@pytest.fixture(scope="session")
+def ctrate_csv(shared_data) -> pathlib.Path:
+    path = shared_data / "reports" / "ctrate_reports.csv"
+    if not path.is_file():
+        pytest.skip(f"CT-RATE reports not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ctrate_rows(ctrate_csv) -> list[dict]:
+    """The rows of the 1,000 CT-RATE reports of the shared data."""
+    import csv
+    with open(ctrate_csv, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def phantom_reports(tmp_path_factory) -> pathlib.Path:
+    """Reports dir over 6 training phantoms (with lesions) and 4 validation phantoms (2 with, 2 without
+    lesions, so the "lesion" finding has both classes), ingested at 6 mm, with its sentencepiece tokenizer."""
+    from data_prep import reports as build_reports
+    from data_prep import synthetic, volume_stats
+    from data_prep import tokenizer as build_tokenizer
+    from run_utils import PHANTOM_SHAPE, ingest_split, run_cli
+    root = tmp_path_factory.mktemp("stage3_data")
+    synthetic.write_phantoms(root / "train", count=6, seed=0, shape=PHANTOM_SHAPE, progress=False)
+    synthetic.write_phantoms(root / "val_lesions", count=2, seed=1, shape=PHANTOM_SHAPE, progress=False)
+    synthetic.write_phantoms(root / "val_clean", count=2, seed=2, shape=PHANTOM_SHAPE, lesions=False,
+                             progress=False)
+    dataset = root / "dataset"
+    ingest_split(root / "train", dataset, "train")
+    ingest_split(root / "val_lesions", dataset, "val")
+    ingest_split(root / "val_clean", dataset, "val")
+    assert run_cli(volume_stats.main, ["--dataset", str(dataset)]) == 0
+    assert run_cli(build_reports.main, ["--dataset", str(dataset), "--output", str(root / "reports")]) == 0
+    assert run_cli(build_tokenizer.main, ["--corpus", str(root / "reports"), "--vocab-size", "200"]) == 0
+    return root / "reports"
+
+
+@pytest.fixture(scope="module")
+def qwen3_folder(tmp_path_factory) -> tuple[pathlib.Path, dict]:
+    """A local Hugging Face folder: config.json, model.safetensors (random weights) and a word-level
+    tokenizer.json with a pad token; returns it and the weights as our params."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from flexict_jax.models import qwen3
+    from run_utils import QWEN3_TINY
+    tokenizers = pytest.importorskip("tokenizers")
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    folder = tmp_path_factory.mktemp("qwen3")
+    config = qwen3.Qwen3Config.from_hf_dict(QWEN3_TINY)
+    encoder = qwen3.qwen3_encoder(config, rngs=nnx.Rngs(7))
+    params = nnx.to_pure_dict(nnx.state(encoder, nnx.Param))
+    safetensors_numpy.save_file(qwen3.params_to_hf_state_dict(params), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(QWEN3_TINY))
+    words = ["<|endoftext|>", "<unk>", "the", "liver", "is", "present", "no", "lesion", ".", "ml"]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single="$A <|endoftext|>",
+                                                                  special_tokens=[("<|endoftext|>", 0)])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}))
+    return folder, jax.tree.map(np.asarray, params)

@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import jax
+import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from configs import stage1
+from flexict_jax.data import records
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -91,3 +97,88 @@ def assert_resumes(build, skip: int, n: int = 2):
     fresh = iter(build())
     fresh.set_state(state)
     assert_batches_equal(take(fresh, n), expected)
+
+
+def last_bf16_bit_flipped(periods: np.ndarray, index: int) -> np.ndarray:
+    """bf16 periods with entry `index` moved to the next bf16 value up (what another device's rounding gives)."""
+    bits = periods.view(np.uint16).copy()
+    bits[index] += 1
+    return bits.view(ml_dtypes.bfloat16)
+
+
+# --- synthetic 2D slices (stage-1 and stage-1.1 pipeline tests) ------------------------------------------------
+
+SLICE_SIZE, SLICE_GLOBAL, SLICE_LOCAL = 64, 32, 16  # slice, global crop and local crop sizes (px)
+NUM_RECORDS = 24
+CELL = 8  # record k carries a 1000 HU marker in cell k of an 8x8 grid of 8-px cells
+
+
+def synthetic_slice(k: int) -> np.ndarray:
+    """int16 HU: ellipse body (40 HU) with a lung-like region (-850 HU) in air, plus record k's marker cell."""
+    size = SLICE_SIZE
+    rng = np.random.default_rng(k)
+    yy, xx = np.mgrid[:size, :size] / size
+    ry, rx = rng.uniform(0.3, 0.45), rng.uniform(0.25, 0.4)
+    hu = np.full((size, size), -1000, np.int16)
+    hu[((yy - 0.5) / ry) ** 2 + ((xx - 0.5) / rx) ** 2 < 1] = 40
+    hu[((yy - 0.55) / 0.15) ** 2 + ((xx - 0.4) / 0.1) ** 2 < 1] = -850
+    r, c = divmod(k, size // CELL)
+    hu[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL] = 1000
+    return hu
+
+
+def write_slices_dir(path, num_records: int = NUM_RECORDS, num_shards: int = 3, corrupt: int | None = None,
+                     slices=None):
+    """A slices dir in the data_prep contract; `slices` (int16 HU [n, SLICE_SIZE, SLICE_SIZE]) replaces the
+    synthetic ones."""
+    os.makedirs(path, exist_ok=True)
+    if slices is not None:
+        num_records = len(slices)
+    names = [f"slices-{i:05d}-of-{num_shards:05d}.arrayrecord" for i in range(num_shards)]
+    writers = [ArrayRecordWriter(os.path.join(path, n), "group_size:1") for n in names]
+    for k in range(num_records):
+        meta = dict(volume_id=f"vol{k // 8}", subject=f"sub{k // 8}", z_index=k % 8, z_mm=1.5 * (k % 8),
+                    pixel_spacing_mm=1.0, fov_mm=float(SLICE_SIZE), body_fraction=0.5, split="train")
+        hu = synthetic_slice(k) if slices is None else slices[k]
+        record = b"garbage" if k == corrupt else records.encode_array(hu, meta)
+        writers[k * num_shards // num_records].write(record)
+    for w in writers:
+        w.close()
+    index = dict(format="flexict_slices/1", shards=names, num_records=num_records, size=SLICE_SIZE,
+                 fov_mm=float(SLICE_SIZE), pixel_spacing_mm=1.0)
+    with open(os.path.join(path, "index.json"), "w") as f:
+        json.dump(index, f)
+    return path
+
+
+def slices_data_config(slices_dir, **overrides):
+    """The tiny stage-1 data config over a synthetic slices dir."""
+    data = stage1.get_config("tiny").data  # the lead's config: the key names are the contract
+    data.dir = str(slices_dir)
+    data.update(dict(global_crop_size=SLICE_GLOBAL, local_crop_size=SLICE_LOCAL, n_global_crops=2,
+                     n_local_crops=3, num_workers=0, read_threads=1, prefetch_buffer_size=2))
+    data.update(overrides)
+    return data
+
+
+def unaugmented(data):
+    """Global crops = the whole slice, no flip, no intensity augmentation (in place; returns `data`)."""
+    data.update(dict(global_crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip_prob=0.0))
+    data.intensity.update(dict(noise_prob=0.0, smooth_prob=0.0, scale_prob=0.0, lowres_prob=0.0,
+                               contrast_prob=0.0))
+    return data
+
+
+# --- stage-3 data (test_stage3, test_export) --------------------------------------------------------------------
+
+PHANTOM_SHAPE = (24, 40, 40)
+# A Qwen3 config.json small enough for a test: the local Hugging Face folder of the `qwen3_folder` fixture.
+QWEN3_TINY = dict(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=1e6)
+
+
+def ingest_split(raw: pathlib.Path, dataset: pathlib.Path, split: str) -> None:
+    """Ingests the NIfTI files of `raw` into `dataset` at 6 mm as split `split`."""
+    from data_prep import ingest
+    assert run_cli(ingest.main, ["--input", str(raw), "--output", str(dataset), "--spacing", "6,6,6",
+                                 "--split", split]) == 0

@@ -17,7 +17,7 @@ import sys
 import jax
 
 from configs import stage3
-from flexict_jax import checkpointing, distributed, sharding, trainer
+from flexict_jax import checkpointing, distributed, sharding, train_step
 from flexict_jax.evals.stage3 import Stage3Evaluator
 
 # "train": 6 records, so with a global evaluation batch of 8 both hosts embed real rows; "val": 4 records whose
@@ -32,7 +32,7 @@ def evaluate(reports_dir: str | os.PathLike, run_dir: str | os.PathLike, step: i
     config.data.dir = str(reports_dir)
     mesh = sharding.make_mesh(config.mesh)
     with sharding.activate(mesh, config.sharding_rules):
-        program = trainer.build_program(config, mesh)
+        program = train_step.build_program(config, mesh)
         saved, _, _ = checkpointing.read_subtree(run_dir, "params", step)
         host = checkpointing.conform(saved, program.abstract_state["params"], what=f"{run_dir} step {step}")
         # Every host has the whole (numpy) tree and contributes the shards its devices hold.

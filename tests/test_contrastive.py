@@ -7,10 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flexict_jax.losses.contrastive import clip_loss, osl_loss, siglip_loss
-from flexict_jax.sharding import make_mesh
 
 LOGIT_SCALE = math.log(1 / 0.07)
 
@@ -37,11 +35,6 @@ def reference_osl_logistic(image, pos, neg, labels, logit_scale) -> float:
     # −[y·log σ(z) + (1−y)·log(1−σ(z))] = log(1 + e^z) − y·z, written stably.
     return float(np.mean(np.logaddexp(0.0, z) - y * z))
 
-
-@pytest.fixture(scope="module")
-def batch_sharding() -> NamedSharding:
-    """Leading (batch) axis split over the 8 fake devices of a 2×4 (data, fsdp) mesh."""
-    return NamedSharding(make_mesh((2, 4, 1)), P(("data", "fsdp")))
 
 
 @pytest.fixture(scope="module")

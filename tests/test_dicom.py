@@ -8,7 +8,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from data_prep import dicom, geometry, ingest, readers
+from data_prep import ingest
+from flexict_jax.imaging import dicom, geometry, readers
 from flexict_jax.data import volume_store as vs
 
 

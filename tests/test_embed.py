@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data_prep import geometry
+from flexict_jax.imaging import geometry
 from flexict_jax import embed, export, import_torch, torch_format
 from flexict_jax.models.vit import VisionTransformer
 

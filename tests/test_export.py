@@ -16,15 +16,16 @@ import pytest
 
 from configs import stage1, stage3
 from data_prep import ingest, slices, synthetic
-from data_prep.readers import file_sha256
-from flexict_jax import checkpointing, embed, export, import_torch, sharding, torch_format, trainer
+from flexict_jax.imaging.readers import file_sha256
+from flexict_jax import checkpointing, embed, export, handoff, import_torch, sharding, torch_format, train_step, trainer
+from flexict_jax.errors import ConfigError
 from run_utils import config_with, metrics, run_cli, saved_state
-# The stage-3 reports data and the tiny local Qwen3 folder (config.json, weights, tokenizer.json) of test_stage3.
-from test_stage3 import QWEN3_TINY, phantom_reports, qwen3_folder  # noqa: F401  (fixtures)
 
 torch = pytest.importorskip("torch")
 from flexict_jax import torch_reference  # noqa: E402  (imports torch)
-from test_torch_format import last_bf16_bit_flipped  # noqa: E402
+from run_utils import QWEN3_TINY, last_bf16_bit_flipped  # noqa: E402
+
+pytestmark = pytest.mark.slow  # end to end: trains real runs (the fast loop is `pytest -m "not slow"`)
 
 TINY_ARCH = dict(dim=48, depth=2, num_heads=2)
 
@@ -248,7 +249,7 @@ def _handoff(config) -> tuple[dict, dict]:
     """The trainer's hand-off of `config` (its first state and record) on the config's mesh."""
     mesh = sharding.make_mesh(config.mesh)
     with sharding.activate(mesh, config.sharding_rules):
-        state, record = trainer.handoff_state(config, trainer.build_program(config, mesh))
+        state, record = handoff.handoff_state(config, train_step.build_program(config, mesh))
     return jax.device_get(state), record
 
 
@@ -480,16 +481,16 @@ def test_stage3_continues_an_imported_vlm_and_another_stage3_run(vlm_pth, phanto
     # A resume (the command run again, without --config.init.from) takes them from the run's own checkpoint;
     # other periods in the config are refused.
     resumed = stage3.get_config("tiny")
-    trainer.adopt_rope_periods(resumed, workdir)
+    handoff.adopt_rope_periods(resumed, workdir)
     assert list(resumed.model.rope_periods_3d) == file_periods.float().tolist()
     resumed.model.rope_periods_3d = tuple(torch_format.periods(torch_format.Architecture(**TINY_ARCH), 3).tolist())
-    with pytest.raises(trainer.ConfigError, match="config.model.rope_periods_3d=.* differs from the periods"):
-        trainer.adopt_rope_periods(resumed, workdir)
+    with pytest.raises(ConfigError, match="config.model.rope_periods_3d=.* differs from the periods"):
+        handoff.adopt_rope_periods(resumed, workdir)
 
     # Stage 3 from stage 3: what the hand-off takes (the step above showed how it is taken) is the EMA teacher's
     # backbone and heads and the student's text side; nothing starts fresh.
     source, step, source_meta = checkpointing.read_subtree(workdir, "teacher")
-    taken = trainer.vlm_source(stage3_config(workdir), str(workdir), step, source, source_meta)
+    taken = handoff.vlm_source(stage3_config(workdir), str(workdir), step, source, source_meta)
     end = saved_state(workdir, 2)
     assert sorted(taken) == sorted(end["params"])
     for part in ("backbone", "dino_head", "ibot_head"):

@@ -17,7 +17,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep import ingest, readers
+from data_prep import ingest
+from flexict_jax.imaging import readers
 from flexict_jax.data import volume_store as vs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,19 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flexict_jax.losses.dino import dino_cross_entropy, dino_term_weights
 from flexict_jax.losses.ibot import gather_masked, ibot_patch_loss
 from flexict_jax.losses.koleo import koleo_loss
 from flexict_jax.losses.sinkhorn import sinkhorn_knopp
-from flexict_jax.sharding import make_mesh
 
-
-@pytest.fixture(scope="module")
-def batch_sharding() -> NamedSharding:
-    """Leading (batch) axis split over the 8 fake devices of a 2×4 (data, fsdp) mesh."""
-    return NamedSharding(make_mesh((2, 4, 1)), P(("data", "fsdp")))
 
 
 def literal_sinkhorn(logits: np.ndarray, temperature: float, n_iterations: int = 3) -> np.ndarray:

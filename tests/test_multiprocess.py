@@ -22,6 +22,8 @@ from configs import stage1
 from flexict_jax import trainer
 from run_utils import REPO, checkpoint_steps
 
+pytestmark = pytest.mark.slow  # end to end: trains real runs (the fast loop is `pytest -m "not slow"`)
+
 # LayerScale 0.1 so the embeddings depend on the input at init; KoLeo off in the loss because its
 # nearest-neighbour distances amplify float32 summation-order differences (see test_train.py's mesh test).
 # One patch size: each run compiles one step variant (the variant draw itself is a pure function of

@@ -80,15 +80,15 @@ def test_warmup_cosine_constant_pieces():
     assert table.shape == (40,) and table.dtype == np.float64
     np.testing.assert_allclose(table[:10], np.arange(10) / 10)  # linear, endpoint excluded
     assert table[10] == 1.0  # the cosine starts at the peak
-    np.testing.assert_allclose(table[20], (1.0 + 0.1) / 2)  # cosine midpoint
-    assert 0.1 < table[29] < 0.1 + 1e-2  # last cosine step is just above end
+    np.testing.assert_allclose(table[19:21].mean(), (1.0 + 0.1) / 2)  # cosine midpoint (between steps 19 and 20)
+    np.testing.assert_allclose(table[29], 0.1)  # the cosine's last step is `end` (upstream's endpoint convention)
     np.testing.assert_array_equal(table[30:], 0.1)  # constant tail
     assert np.all(np.diff(table[10:30]) < 0)
 
 
 def test_cosine_defaults_to_rest_and_constant_schedule():
     table = schedules.linear_warmup_cosine_decay(start=1.0, peak=1.0, end=0.0, warmup_steps=0, total_steps=8)
-    np.testing.assert_allclose(table, 0.5 * (1 + np.cos(np.pi * np.arange(8) / 8)))
+    np.testing.assert_allclose(table, 0.5 * (1 + np.cos(np.pi * np.arange(8) / 7)))
     flat = schedules.linear_warmup_cosine_decay(start=0.04, peak=0.04, end=0.04, warmup_steps=0, total_steps=5)
     np.testing.assert_array_equal(flat, 0.04)  # recipe §5: constant weight decay
 
@@ -98,9 +98,34 @@ def test_upward_cosine_ramp_stage_1_1():
     table = schedules.linear_warmup_cosine_decay(start=0.0, peak=0.0, end=5e-5, warmup_steps=0, total_steps=30,
                                                  cosine_steps=10)
     assert table[0] == 0.0
-    np.testing.assert_allclose(table[5], 2.5e-5)
+    np.testing.assert_allclose(table[4:6].mean(), 2.5e-5)  # symmetric about the ramp's middle
+    np.testing.assert_allclose(table[9], 5e-5)
     assert np.all(np.diff(table[:10]) > 0)
     np.testing.assert_array_equal(table[10:], 5e-5)
+
+
+def _upstream_linear_warmup_cosine_decay(start, peak, end, warmup_iterations, total_iterations,
+                                        cosine_iterations=None):
+    """Upstream's formula (`dinov3/train/cosine_lr_scheduler.py`, docs/recipe.md §4), written out literally."""
+    linear = np.linspace(start, peak, warmup_iterations, endpoint=False)
+    if cosine_iterations is None:
+        cosine_iterations = total_iterations - warmup_iterations
+    cosine = (peak - end) * ((np.cos(np.linspace(0, np.pi, cosine_iterations)) + 1) / 2) + end
+    constant = np.full((total_iterations - cosine_iterations - warmup_iterations,), fill_value=end)
+    return np.concatenate([linear, cosine, constant])
+
+
+@pytest.mark.parametrize("args", [
+    (0.0, 2e-4 * 3.54, 2e-4 * 3.54, 30, 200),  # stage 1 (warm-up, then constant), scaled down
+    (0.0, 0.0, 5e-5 * 2.5, 0, 100, 10),  # stage 1.1's upward ramp
+    (1e-4 * 2.09, 1e-4 * 2.09, 1e-6 * 2.09, 0, 57),  # stage 3's decay over the whole run
+    (0.04, 0.07, 0.07, 30, 100),  # teacher temperature
+    (0.1, 1.0, 0.5, 7, 40, 13), (0.0, 1.0, 0.0, 0, 1), (0.0, 1.0, 0.0, 3, 4, 1)])
+def test_schedule_matches_upstream_formula(args):
+    start, peak, end, warmup, total, *cosine = args
+    ours = schedules.linear_warmup_cosine_decay(start=start, peak=peak, end=end, warmup_steps=warmup,
+                                                total_steps=total, cosine_steps=cosine[0] if cosine else None)
+    np.testing.assert_allclose(ours, _upstream_linear_warmup_cosine_decay(*args), rtol=1e-12, atol=0)
 
 
 def test_schedule_shorter_run_is_a_prefix_of_the_planned_one():

@@ -2,58 +2,21 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
-from array_record.python.array_record_module import ArrayRecordWriter
 
-from configs import stage1
-from flexict_jax.data import pipeline, records, slice_source
+from flexict_jax.data import pipeline2d, slice_source
 from flexict_jax.data.crops2d import resized_crop
 from flexict_jax.data.intensity import normalize_hu
-from run_utils import assemble_process_batches, assert_batches_equal, assert_resumes, take, take_closing
+from run_utils import SLICE_GLOBAL as G
+from run_utils import SLICE_LOCAL as L
+from run_utils import SLICE_SIZE as S
+from run_utils import (CELL, NUM_RECORDS, assemble_process_batches, assert_batches_equal, assert_resumes,
+                       synthetic_slice, take, take_closing, unaugmented, write_slices_dir)
+from run_utils import slices_data_config as data_config
 
-S, G, L = 64, 32, 16
 PATCH_SIZES = (8, 16)
-NUM_RECORDS = 24
-CELL = 8  # record k carries a 1000 HU marker in cell k of an 8x8 grid of 8-px cells
-
-
-def synthetic_slice(k: int) -> np.ndarray:
-    """int16 HU: ellipse body (40 HU) with a lung-like region (-850 HU) in air, plus record k's marker cell."""
-    rng = np.random.default_rng(k)
-    yy, xx = np.mgrid[:S, :S] / S
-    ry, rx = rng.uniform(0.3, 0.45), rng.uniform(0.25, 0.4)
-    hu = np.full((S, S), -1000, np.int16)
-    hu[((yy - 0.5) / ry) ** 2 + ((xx - 0.5) / rx) ** 2 < 1] = 40
-    hu[((yy - 0.55) / 0.15) ** 2 + ((xx - 0.4) / 0.1) ** 2 < 1] = -850
-    r, c = divmod(k, S // CELL)
-    hu[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL] = 1000
-    return hu
-
-
-def write_slices_dir(path, num_records: int = NUM_RECORDS, num_shards: int = 3, corrupt: int | None = None,
-                     slices=None):
-    """A slices dir in the data_prep contract; `slices` (int16 HU [n, S, S]) replaces the synthetic ones."""
-    os.makedirs(path, exist_ok=True)
-    if slices is not None:
-        num_records = len(slices)
-    names = [f"slices-{i:05d}-of-{num_shards:05d}.arrayrecord" for i in range(num_shards)]
-    writers = [ArrayRecordWriter(os.path.join(path, n), "group_size:1") for n in names]
-    for k in range(num_records):
-        meta = dict(volume_id=f"vol{k // 8}", subject=f"sub{k // 8}", z_index=k % 8, z_mm=1.5 * (k % 8),
-                    pixel_spacing_mm=1.0, fov_mm=float(S), body_fraction=0.5, split="train")
-        hu = synthetic_slice(k) if slices is None else slices[k]
-        record = b"garbage" if k == corrupt else records.encode_array(hu, meta)
-        writers[k * num_shards // num_records].write(record)
-    for w in writers:
-        w.close()
-    index = dict(format="flexict_slices/1", shards=names, num_records=num_records, size=S, fov_mm=float(S),
-                 pixel_spacing_mm=1.0)
-    with open(os.path.join(path, "index.json"), "w") as f:
-        json.dump(index, f)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -61,26 +24,9 @@ def slices_dir(tmp_path_factory):
     return write_slices_dir(tmp_path_factory.mktemp("slices"))
 
 
-def data_config(slices_dir, **overrides):
-    data = stage1.get_config("tiny").data  # the lead's config: the key names are the contract
-    data.dir = str(slices_dir)
-    data.update(dict(global_crop_size=G, local_crop_size=L, n_global_crops=2, n_local_crops=3, num_workers=0,
-                     read_threads=1, prefetch_buffer_size=2))
-    data.update(overrides)
-    return data
-
-
-def unaugmented(data):
-    """Global crops = the whole slice, no flip, no intensity augmentation (in place; returns `data`)."""
-    data.update(dict(global_crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip_prob=0.0))
-    data.intensity.update(dict(noise_prob=0.0, smooth_prob=0.0, scale_prob=0.0, lowres_prob=0.0,
-                               contrast_prob=0.0))
-    return data
-
-
 def test_batch_shapes_dtypes_and_stats(slices_dir):
     b = 4
-    batches = take(pipeline.build_stage1_dataset(data_config(slices_dir), seed=0, batch_size=b,
+    batches = take(pipeline2d.build_stage1_dataset(data_config(slices_dir), seed=0, batch_size=b,
                                                  patch_sizes=PATCH_SIZES), 3)
     for t, batch in enumerate(batches):
         assert set(batch) == {"global_crops", "local_crops", "masks_p8", "masks_p16", "index"}
@@ -98,7 +44,7 @@ def test_batch_shapes_dtypes_and_stats(slices_dir):
 
 def test_unaugmented_full_crop_is_the_z_scored_slice(slices_dir):
     data = unaugmented(data_config(slices_dir))
-    crops = take(pipeline.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES), 1)[0]
+    crops = take(pipeline2d.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES), 1)[0]
     g = crops["global_crops"][..., 0]
     np.testing.assert_array_equal(g[:, 0], g[:, 1])  # both global crops are the whole slice
     assert np.abs(g.mean(axis=(-1, -2))).max() < 0.05
@@ -111,13 +57,13 @@ def test_real_ct_slices(ct_dir, tmp_path):
     hu = np.ascontiguousarray(np.moveaxis(volume[:, :, 30:70:5], -1, 0)).astype(np.int16)  # 8 axial slices
     path = write_slices_dir(tmp_path / "slices", num_shards=2, slices=hu)
     data = data_config(path)
-    batches = take(pipeline.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES), 4)
+    batches = take(pipeline2d.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES), 4)
     for batch in batches:
         assert np.isfinite(batch["global_crops"]).all() and np.isfinite(batch["local_crops"]).all()
         assert (np.count_nonzero(batch["masks_p8"].sum(-1), axis=1) == 1).all()
     # Without augmentation a full-slice crop is the z-scored real slice, bicubic-resized to G.
     unaugmented(data)
-    crops = take(pipeline.build_stage1_dataset(data, seed=0, batch_size=8, patch_sizes=PATCH_SIZES), 1)[0]
+    crops = take(pipeline2d.build_stage1_dataset(data, seed=0, batch_size=8, patch_sizes=PATCH_SIZES), 1)[0]
     expected = {k: resized_crop(normalize_hu(hu[k]), (0, 0, S, S), G) for k in range(len(hu))}
     for crop in crops["global_crops"][:, 0, :, :, 0]:
         assert min(np.abs(crop - e).max() for e in expected.values()) < 1e-5
@@ -126,7 +72,7 @@ def test_real_ct_slices(ct_dir, tmp_path):
 
 
 def test_masks_exact_counts_one_masked_global_crop(slices_dir):
-    batches = take(pipeline.build_stage1_dataset(data_config(slices_dir), seed=1, batch_size=4,
+    batches = take(pipeline2d.build_stage1_dataset(data_config(slices_dir), seed=1, batch_size=4,
                                                  patch_sizes=PATCH_SIZES), 4)
     counts8 = np.concatenate([x["masks_p8"].sum(-1) for x in batches])  # [examples, 2 crops]
     assert (np.count_nonzero(counts8, axis=1) == 1).all()  # round(2 * 0.5) = 1 masked crop per example
@@ -138,9 +84,9 @@ def test_masks_exact_counts_one_masked_global_crop(slices_dir):
 
 def test_same_seed_same_batches_different_seed_differs(slices_dir):
     data = data_config(slices_dir)
-    a = take(pipeline.build_stage1_dataset(data, seed=3, batch_size=4, patch_sizes=PATCH_SIZES), 2)
-    b = take(pipeline.build_stage1_dataset(data, seed=3, batch_size=4, patch_sizes=PATCH_SIZES), 2)
-    c = take(pipeline.build_stage1_dataset(data, seed=4, batch_size=4, patch_sizes=PATCH_SIZES), 2)
+    a = take(pipeline2d.build_stage1_dataset(data, seed=3, batch_size=4, patch_sizes=PATCH_SIZES), 2)
+    b = take(pipeline2d.build_stage1_dataset(data, seed=3, batch_size=4, patch_sizes=PATCH_SIZES), 2)
+    c = take(pipeline2d.build_stage1_dataset(data, seed=4, batch_size=4, patch_sizes=PATCH_SIZES), 2)
     assert_batches_equal(a, b)
     assert not np.array_equal(a[0]["global_crops"], c[0]["global_crops"])
 
@@ -148,7 +94,7 @@ def test_same_seed_same_batches_different_seed_differs(slices_dir):
 def test_every_epoch_is_a_new_permutation_of_all_records(slices_dir):
     # Full-slice global crops without augmentation reveal which record each example is (its marker cell).
     data = unaugmented(data_config(slices_dir))
-    batches = take(pipeline.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES),
+    batches = take(pipeline2d.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES),
                    2 * NUM_RECORDS // 4)
     cell = CELL * G // S
     ids = []
@@ -163,22 +109,22 @@ def test_every_epoch_is_a_new_permutation_of_all_records(slices_dir):
 
 def test_process_shards_concatenate_to_the_single_process_batch(slices_dir):
     data = data_config(slices_dir)
-    whole = take(pipeline.build_stage1_dataset(data, seed=5, batch_size=4, patch_sizes=PATCH_SIZES), 3)
-    parts = [take(pipeline.build_stage1_dataset(data, seed=5, batch_size=2, patch_sizes=PATCH_SIZES,
+    whole = take(pipeline2d.build_stage1_dataset(data, seed=5, batch_size=4, patch_sizes=PATCH_SIZES), 3)
+    parts = [take(pipeline2d.build_stage1_dataset(data, seed=5, batch_size=2, patch_sizes=PATCH_SIZES,
                                                 process_index=p, process_count=2), 3) for p in range(2)]
     assert_batches_equal(whole, assemble_process_batches(parts))
     np.testing.assert_array_equal(parts[1][1]["index"], [6, 7])  # contiguous rows, not interleaved
 
 
 def test_restored_iterator_continues_with_the_next_batches(slices_dir):
-    assert_resumes(lambda: pipeline.build_stage1_dataset(data_config(slices_dir), seed=6, batch_size=4,
+    assert_resumes(lambda: pipeline2d.build_stage1_dataset(data_config(slices_dir), seed=6, batch_size=4,
                                                          patch_sizes=PATCH_SIZES), skip=2)
 
 
 def test_two_grain_workers_match_in_process(slices_dir):
-    in_process = take(pipeline.build_stage1_dataset(data_config(slices_dir), seed=7, batch_size=4,
+    in_process = take(pipeline2d.build_stage1_dataset(data_config(slices_dir), seed=7, batch_size=4,
                                                     patch_sizes=PATCH_SIZES), 3)
-    ds = pipeline.build_stage1_dataset(data_config(slices_dir, num_workers=2), seed=7, batch_size=4,
+    ds = pipeline2d.build_stage1_dataset(data_config(slices_dir, num_workers=2), seed=7, batch_size=4,
                                        patch_sizes=PATCH_SIZES)
     assert_batches_equal(take_closing(ds, 3), in_process)
 
@@ -213,29 +159,29 @@ def test_bad_slices_dir_gives_clear_error(tmp_path, breakage, message):
             index["num_records"] = 25
         index_path.write_text(json.dumps(index))
     with pytest.raises((FileNotFoundError, ValueError), match=message):
-        pipeline.build_stage1_dataset(data_config(path), seed=0, batch_size=4, patch_sizes=PATCH_SIZES)
+        pipeline2d.build_stage1_dataset(data_config(path), seed=0, batch_size=4, patch_sizes=PATCH_SIZES)
 
 
 def test_unset_data_dir_names_the_config_key(slices_dir):
     data = data_config(slices_dir)
     data.dir = None
     with pytest.raises(KeyError, match="data.dir"):
-        pipeline.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES)
+        pipeline2d.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES)
 
 
 def test_bad_config_values_name_their_key(slices_dir):
     data = data_config(slices_dir)
     data.intensity.noise_probability = 0.5
     with pytest.raises(KeyError, match="data.intensity has unknown key.*noise_probability"):
-        pipeline.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES)
+        pipeline2d.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES)
     with pytest.raises(ValueError, match="data.local_crop_scale"):
-        pipeline.build_stage1_dataset(data_config(slices_dir, local_crop_scale=(0.5, 0.1)), seed=0,
+        pipeline2d.build_stage1_dataset(data_config(slices_dir, local_crop_scale=(0.5, 0.1)), seed=0,
                                       batch_size=4, patch_sizes=PATCH_SIZES)
 
 
 def test_corrupt_record_error_names_the_example(tmp_path):
     path = write_slices_dir(tmp_path / "slices", num_records=8, num_shards=1, corrupt=3)
-    ds = pipeline.build_stage1_dataset(data_config(path), seed=0, batch_size=8, patch_sizes=PATCH_SIZES)
+    ds = pipeline2d.build_stage1_dataset(data_config(path), seed=0, batch_size=8, patch_sizes=PATCH_SIZES)
     with pytest.raises(ValueError, match=r"stage-1 example \d+ \(seed 0\): bad slice record: not a flexict_jax"):
         take(ds, 1)
 

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from configs import stage2
+from configs import stage2, stage3
 from data_prep import ingest, synthetic, volume_stats
 from flexict_jax.data import crops3d, pipeline3d, volume_source, volume_store
 from flexict_jax.data.crops3d import Box, PaddedVolume
@@ -287,7 +287,7 @@ def test_no_flip_without_augmentation_keeps_local_crops_unflipped(phantoms):
 # --- stage 3 views --------------------------------------------------------------------------------------------
 
 def test_stage3_image_views(phantoms):
-    data = data_config(phantoms, n_local_crops=8, **pipeline3d.STAGE3_IMAGE_VIEWS)
+    data = data_config(phantoms, n_local_crops=8, **stage3.STAGE3_IMAGE_VIEWS)
     data.pad_to = G
     batches = take(build(data, seed=0, batch_size=4), 4)
     other = take(build(data, seed=9, batch_size=4), 4)

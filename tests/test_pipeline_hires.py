@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 from flexict_jax import variants
-from flexict_jax.data import pipeline, slice_source
+from flexict_jax.data import pipeline2d, slice_source
 from flexict_jax.data.crops2d import resize_crops, resized_crop
 from flexict_jax.data.intensity import normalize_hu
-# The stage-1 pipeline tests' synthetic slices dir and config (the 2D key names are the contract).
-from test_pipeline2d import (S, assert_batches_equal, data_config, synthetic_slice, take, unaugmented,
-                             write_slices_dir)
+from run_utils import SLICE_SIZE as S
+from run_utils import assert_batches_equal, synthetic_slice, take, unaugmented, write_slices_dir
+from run_utils import slices_data_config as data_config
 
 PATCH_SIZES, PATCH_PROBS = (16, 8), (0.5, 0.5)
 # (global, local, Gram) at 1/16 of recipe §6's first two rows, plus a row whose Gram crop is the global size.
@@ -26,7 +26,7 @@ def slices_dir(tmp_path_factory):
 def hires(data, *, seed=0, batch_size=4, **kwargs):
     args = dict(seed=seed, batch_size=batch_size, patch_sizes=PATCH_SIZES, patch_size_probs=PATCH_PROBS,
                 resolutions=RESOLUTIONS, resolution_probs=RESOLUTION_PROBS)
-    return pipeline.build_stage1_hires_dataset(data, **{**args, **kwargs})
+    return pipeline2d.build_stage1_hires_dataset(data, **{**args, **kwargs})
 
 
 def step_resolution(seed: int, step: int) -> int:
@@ -120,8 +120,8 @@ def test_process_shards_concatenate_to_the_single_process_batch(slices_dir):
 def test_stage1_examples_are_unchanged_by_the_generalisation(slices_dir):
     # A resolution whose Gram crop equals the global crop reproduces the stage-1 example exactly.
     data = data_config(slices_dir, global_crop_size=32, local_crop_size=16)
-    stage1 = pipeline.stage1_transform(data, seed=0, patch_sizes=PATCH_SIZES)
-    same = pipeline.stage1_transform(data, seed=0, patch_sizes=PATCH_SIZES, resolution=(32, 16, 32))
+    stage1 = pipeline2d.stage1_transform(data, seed=0, patch_sizes=PATCH_SIZES)
+    same = pipeline2d.stage1_transform(data, seed=0, patch_sizes=PATCH_SIZES, resolution=(32, 16, 32))
     record = slice_source.open_slice_source(slices_dir)[5]
     a, b = stage1.map_with_index(11, record), same.map_with_index(11, record)
     np.testing.assert_array_equal(b.pop("gram_crops"), b["global_crops"])

@@ -16,15 +16,13 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 from configs import stage1, stage1_hires, stage2
-from flexict_jax import plan, sharding, tasks, trainer
+from flexict_jax import plan, sharding, tasks, train_step
 from flexict_jax.data import datasets
 from flexict_jax.variants import Variant
-from run_utils import run_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -34,7 +32,7 @@ def real_size_report(rules) -> dict:
     config = stage1.get_config()  # the recipe's model and heads
     mesh = sharding.make_mesh((2, 4, 1))
     with sharding.activate(mesh, rules):
-        program = trainer.build_program(config, mesh)
+        program = train_step.build_program(config, mesh)
         return sharding.sharding_report(mesh, program.abstract_state["params"], program.param_specs)
 
 
@@ -86,25 +84,11 @@ def test_multislice_mesh_spans_slices_with_the_data_axis():
         sharding.make_mesh((1, -1, 1), chips)
 
 
-@pytest.fixture(scope="module")
-def real_ct(tmp_path_factory, ct_dir) -> dict[str, pathlib.Path]:
-    """A real CT (ts_example_ct at 3 mm): the ingested dataset (stage 2) and its axial slices (stage 1)."""
-    from data_prep import ingest, slices, volume_stats
-    root = tmp_path_factory.mktemp("plan_real_ct")
-    for main, argv in ((ingest.main, ["--input", str(ct_dir / "ts_example_ct.nii.gz"), "--output",
-                                      str(root / "dataset"), "--spacing", "3,3,3"]),
-                       (volume_stats.main, ["--dataset", str(root / "dataset")]),
-                       (slices.main, ["--dataset", str(root / "dataset"), "--output", str(root / "slices"),
-                                      "--size", "64"])):
-        assert run_cli(main, argv) == 0
-    return {"slices": root / "slices", "dataset": root / "dataset"}
-
-
 @pytest.mark.parametrize("config_module, data_key", [(stage1, "slices"), (stage1_hires, "slices"),
                                                       (stage2, "dataset")])
-def test_abstract_batch_matches_the_pipeline(config_module, data_key, real_ct):
+def test_abstract_batch_matches_the_pipeline(config_module, data_key, real_ct_3mm):
     config = config_module.get_config("tiny")
-    config.data.dir = str(real_ct[data_key])
+    config.data.dir = str(real_ct_3mm[data_key])
     config.data.num_workers = 0
     local = next(iter(datasets.build_dataset(config, process_index=0, process_count=1)))
     for variant in datasets.step_variants(config):
@@ -125,7 +109,7 @@ MEASURE = r"""
 import json, re, sys, time
 import jax, numpy as np
 from configs import stage1
-from flexict_jax import plan, sharding, trainer
+from flexict_jax import plan, sharding, train_step
 from flexict_jax.variants import Variant
 
 def status(field):
@@ -136,14 +120,14 @@ variant = Variant(int(sys.argv[2]))
 mesh = sharding.make_mesh((1, 1, 1))
 rng = np.random.default_rng(0)
 with sharding.activate(mesh, config.sharding_rules):
-    program = trainer.build_program(config, mesh)
+    program = train_step.build_program(config, mesh)
     row, compiled = plan.compile_variant(config, program, variant)
     local = {k: (rng.random(v.shape) < 0.3) if v.dtype == bool else rng.standard_normal(v.shape).astype(v.dtype)
              for k, v in plan.abstract_batch(config, variant).items()}
     state = jax.jit(program.init_state, out_shardings=program.state_shardings)()
-    state, metrics = compiled(state, trainer.global_batch(mesh, local))  # warm-up
+    state, metrics = compiled(state, sharding.global_batch(mesh, local))  # warm-up
     jax.block_until_ready((state, metrics))
-    batch = trainer.global_batch(mesh, local)
+    batch = sharding.global_batch(mesh, local)
     arguments = sum(x.nbytes for x in jax.tree.leaves((state, batch)))
     time.sleep(0.2)
     before = status("VmRSS")
@@ -206,7 +190,7 @@ def test_model_flops_are_the_same_scanned_unrolled_and_rematerialised():
         config.model.update(scan_blocks=scan_blocks, remat_policy=remat_policy)
         mesh = sharding.make_mesh((1, -1, 1))
         with sharding.activate(mesh, config.sharding_rules):
-            program = trainer.build_program(config, mesh)
+            program = train_step.build_program(config, mesh)
             variant = Variant(16)
             flops.append(plan.model_flops(config, program, variant, plan.abstract_batch(config, variant)))
     assert flops[0] > 0 and flops == [flops[0]] * 3, flops

@@ -14,29 +14,15 @@ import pytest
 from data_prep import ingest, synthetic
 from data_prep import reports as build
 from data_prep import tokenizer as train
-from flexict_jax.data import reports, volume_store
+from flexict_jax.data import pseudo_reports, report_records, report_rules, volume_store
 from flexict_jax.data.tokenizer import load_tokenizer
 
 LABEL_COLUMNS = 18  # CT-RATE's abnormality labels, columns 2..19 (shared/data README)
 
 
 @pytest.fixture(scope="module")
-def ctrate_csv(shared_data) -> pathlib.Path:
-    path = shared_data / "reports" / "ctrate_reports.csv"
-    if not path.is_file():
-        pytest.skip(f"CT-RATE reports not found at {path}")
-    return path
-
-
-@pytest.fixture(scope="module")
-def ctrate_rows(ctrate_csv) -> list[dict]:
-    with open(ctrate_csv, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope="module")
-def parsed(ctrate_rows) -> list[reports.ParsedReport]:
-    return [reports.parse_report(row["report_text"]) for row in ctrate_rows]
+def parsed(ctrate_rows) -> list[report_rules.ParsedReport]:
+    return [report_rules.parse_report(row["report_text"]) for row in ctrate_rows]
 
 
 # --- Findings and structured findings on the real reports -------------------------------------------------------
@@ -50,14 +36,14 @@ def test_every_ctrate_report_parses_and_has_findings(ctrate_rows, parsed):
         # The Impression (after the first quotation mark or bullet) is not part of the Findings.
         mark = re.search(r"[\"“”•·]", row["report_text"])
         if mark:
-            impression = reports.clean_text(row["report_text"][mark.start():])
+            impression = report_rules.clean_text(row["report_text"][mark.start():])
             assert impression[:40] not in report.findings or impression[:40] in row["report_text"][:mark.start()]
     first = parsed[0]  # train_1: findings end before '" Thoracic CT examination within normal limits'
     assert first.findings.endswith("Vertebral corpus heights are preserved.")
     assert "within normal limits" not in first.findings
     assert {title for title, _ in first.findings_sections} == {
         "lungs and airways", "mediastinum", "heart and vessels", "pleura", "abdomen", "bones"}
-    assert not any(s[reports.POSITIVE] for s in first.sections.values())  # a normal study
+    assert not any(s[report_rules.POSITIVE] for s in first.sections.values())  # a normal study
 
 
 @pytest.mark.parametrize("label, keyword", [("Pleural effusion", "effusion"), ("Emphysema", "emphysem"),
@@ -67,21 +53,21 @@ def test_derived_positive_findings_agree_with_manual_labels(ctrate_rows, parsed,
     """The rule-based split into positive / negative findings matches CT-RATE's manual abnormality labels."""
     mentioned = {0: [], 1: []}
     for row, report in zip(ctrate_rows, parsed):
-        positives = [s for section in report.sections.values() for s in section[reports.POSITIVE]]
+        positives = [s for section in report.sections.values() for s in section[report_rules.POSITIVE]]
         mentioned[int(row[label])].append(any(re.search(keyword, s, re.I) for s in positives))
     assert np.mean(mentioned[1]) > 0.85
     assert np.mean(mentioned[0]) < 0.2
 
 
 def test_negation_of_every_real_positive_finding(parsed):
-    positives = [s for report in parsed for section in report.sections.values() for s in section[reports.POSITIVE]]
+    positives = [s for report in parsed for section in report.sections.values() for s in section[report_rules.POSITIVE]]
     assert len(positives) > 3000
     for sentence in positives:
-        negated = reports.negate(sentence)
+        negated = report_rules.negate(sentence)
         assert negated.endswith(".") and negated[0].isupper(), sentence
-        assert reports.model_text(negated) != reports.model_text(sentence), sentence
+        assert report_rules.model_text(negated) != report_rules.model_text(sentence), sentence
         assert not re.search(r"\b(no no|not not|no the|no a)\b", negated, re.I), (sentence, negated)
-        twice = reports.negate(negated)  # back to an affirmative sentence, negations never stack
+        twice = report_rules.negate(negated)  # back to an affirmative sentence, negations never stack
         assert not re.search(r"\b(no|not)\b.*\b(no|not)\b", twice, re.I) or re.search(r"\b(no|not)\b", sentence,
                                                                                          re.I), (sentence, twice)
 
@@ -118,12 +104,12 @@ def test_negation_of_every_real_positive_finding(parsed):
     ("No pneumothorax.", "Pneumothorax."),
 ])
 def test_negation_reads_as_english(sentence, expected):
-    assert reports.negate(sentence) == expected
+    assert report_rules.negate(sentence) == expected
 
 
 def test_negate_rejects_empty_sentence():
     with pytest.raises(ValueError, match="empty"):
-        reports.negate(" . ")
+        report_rules.negate(" . ")
 
 
 # --- other report forms -----------------------------------------------------------------------------------------
@@ -138,45 +124,45 @@ TEMPLATE = """**1. Technique:** Non-contrast chest CT.
 
 
 def test_recipe_template_report():
-    report = reports.parse_report(TEMPLATE)
+    report = report_rules.parse_report(TEMPLATE)
     assert report.findings_sections == [
         ("lungs and airways", "There is a 5 mm nodule in the right lower lobe. No consolidation."),
         ("heart", "The heart is enlarged. No pericardial effusion."),
         ("pleura", "No pleural effusion.")]
     assert "Impression" not in report.findings and "Technique" not in report.findings and "**" not in report.findings
-    assert report.sections["heart"] == {reports.POSITIVE: ["The heart is enlarged."],
-                                        reports.NEGATIVE: ["No pericardial effusion."]}
-    assert report.sections["pleura"][reports.POSITIVE] == []
+    assert report.sections["heart"] == {report_rules.POSITIVE: ["The heart is enlarged."],
+                                        report_rules.NEGATIVE: ["No pericardial effusion."]}
+    assert report.sections["pleura"][report_rules.POSITIVE] == []
 
 
 def test_findings_and_impression_headers():
     text = ("EXAMINATION: CT chest.\nFINDINGS:\nLUNGS: Emphysema is present. No nodules.\n"
             "MEDIASTINUM: Lymph nodes are not enlarged.\nIMPRESSION: Emphysema.")
-    report = reports.parse_report(text)
+    report = report_rules.parse_report(text)
     assert report.findings_sections == [("lungs", "Emphysema is present. No nodules."),
                                         ("mediastinum", "Lymph nodes are not enlarged.")]
-    plain = reports.parse_report("Findings: The liver is enlarged. Conclusion: hepatomegaly.")
+    plain = report_rules.parse_report("Findings: The liver is enlarged. Conclusion: hepatomegaly.")
     assert plain.findings == "The liver is enlarged."
 
 
 def test_structured_findings_given_and_malformed():
     given = {"Lungs": {"positive_findings": ["Emphysema in both lungs"], "negative_findings": []},
              "Heart": {"negative_findings": ["No cardiomegaly.", "  "]}}
-    report = reports.parse_report("", json.dumps(given))
+    report = report_rules.parse_report("", json.dumps(given))
     assert report.findings == ""
-    assert report.sections == {"lungs": {reports.POSITIVE: ["Emphysema in both lungs."], reports.NEGATIVE: []},
-                               "heart": {reports.POSITIVE: [], reports.NEGATIVE: ["No cardiomegaly."]}}
+    assert report.sections == {"lungs": {report_rules.POSITIVE: ["Emphysema in both lungs."], report_rules.NEGATIVE: []},
+                               "heart": {report_rules.POSITIVE: [], report_rules.NEGATIVE: ["No cardiomegaly."]}}
     for bad, reason in [("{not json", "not valid JSON"), ("[1, 2]", "must be a JSON object"),
                         ('{"lungs": ["a"]}', "expected an object"), ('{"lungs": {"positives": []}}', "unknown keys"),
                         ('{"lungs": {"positive_findings": [1]}}', "list of strings")]:
-        with pytest.raises(reports.ReportError, match=reason):
-            reports.parse_report("The heart is enlarged.", bad)
+        with pytest.raises(report_rules.ReportError, match=reason):
+            report_rules.parse_report("The heart is enlarged.", bad)
 
 
 @pytest.mark.parametrize("text", ["", "   ", "\" \" •", "Findings: Impression: normal."])
 def test_empty_report_is_an_error(text):
-    with pytest.raises(reports.ReportError, match="empty report"):
-        reports.parse_report(text)
+    with pytest.raises(report_rules.ReportError, match="empty report"):
+        report_rules.parse_report(text)
 
 
 # --- captions and OSL pairs -------------------------------------------------------------------------------------
@@ -188,15 +174,15 @@ def _record(findings_sections, sections, volume_id="v"):
 
 SECTIONED = _record(
     [("a", "Alpha one."), ("b", "Beta two."), ("c", "Gamma three."), ("d", "Delta four.")],
-    {"lungs": {reports.POSITIVE: ["Emphysema is present."], reports.NEGATIVE: ["No nodule."]}})
+    {"lungs": {report_rules.POSITIVE: ["Emphysema is present."], report_rules.NEGATIVE: ["No nodule."]}})
 
 
 def test_caption_is_uniform_over_findings_positive_negative_and_shuffles_per_example():
-    findings = reports.model_text(SECTIONED["findings"])
+    findings = report_rules.model_text(SECTIONED["findings"])
     counts = {"findings": 0, "shuffled": 0, "positive": 0, "negative": 0}
     orders = set()
     for seed in range(900):
-        caption = reports.sample_caption(SECTIONED, np.random.default_rng(seed))
+        caption = report_rules.sample_caption(SECTIONED, np.random.default_rng(seed))
         assert caption == caption.lower()
         if caption == "emphysema is present.":
             counts["positive"] += 1
@@ -213,45 +199,45 @@ def test_caption_is_uniform_over_findings_positive_negative_and_shuffles_per_exa
     assert 0.4 < counts["shuffled"] / (counts["findings"] + counts["shuffled"]) < 0.6, counts
     assert len(orders) > 12  # a different permutation per example, not upstream's fixed seed 42
     rng_a, rng_b = np.random.default_rng(7), np.random.default_rng(7)
-    assert [reports.sample_caption(SECTIONED, rng_a) for _ in range(5)] == \
-        [reports.sample_caption(SECTIONED, rng_b) for _ in range(5)]
+    assert [report_rules.sample_caption(SECTIONED, rng_a) for _ in range(5)] == \
+        [report_rules.sample_caption(SECTIONED, rng_b) for _ in range(5)]
 
 
 def test_caption_options_a_record_lacks_are_skipped():
-    only_negative = _record([], {"lungs": {reports.POSITIVE: [], reports.NEGATIVE: ["No nodule."]}})
-    assert {reports.sample_caption(only_negative, np.random.default_rng(s)) for s in range(20)} == {"no nodule."}
+    only_negative = _record([], {"lungs": {report_rules.POSITIVE: [], report_rules.NEGATIVE: ["No nodule."]}})
+    assert {report_rules.sample_caption(only_negative, np.random.default_rng(s)) for s in range(20)} == {"no nodule."}
     with pytest.raises(ValueError, match="'empty-1': no caption candidate"):
-        reports.sample_caption(_record([], {}, volume_id="empty-1"), np.random.default_rng(0))
+        report_rules.sample_caption(_record([], {}, volume_id="empty-1"), np.random.default_rng(0))
 
 
 def test_osl_pairs():
-    sections = {"lungs": {reports.POSITIVE: [f"Nodule {i} is present." for i in range(6)], reports.NEGATIVE: []},
-                "heart": {reports.POSITIVE: [], reports.NEGATIVE: ["The heart is normal."]},
-                "pleura": {reports.POSITIVE: [], reports.NEGATIVE: []}}
+    sections = {"lungs": {report_rules.POSITIVE: [f"Nodule {i} is present." for i in range(6)], report_rules.NEGATIVE: []},
+                "heart": {report_rules.POSITIVE: [], report_rules.NEGATIVE: ["The heart is normal."]},
+                "pleura": {report_rules.POSITIVE: [], report_rules.NEGATIVE: []}}
     pool = {"heart": ["The heart is enlarged.", "There is a pericardial effusion."],
             "pleura": ["Pleural effusion is present.", "There is a pneumothorax.", "Pleural thickening is seen."],
             "bones": ["There is a rib fracture."],  # a section this patient does not list: never used
             "lungs": ["Emphysema is present."]}  # a section with own positives: never a false pair
     for seed in range(20):
-        pairs = reports.build_osl_pairs(sections, np.random.default_rng(seed), pool, k=8)
+        pairs = report_rules.build_osl_pairs(sections, np.random.default_rng(seed), pool, k=8)
         assert len(pairs) == 8
         true = [p for p in pairs if p[2] == 1]
         false = [p for p in pairs if p[2] == 0]
         assert len(true) == 4 and len(false) == 4 and [p[2] for p in pairs] == [1] * 4 + [0] * 4
-        assert {p[0] for p in true} <= set(sections["lungs"][reports.POSITIVE])
+        assert {p[0] for p in true} <= set(sections["lungs"][report_rules.POSITIVE])
         assert {p[0] for p in false} <= set(pool["heart"] + pool["pleura"])
         assert len({p[0] for p in false}) == 4
-        assert all(neg == reports.negate(pos) for pos, neg, _ in pairs)
-    few = reports.build_osl_pairs({"lungs": {reports.POSITIVE: ["Emphysema is present."], reports.NEGATIVE: []}},
+        assert all(neg == report_rules.negate(pos) for pos, neg, _ in pairs)
+    few = report_rules.build_osl_pairs({"lungs": {report_rules.POSITIVE: ["Emphysema is present."], report_rules.NEGATIVE: []}},
                                   np.random.default_rng(0), {}, k=8)
     assert few == [("Emphysema is present.", "No emphysema is present.", 1)] + [("", "", -1)] * 7
 
 
 def test_positive_pool_is_deduplicated_per_section():
-    a = _record([], {"lungs": {reports.POSITIVE: ["A.", "B."], reports.NEGATIVE: ["C."]}})
-    b = _record([], {"lungs": {reports.POSITIVE: ["B.", "D."], reports.NEGATIVE: []},
-                     "heart": {reports.POSITIVE: [], reports.NEGATIVE: ["E."]}})
-    assert reports.build_positive_pool([a, b]) == {"lungs": ["A.", "B.", "D."]}
+    a = _record([], {"lungs": {report_rules.POSITIVE: ["A.", "B."], report_rules.NEGATIVE: ["C."]}})
+    b = _record([], {"lungs": {report_rules.POSITIVE: ["B.", "D."], report_rules.NEGATIVE: []},
+                     "heart": {report_rules.POSITIVE: [], report_rules.NEGATIVE: ["E."]}})
+    assert report_rules.build_positive_pool([a, b]) == {"lungs": ["A.", "B.", "D."]}
 
 
 # --- pseudo-reports ---------------------------------------------------------------------------------------------
@@ -264,24 +250,24 @@ def test_pseudo_report_of_a_hand_made_label_map():
     label[18:22, 15:20, 10:15] = 3         # lesion inside the liver
     label[2:8, 10:20, 40:55] = 2           # spleen: patient left, lower third
     names = {0: "background", 1: "liver", 2: "spleen", 3: "lesion", 4: "kidney_left", 5: "cyst"}
-    report, labels = reports.pseudo_report(label, (2.0, 1.0, 1.0), names, midline_x_mm=30.0)
+    report, labels = pseudo_reports.pseudo_report(label, (2.0, 1.0, 1.0), names, midline_x_mm=30.0)
     liver_ml = (10 * 20 * 20 - 4 * 5 * 5) * 2 / 1000
-    assert report.sections["abdomen"][reports.POSITIVE] == [
+    assert report.sections["abdomen"][report_rules.POSITIVE] == [
         f"The liver is present on the right in the upper third of the scan ({liver_ml:.1f} ml).",
         "The spleen is present on the left in the lower third of the scan (1.8 ml)."]
-    assert report.sections["abdomen"][reports.NEGATIVE] == ["The left kidney is not in the field of view."]
+    assert report.sections["abdomen"][report_rules.NEGATIVE] == ["The left kidney is not in the field of view."]
     assert report.sections["lesions"] == {
-        reports.POSITIVE: ["There is a 0.2 ml lesion in the liver, on the right in the upper third of the scan."],
-        reports.NEGATIVE: ["No cyst is seen."]}
+        report_rules.POSITIVE: ["There is a 0.2 ml lesion in the liver, on the right in the upper third of the scan."],
+        report_rules.NEGATIVE: ["No cyst is seen."]}
     assert "left kidney" not in report.findings  # absent structures are not described
     assert labels == {"liver": 1, "spleen": 1, "left kidney": 0, "lesion": 1, "cyst": 0}
 
 
 def test_pseudo_report_of_a_synthetic_phantom():
     phantom = synthetic.make_phantom(0, 1, shape=(32, 64, 64))
-    report, labels = reports.pseudo_report(phantom.label, phantom.spacing, synthetic.LABELS)
+    report, labels = pseudo_reports.pseudo_report(phantom.label, phantom.spacing, synthetic.LABELS)
     assert labels["liver"] == 1 and labels["lesion"] == 1
-    lesions = report.sections["lesions"][reports.POSITIVE]
+    lesions = report.sections["lesions"][report_rules.POSITIVE]
     assert lesions and all(re.fullmatch(r"There is a [0-9.]+ ml lesion in the (liver|spleen|left kidney|right "
                                         r"kidney|left lung|right lung), on the (left|right|midline).*\.", s)
                            for s in lesions), lesions
@@ -339,15 +325,15 @@ def built(tmp_path_factory, dataset, reports_csv, ct_dir):
 
 
 def _records(out: pathlib.Path) -> dict[str, dict]:
-    source = reports.open_report_source(out)
-    decoded = [reports.decode_report(source[i]) for i in range(len(source))]
+    source = report_records.open_report_source(out)
+    decoded = [report_records.decode_report(source[i]) for i in range(len(source))]
     return {r["volume_id"]: r for r in decoded}
 
 
 def test_builder_joins_reports_and_reports_bad_rows(built, ctrate_rows):
     code, out = built
     assert code == build.EXIT_SKIPPED  # rows and a volume were skipped
-    index = reports.read_report_index(out)
+    index = report_records.read_report_index(out)
     assert index["counts"] == {"report": 3, "pseudo": 1}
     assert [v["volume_id"] for v in index["volumes"]] == ["ts_example_ct_sm", "train_17051_a_1", "train_17051_a_2",
                                                           "train_10602_a"]
@@ -362,16 +348,16 @@ def test_builder_joins_reports_and_reports_bad_rows(built, ctrate_rows):
     by_name = {row["NameinCTRATE"]: row for row in ctrate_rows}
     first, second = records["train_17051_a_1"], records["train_17051_a_2"]
     assert first["source"] == "report" and first["report_id"] == "train_17051_a"
-    assert first["findings"] == second["findings"] == reports.parse_report(by_name["train_17051_a"]["report_text"]
+    assert first["findings"] == second["findings"] == report_rules.parse_report(by_name["train_17051_a"]["report_text"]
                                                                            ).findings
     assert first["structured"] == "derived"
     # CT-RATE's 18 binary columns become finding labels; the split comes from the manifest, else the CSV.
     assert len(first["finding_labels"]) == LABEL_COLUMNS
     assert first["finding_labels"]["Lung nodule"] == int(by_name["train_17051_a"]["Lung nodule"])
     assert first["split"] == by_name["train_17051_a"]["split"] and records["train_10602_a"]["split"] == "train"
-    pools = json.loads((out / reports.POOL_FILE).read_text())
-    assert set(pools) == {reports.split_key(r["split"]) for r in records.values()}
-    assert reports.read_positive_pool(out, "train") == reports.build_positive_pool(
+    pools = json.loads((out / report_records.POOL_FILE).read_text())
+    assert set(pools) == {report_records.split_key(r["split"]) for r in records.values()}
+    assert report_records.read_positive_pool(out, "train") == report_rules.build_positive_pool(
         [r for r in records.values() if r["split"] == "train"])
 
 
@@ -386,7 +372,7 @@ def test_pseudo_report_of_real_ct_names_its_structures(built):
     assert re.search(r"The liver is present on the right in the \w+ third of the scan \(\d+\.\d ml\)", findings)
     assert "The spleen is present on the left" in findings
     assert "brain" not in findings and record["finding_labels"]["brain"] == 0
-    assert record["sections"]["head and neck"][reports.NEGATIVE]  # a section for OSL false pairs
+    assert record["sections"]["head and neck"][report_rules.NEGATIVE]  # a section for OSL false pairs
     liver_ml = float(re.search(r"The liver is present [^(]*\(([\d.]+) ml\)", findings)[1])
     assert 500 < liver_ml < 2500
 
@@ -414,12 +400,12 @@ def test_builder_jsonl_with_structured_findings(dataset, tmp_path):
     out = tmp_path / "out"
     assert build.main(["--reports", str(path), "--dataset", str(dataset), "--output", str(out),
                        "--label-columns", "none"]) == build.EXIT_SKIPPED
-    index = reports.read_report_index(out)
+    index = report_records.read_report_index(out)
     reasons = sorted(s["reason"] for s in index["skipped_rows"])
     assert reasons[0].startswith("not valid JSON") and "expected an object" in reasons[1]
     record = _records(out)["train_10602_a"]
     assert record["structured"] == "given" and record["findings"] == ""
-    assert record["sections"] == {"lungs": {reports.POSITIVE: ["Emphysema is present."], reports.NEGATIVE: []}}
+    assert record["sections"] == {"lungs": {report_rules.POSITIVE: ["Emphysema is present."], report_rules.NEGATIVE: []}}
     # ts_example_ct_sm without --label-names: its structures are "label N".
     assert "The label 5 is present" in _records(out)["ts_example_ct_sm"]["findings"]
 
@@ -442,11 +428,11 @@ def test_stage3_text_example(built, tmp_path):
     tokenizer = load_tokenizer(tmp_path)
     records = _records(out)
     record = max((records[v] for v in ("train_17051_a_1", "train_10602_a")),
-                 key=lambda r: sum(len(s[reports.POSITIVE]) for s in r["sections"].values()))
-    positives = sum(len(s[reports.POSITIVE]) for s in record["sections"].values())
+                 key=lambda r: sum(len(s[report_rules.POSITIVE]) for s in r["sections"].values()))
+    positives = sum(len(s[report_rules.POSITIVE]) for s in record["sections"].values())
     assert positives > 0
-    pool = reports.read_positive_pool(out, record["split"])
-    example = reports.stage3_text_example(record, np.random.default_rng(3), tokenizer, caption_len=96, osl_len=24,
+    pool = report_records.read_positive_pool(out, record["split"])
+    example = report_rules.stage3_text_example(record, np.random.default_rng(3), tokenizer, caption_len=96, osl_len=24,
                                           osl_pairs=8, positive_pool=pool)
     assert example["caption_tokens"].shape == example["caption_mask"].shape == (96,)
     assert example["caption_tokens"].dtype == np.int32 and example["caption_mask"].dtype == bool
@@ -461,6 +447,6 @@ def test_stage3_text_example(built, tmp_path):
         assert np.all(tokens[:, -1] == 3) and np.all(mask[:, -1])
         assert np.all(np.diff(mask.astype(int), axis=1) >= 0)
         assert np.all(tokens[~mask] == tokenizer.pad_id)
-    same = reports.stage3_text_example(record, np.random.default_rng(3), tokenizer, caption_len=96, osl_len=24,
+    same = report_rules.stage3_text_example(record, np.random.default_rng(3), tokenizer, caption_len=96, osl_len=24,
                                        osl_pairs=8, positive_pool=pool)
     assert all(np.array_equal(example[k], same[k]) for k in example)

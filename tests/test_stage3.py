@@ -21,43 +21,17 @@ import pytest
 from flax import nnx
 
 from configs import stage1, stage2, stage3
-from data_prep import ingest, synthetic, volume_stats
-from data_prep import reports as build_reports
-from data_prep import tokenizer as build_tokenizer
-from flexict_jax import checkpointing, sharding, trainer
-from flexict_jax.data import datasets, pipeline3d, pipeline_align, reports
-from flexict_jax.models import qwen3
+from data_prep import synthetic, volume_stats
+from flexict_jax import checkpointing, evals, sharding, train_step, trainer
+from flexict_jax.data import datasets, pipeline3d, pipeline_align, report_records, report_rules
 from flexict_jax.models.vlm import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX
 from flexict_jax.tasks import align
 from flexict_jax.variants import Variant
 import stage3_eval_worker
-from run_utils import REPO, assert_trees_close, checkpoint_steps, config_with, metrics, run_cli, saved_state
+from run_utils import (PHANTOM_SHAPE, REPO, assert_trees_close, checkpoint_steps, config_with, ingest_split, metrics,
+                       run_cli, saved_state)
 
-PHANTOM_SHAPE = (24, 40, 40)
-
-
-def _ingest(raw: pathlib.Path, dataset: pathlib.Path, split: str) -> None:
-    assert run_cli(ingest.main, ["--input", str(raw), "--output", str(dataset), "--spacing", "6,6,6",
-                                 "--split", split]) == 0
-
-
-@pytest.fixture(scope="module")
-def phantom_reports(tmp_path_factory) -> pathlib.Path:
-    """Reports dir over 6 training phantoms (with lesions) and 4 validation phantoms (2 with, 2 without
-    lesions, so the "lesion" finding has both classes), ingested at 6 mm, with its sentencepiece tokenizer."""
-    root = tmp_path_factory.mktemp("stage3_data")
-    synthetic.write_phantoms(root / "train", count=6, seed=0, shape=PHANTOM_SHAPE, progress=False)
-    synthetic.write_phantoms(root / "val_lesions", count=2, seed=1, shape=PHANTOM_SHAPE, progress=False)
-    synthetic.write_phantoms(root / "val_clean", count=2, seed=2, shape=PHANTOM_SHAPE, lesions=False,
-                             progress=False)
-    dataset = root / "dataset"
-    _ingest(root / "train", dataset, "train")
-    _ingest(root / "val_lesions", dataset, "val")
-    _ingest(root / "val_clean", dataset, "val")
-    assert run_cli(volume_stats.main, ["--dataset", str(dataset)]) == 0
-    assert run_cli(build_reports.main, ["--dataset", str(dataset), "--output", str(root / "reports")]) == 0
-    assert run_cli(build_tokenizer.main, ["--corpus", str(root / "reports"), "--vocab-size", "200"]) == 0
-    return root / "reports"
+pytestmark = pytest.mark.slow  # end to end: trains real runs (the fast loop is `pytest -m "not slow"`)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +53,7 @@ def stage3_config(reports_dir, stage2_dir=None, arg="tiny", **overrides):
 def stage3_run(tmp_path_factory, phantom_reports, stage2_run) -> pathlib.Path:
     workdir = tmp_path_factory.mktemp("stage3")
     config = stage3_config(phantom_reports, stage2_run, **{"ckpt.every_steps": 1, "ckpt.keep_last": 10})
-    assert trainer.train(config, str(workdir)) == 0
+    assert trainer.train(config, str(workdir), evaluator=evals.build_evaluator) == 0
     return workdir
 
 
@@ -162,12 +136,12 @@ def test_siglip_train_steps_learn_the_scale_and_bias_and_clamp_the_scale(phantom
     config = stage3_config(phantom_reports, arg="tiny,contrastive=siglip")
     mesh = sharding.make_mesh(config.mesh)
     with sharding.activate(mesh, config.sharding_rules):
-        program = trainer.build_program(config, mesh)
+        program = train_step.build_program(config, mesh)
         init = jax.jit(program.init_state, out_shardings=program.state_shardings)
         variant = datasets.variant_for_step(config, 0)
         local = align.step_batch(next(iter(datasets.build_dataset(config, process_index=0, process_count=1))),
                                  variant)
-        step, batch = program.train_step(config, variant, local), trainer.global_batch(mesh, local)
+        step, batch = program.train_step(config, variant, local), sharding.global_batch(mesh, local)
         state = init()
         scalars = ("logit_scale", "logit_bias")
         start = {k: float(state["params"][k]) for k in scalars}
@@ -215,7 +189,7 @@ def test_align_batches_shapes_determinism_and_host_split(phantom_reports):
     assert np.isin(batch["osl_labels"], [-1, 0, 1]).all() and (batch["osl_labels"] == 1).any()
 
     # Only training records (the 6 phantoms of split "train") are drawn.
-    index = reports.read_report_index(phantom_reports)
+    index = report_records.read_report_index(phantom_reports)
     train_ids = {v["volume_id"] for v in index["volumes"] if v["split"] == "train"}
     manifest = [json.loads(line)["id"] for line in
                 (pathlib.Path(index["dataset"]) / "manifest.jsonl").read_text().splitlines()]
@@ -254,8 +228,8 @@ def test_image_views_are_the_stage3_views_and_text_is_a_caption_of_the_record(ph
             np.testing.assert_array_equal(batch[key][k], image[key], err_msg=key)
         # The caption is one finding of this record, or its Findings (truncated), which open with one section.
         record = item["record"]
-        candidates = [reports.model_text(text) for _, text in record["findings_sections"]] + [
-            reports.model_text(s) for section in record["sections"].values() for kind in section.values()
+        candidates = [report_rules.model_text(text) for _, text in record["findings_sections"]] + [
+            report_rules.model_text(s) for section in record["sections"].values() for kind in section.values()
             for s in kind]
         caption = tokenizer.decode(batch["caption_tokens"][k])
         assert any(c.startswith(caption) or caption.startswith(c) for c in candidates), caption
@@ -269,7 +243,7 @@ def test_pipeline_errors_name_the_problem(phantom_reports, tmp_path):
     config.data.split = "train"
     other = tmp_path / "other"
     synthetic.write_phantoms(tmp_path / "raw", count=1, seed=5, shape=PHANTOM_SHAPE, progress=False)
-    _ingest(tmp_path / "raw", other, "train")
+    ingest_split(tmp_path / "raw", other, "train")
     assert run_cli(volume_stats.main, ["--dataset", str(other)]) == 0
     config.data.dataset_dir = str(other)
     with pytest.raises(ValueError, match="describe volumes that are not in"):
@@ -316,13 +290,13 @@ def test_config_defaults_follow_the_recipe():
 def test_config_errors_name_the_key(phantom_reports):
     config = stage3_config(phantom_reports, **{"text.tower": "qwen3"})
     with pytest.raises(ValueError, match="needs --config.text.hf_folder"):
-        align.build_model(config, 0)
+        align.validate(config)
     config = stage3_config(phantom_reports, **{"loss.contrastive": "siglip"})  # without the optimizer groups
     with pytest.raises(ValueError, match="contrastive=siglip"):
-        align.build_model(config, 0)
+        align.validate(config)
     config = stage3_config(phantom_reports, **{"eval.patch_size": 4})
     with pytest.raises(ValueError, match="eval.patch_size"):
-        align.build_model(config, 0)
+        align.validate(config)
 
 
 def test_parameter_groups_of_the_student(phantom_reports):
@@ -384,32 +358,6 @@ def test_clip_image_embedding_from_the_masked_or_the_clean_crop(phantom_reports)
 
 
 # --- Qwen3 text tower -------------------------------------------------------------------------------------------
-
-QWEN3_TINY = dict(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=1e6)
-
-
-@pytest.fixture(scope="module")
-def qwen3_folder(tmp_path_factory) -> tuple[pathlib.Path, dict]:
-    """A local Hugging Face folder: config.json, model.safetensors (random weights) and a word-level
-    tokenizer.json with a pad token; returns it and the weights as our params."""
-    tokenizers = pytest.importorskip("tokenizers")
-    safetensors_numpy = pytest.importorskip("safetensors.numpy")
-    folder = tmp_path_factory.mktemp("qwen3")
-    config = qwen3.Qwen3Config.from_hf_dict(QWEN3_TINY)
-    encoder = qwen3.qwen3_encoder(config, rngs=nnx.Rngs(7))
-    params = nnx.to_pure_dict(nnx.state(encoder, nnx.Param))
-    safetensors_numpy.save_file(qwen3.params_to_hf_state_dict(params), str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(QWEN3_TINY))
-    words = ["<|endoftext|>", "<unk>", "the", "liver", "is", "present", "no", "lesion", ".", "ml"]
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.post_processor = tokenizers.processors.TemplateProcessing(single="$A <|endoftext|>",
-                                                                  special_tokens=[("<|endoftext|>", 0)])
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}))
-    return folder, jax.tree.map(np.asarray, params)
-
 
 def test_qwen3_tower_is_imported_at_the_hand_off(qwen3_folder, phantom_reports, stage2_run, tmp_path):
     folder, weights = qwen3_folder

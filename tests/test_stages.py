@@ -16,6 +16,8 @@ from flexict_jax.models.inflate import inflate_patch_embed
 from flexict_jax.tasks import dino
 from run_utils import assert_trees_close, checkpoint_steps, config_with, metrics, saved_state
 
+pytestmark = pytest.mark.slow  # end to end: trains real runs (the fast loop is `pytest -m "not slow"`)
+
 
 @pytest.fixture(scope="module")
 def stage1_run(tmp_path_factory, real_ct_slices):

@@ -2,7 +2,6 @@
 truncation, pickling, and the Hugging Face `tokenizer.json` backend."""
 from __future__ import annotations
 
-import csv
 import json
 import pathlib
 import pickle
@@ -12,20 +11,11 @@ import pytest
 
 from data_prep import reports as build
 from data_prep import tokenizer as train
-from flexict_jax.data import reports, volume_store
+from flexict_jax.data import report_rules, volume_store
 from flexict_jax.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, HuggingFaceTokenizer, SentencePieceTokenizer,
                                         load_tokenizer)
 
 TRAIN_REPORTS = 80
-
-
-@pytest.fixture(scope="module")
-def ctrate_rows(shared_data) -> list[dict]:
-    path = shared_data / "reports" / "ctrate_reports.csv"
-    if not path.is_file():
-        pytest.skip(f"CT-RATE reports not found at {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +42,9 @@ def tokenizer(corpus) -> SentencePieceTokenizer:
 
 
 def _sentences(rows: list[dict]) -> list[str]:
-    return [reports.model_text(s) for row in rows for _, text in reports.parse_report(row["report_text"]
+    return [report_rules.model_text(s) for row in rows for _, text in report_rules.parse_report(row["report_text"]
                                                                                        ).findings_sections
-            for s in reports.split_sentences(text)]
+            for s in report_rules.split_sentences(text)]
 
 
 def test_model_is_stored_with_the_corpus_with_fixed_ids(corpus, tokenizer):

@@ -11,11 +11,13 @@ import pytest
 from flax import nnx
 
 from flexict_jax import torch_format
+from flexict_jax.models import qwen3
 from flexict_jax.models.vit import VisionTransformer
 from flexict_jax.tasks.dino import DinoModel
 
 torch = pytest.importorskip("torch")
 from flexict_jax import torch_reference  # noqa: E402  (imports torch)
+from run_utils import last_bf16_bit_flipped  # noqa: E402
 
 # torch-format §1.3, values torch computes op by op in bf16.
 BF16_PERIODS = [1.0, 1.2890625, 1.671875, 2.15625, 2.78125, 3.59375, 4.65625, 6.0, 7.78125, 10.0, 12.875, 16.5,
@@ -199,13 +201,6 @@ def test_bad_state_dicts_name_the_first_offending_key(tiny_payload, change, mess
     assert message in str(error.value)
 
 
-def last_bf16_bit_flipped(periods: np.ndarray, index: int) -> np.ndarray:
-    """bf16 periods with entry `index` moved to the next bf16 value up (what another device's rounding gives)."""
-    bits = periods.view(np.uint16).copy()
-    bits[index] += 1
-    return bits.view(ml_dtypes.bfloat16)
-
-
 def test_periods_off_by_the_last_bf16_bit_become_explicit_and_export_back_bitwise(tiny_payload):
     key = "backbone.rope_embed_2D.periods"
     flipped = last_bf16_bit_flipped(tiny_payload[key], 3)
@@ -260,7 +255,7 @@ def test_non_finite_values_are_refused_both_ways(tiny_payload):
 
 # --- the VLM payload (torch-format §3.2) ------------------------------------------------------------------------
 
-def random_vlm_params(arch: torch_format.Architecture, text: "qwen3.Qwen3Config", seed: int = 0) -> dict:
+def random_vlm_params(arch: torch_format.Architecture, text: qwen3.Qwen3Config, seed: int = 0) -> dict:
     """Stage-3 params: backbone + VisionLanguageHead(text tower, projection, logit scale), random values."""
     from flexict_jax.models import qwen3
     from flexict_jax.models.vlm import VisionLanguageHead

@@ -19,6 +19,8 @@ from configs import stage1
 from flexict_jax import checkpointing, trainer
 from run_utils import REPO, assert_trees_close, checkpoint_steps, config_with, metrics, saved_state
 
+pytestmark = pytest.mark.slow  # end to end: trains real runs (the fast loop is `pytest -m "not slow"`)
+
 
 @pytest.fixture(scope="module")
 def ct_slices(real_ct_slices):

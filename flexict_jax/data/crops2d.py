@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from flexict_jax import resize
+from flexict_jax.errors import ConfigError
 
 # torchvision's RandomResizedCrop tries this many (scale, ratio) draws before its centre-crop fallback.
 _CROP_ATTEMPTS = 10
@@ -89,9 +90,9 @@ class MultiCrop:
         if not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:
             raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.scale}")
         if not 0.0 < self.ratio[0] <= self.ratio[1]:
-            raise ValueError(f"data.crop_ratio must satisfy 0 < min <= max, got {self.ratio}")
+            raise ConfigError(f"data.crop_ratio must satisfy 0 < min <= max, got {self.ratio}")
         if not 0.0 <= self.hflip_prob <= 1.0:
-            raise ValueError(f"data.hflip_prob must be in [0, 1], got {self.hflip_prob}")
+            raise ConfigError(f"data.hflip_prob must be in [0, 1], got {self.hflip_prob}")
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """float32 [n_crops, size, size] from a 2-D float image."""

@@ -1,31 +1,72 @@
 """The one place that maps `config.data.kind` to a Grain pipeline, so the trainer is stage-agnostic."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grain
 import ml_collections as mlc
+from absl import logging
+from etils import epath
 
 from flexict_jax import variants
+from flexict_jax.errors import ConfigError
+
+
+def validate(config: mlc.ConfigDict) -> None:
+    """The data keys every stage has: a known data.kind, an existing data.dir, crop sizes the patch sizes fit."""
+    if config.data.get("kind") not in BUILDERS:
+        raise ConfigError(f"config.data.kind={config.data.get('kind')!r} is not one of {KINDS}")
+    if not config.data.dir:
+        raise ConfigError("config.data.dir is not set: pass --config.data.dir=DIR (slices from "
+                          "`python -m data_prep.slices` for 2D stages, a dataset from `python -m data_prep.ingest` "
+                          "for 3D stages, reports from `python -m data_prep.reports` for stage 3)")
+    if not epath.Path(config.data.dir).exists():
+        raise ConfigError(f"config.data.dir={config.data.dir!r} does not exist")
+    for global_size, local_size in crop_sizes(config):
+        for p in config.patch_sizes:
+            if global_size % p:  # the iBOT mask grid must cover the global crop exactly
+                raise ConfigError(f"config.patch_sizes contains {p}, which does not divide the global crop size "
+                                  f"{global_size}")
+            if local_size % p:
+                logging.warning("local crop size %d is not a multiple of patch size %d: the last %d pixels are "
+                                "dropped, as upstream does (recipe §2.3)", local_size, p, local_size % p)
+
+
+def _slices2d(config: mlc.ConfigDict, **common) -> grain.IterDataset:
+    from flexict_jax.data import pipeline2d
+    return pipeline2d.build_stage1_dataset(config.data, **common)
+
+
+def _slices2d_hires(config: mlc.ConfigDict, **common) -> grain.IterDataset:
+    from flexict_jax.data import pipeline2d
+    return pipeline2d.build_stage1_hires_dataset(
+        config.data, patch_size_probs=config.patch_size_probs, resolutions=config.data.resolutions,
+        resolution_probs=config.data.resolution_probs, **common)
+
+
+def _volumes3d(config: mlc.ConfigDict, **common) -> grain.IterDataset:
+    from flexict_jax.data import pipeline3d
+    return pipeline3d.build_stage2_dataset(config.data, **common)
+
+
+def _reports3d(config: mlc.ConfigDict, **common) -> grain.IterDataset:
+    from flexict_jax.data import pipeline_align
+    return pipeline_align.build_align_dataset(config.data, config.text, **common)
+
+
+# config.data.kind -> its pipeline (imported on use: each pulls in its own dependencies).
+BUILDERS: dict[str, Callable[..., grain.IterDataset]] = {
+    "slices2d": _slices2d, "slices2d_hires": _slices2d_hires, "volumes3d": _volumes3d, "reports3d": _reports3d}
+KINDS = tuple(BUILDERS)
 
 
 def build_dataset(config: mlc.ConfigDict, *, process_index: int, process_count: int) -> grain.IterDataset:
-    data, kind = config.data, config.data.kind
-    common = dict(seed=config.seed, batch_size=config.global_batch_size // process_count,
-                  patch_sizes=config.patch_sizes, process_index=process_index, process_count=process_count)
-    if kind == "slices2d":
-        from flexict_jax.data import pipeline
-        return pipeline.build_stage1_dataset(data, **common)
-    if kind == "slices2d_hires":
-        from flexict_jax.data import pipeline
-        return pipeline.build_stage1_hires_dataset(
-            data, patch_size_probs=config.patch_size_probs, resolutions=data.resolutions,
-            resolution_probs=data.resolution_probs, **common)
-    if kind == "volumes3d":
-        from flexict_jax.data import pipeline3d
-        return pipeline3d.build_stage2_dataset(data, **common)
-    if kind == "reports3d":
-        from flexict_jax.data import pipeline_align
-        return pipeline_align.build_align_dataset(data, config.text, **common)
-    raise ValueError(f"config.data.kind={kind!r} is not one of: slices2d, slices2d_hires, volumes3d, reports3d")
+    """The training stream of `config.data.kind`: global batch t is examples [t·B, (t+1)·B), this process's rows."""
+    if config.data.kind not in BUILDERS:
+        raise ConfigError(f"config.data.kind={config.data.kind!r} is not one of {KINDS}")
+    return BUILDERS[config.data.kind](
+        config, seed=config.seed, batch_size=config.global_batch_size // process_count,
+        patch_sizes=config.patch_sizes, process_index=process_index, process_count=process_count)
 
 
 def _resolution_probs(config: mlc.ConfigDict) -> tuple[float, ...]:

@@ -20,6 +20,8 @@ from typing import Any
 import grain
 import numpy as np
 
+from flexict_jax.errors import ConfigError
+
 
 def example_rngs(seed: int, index: int, count: int) -> list[np.random.Generator]:
     """`count` independent generators for example `index` of the stream seeded by `seed`.
@@ -97,9 +99,9 @@ def batched_stream(source: Any, transform: grain.transforms.MapWithIndex, data: 
 
 
 def config_value(config: Mapping[str, Any], key: str, prefix: str = "data") -> Any:
-    """config[key]; a missing or unset key raises KeyError naming `prefix.key`."""
+    """config[key]; a missing or unset key raises ConfigError naming `prefix.key`."""
     if key not in config or config[key] is None:
-        raise KeyError(f"config key {prefix}.{key} is missing")
+        raise ConfigError(f"config key {prefix}.{key} is missing")
     return config[key]
 
 
@@ -107,7 +109,7 @@ def number_pair(value: Any, name: str) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"config key {name} must be a pair of numbers, got {value!r}") from e
+        raise ConfigError(f"config key {name} must be a pair of numbers, got {value!r}") from e
     return lo, hi
 
 
@@ -116,7 +118,7 @@ def number(value: Any, name: str) -> float:
     try:
         return float(value)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"config key {name} must be a number, got {value!r}") from e
+        raise ConfigError(f"config key {name} must be a number, got {value!r}") from e
 
 
 def integer(value: Any, name: str) -> int:
@@ -126,14 +128,14 @@ def integer(value: Any, name: str) -> int:
     except (TypeError, ValueError):
         whole = False
     if not whole:
-        raise ValueError(f"config key {name} must be an integer, got {value!r}")
+        raise ConfigError(f"config key {name} must be an integer, got {value!r}")
     return int(value)
 
 
 def boolean(value: Any, name: str) -> bool:
     """`value` as a bool; anything but True/False is an error naming config key `name`."""
     if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"config key {name} must be True or False, got {value!r}")
+        raise ConfigError(f"config key {name} must be True or False, got {value!r}")
     return bool(value)
 
 
@@ -146,7 +148,7 @@ def dataclass_from_config(cls: type, config: Mapping[str, Any], prefix: str):
     fields = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(config.keys()) - set(fields))
     if unknown:
-        raise KeyError(f"config {prefix} has unknown key(s) {unknown}; known: {sorted(fields)}")
+        raise ConfigError(f"config {prefix} has unknown key(s) {unknown}; known: {sorted(fields)}")
     kwargs = {}
     for name in fields:
         value, hint, key = config_value(config, name, prefix), hints[name], f"{prefix}.{name}"
@@ -167,7 +169,7 @@ def check_patch_sizes(patch_sizes: Sequence[int], global_size: int, size_key: st
     """The patch sizes as ints; each must be positive and at most the global crop size (config `size_key`)."""
     patch_sizes = tuple(int(p) for p in patch_sizes)
     if not patch_sizes or any(p < 1 or global_size // p < 1 for p in patch_sizes):
-        raise ValueError(f"patch_sizes {patch_sizes} must be positive and at most the global crop size "
+        raise ConfigError(f"config patch_sizes {patch_sizes} must be positive and at most the global crop size "
                          f"({size_key} = {global_size})")
     return patch_sizes
 
@@ -176,5 +178,5 @@ def hu_window(data: Mapping[str, Any]) -> tuple[float, float]:
     """Config data.hu_window as (low, high) HU, low < high."""
     window = number_pair(config_value(data, "hu_window"), "data.hu_window")
     if not window[0] < window[1]:
-        raise ValueError(f"data.hu_window must satisfy low < high, got {window}")
+        raise ConfigError(f"config key data.hu_window must satisfy low < high, got {window}")
     return window

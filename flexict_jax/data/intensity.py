@@ -21,6 +21,7 @@ import scipy.sparse
 import scipy.special
 
 from flexict_jax import resize
+from flexict_jax.errors import ConfigError
 
 # Below this standard deviation an image counts as flat and is only mean-centred.
 _FLAT_STD = 1e-6
@@ -247,14 +248,14 @@ class IntensityAugment:
     def __post_init__(self):
         for name in ("noise_prob", "smooth_prob", "scale_prob", "lowres_prob", "contrast_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"data.intensity.{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"data.intensity.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.noise_std < 0.0 or self.scale_factor < 0.0:
-            raise ValueError("data.intensity.noise_std and scale_factor must be >= 0, got "
+            raise ConfigError("data.intensity.noise_std and scale_factor must be >= 0, got "
                              f"{self.noise_std} and {self.scale_factor}")
         for name, (lo, hi) in (("smooth_sigma", self.smooth_sigma), ("lowres_zoom", self.lowres_zoom),
                                ("contrast_gamma", self.contrast_gamma)):
             if not 0.0 < lo <= hi:
-                raise ValueError(f"data.intensity.{name} must satisfy 0 < min <= max, got {(lo, hi)}")
+                raise ConfigError(f"data.intensity.{name} must satisfy 0 < min <= max, got {(lo, hi)}")
 
     def draw(self, rng: np.random.Generator, ndim: int) -> IntensityDraw:
         """Which transforms fire on one `ndim`-dimensional image, and with which parameters."""

@@ -21,7 +21,8 @@ import math
 import numpy as np
 import scipy.ndimage
 
-from flexict_jax.data.masking import masked_crops
+from flexict_jax.data.masking2d import masked_crops
+from flexict_jax.errors import ConfigError
 
 # The box centre is drawn from the cell shrunk by this fraction of its width on each side (recipe §7).
 _CELL_MARGIN = 0.25
@@ -87,7 +88,7 @@ class RccMasking:
     """Per-example RCC-3D iBOT masks for the global crops (config `data.mask` of the 3-D stages).
 
     The same per-example rule as the 2-D `IbotMasking`: n_crops·probability of an example's global crops are
-    masked (`masking.masked_crops`), each with its own ratio r ~ U(ratio).
+    masked (`masking2d.masked_crops`), each with its own ratio r ~ U(ratio).
     """
 
     probability: float = 0.5
@@ -100,17 +101,17 @@ class RccMasking:
 
     def __post_init__(self):
         if self.kind != "rcc":
-            raise ValueError(f"data.mask.kind must be 'rcc' for 3-D crops, got {self.kind!r}")
+            raise ConfigError(f"data.mask.kind must be 'rcc' for 3-D crops, got {self.kind!r}")
         if not 0.0 <= self.probability <= 1.0:
-            raise ValueError(f"data.mask.probability must be in [0, 1], got {self.probability}")
+            raise ConfigError(f"data.mask.probability must be in [0, 1], got {self.probability}")
         if not 0.0 <= self.ratio[0] <= self.ratio[1] <= 1.0:
-            raise ValueError(f"data.mask.ratio must satisfy 0 <= min <= max <= 1, got {self.ratio}")
+            raise ConfigError(f"data.mask.ratio must satisfy 0 <= min <= max <= 1, got {self.ratio}")
         if self.grid < 1:
-            raise ValueError(f"data.mask.grid must be >= 1, got {self.grid}")
+            raise ConfigError(f"data.mask.grid must be >= 1, got {self.grid}")
         if not 0.0 < self.box_fraction[0] <= self.box_fraction[1] <= 1.0:
-            raise ValueError(f"data.mask.box_fraction must satisfy 0 < min <= max <= 1, got {self.box_fraction}")
+            raise ConfigError(f"data.mask.box_fraction must satisfy 0 < min <= max <= 1, got {self.box_fraction}")
         if not 0.0 < self.box_aspect[0] <= self.box_aspect[1]:
-            raise ValueError(f"data.mask.box_aspect must satisfy 0 < min <= max, got {self.box_aspect}")
+            raise ConfigError(f"data.mask.box_aspect must satisfy 0 < min <= max, got {self.box_aspect}")
 
     def __call__(self, rng: np.random.Generator, n_crops: int, tokens: int) -> np.ndarray:
         """bool [n_crops, tokens**3] for crops of tokens³ patches; crops left unmasked are all False."""

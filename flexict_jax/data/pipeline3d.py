@@ -8,8 +8,8 @@ global_crop_extent, resized to G³) of which `flip_global_crops` get RandAxisFli
 -> L³, every one flipped with flip_prob), and RCC-3D iBOT masks per patch size. Only the voxels each crop needs
 are read (`crops3d`).
 
-Stage 3 (recipe §8) uses the same transform with `STAGE3_IMAGE_VIEWS` applied to its data config: one
-deterministic centre G³ crop, locals of [20, 40] voxels, no intensity augmentation and no flips.
+Stage 3 (recipe §8) uses the same transform with `configs.stage3.STAGE3_IMAGE_VIEWS` applied to its data
+config: one deterministic centre G³ crop, locals of [20, 40] voxels, no intensity augmentation and no flips.
 
 Host cost at the recipe sizes (2 x 160³ + 8 x 80³, masks for p16 and p8), on the real test CTs at 2 mm (1-6 M
 voxels each), single-threaded BLAS: ~70 ms per example on one core, 3x faster than upstream's per-sample NIfTI
@@ -31,11 +31,7 @@ from flexict_jax.data.grain_common import config_value
 from flexict_jax.data.intensity import IntensityAugment
 from flexict_jax.data.masking3d import RccMasking
 from flexict_jax.data.volume_source import Volume, VolumeSource
-
-# Recipe §8: the stage-3 views differ from stage 2's only in these data keys (configs/stage3.py applies them).
-STAGE3_IMAGE_VIEWS = dict(n_global_crops=1, global_crop_mode="center", local_crop_extent=(20, 40),
-                          flip_prob=0.0, flip_global_crops=(), intensity_augment=False)
-
+from flexict_jax.errors import ConfigError
 
 class VolumeViewsTransform(grain.transforms.MapWithIndex):
     """A `Volume` + its global example index -> one training example (numpy only).
@@ -105,14 +101,14 @@ def volume_views_transform(data: Mapping[str, Any], *, seed: int,
     patch_sizes = grain_common.check_patch_sizes(patch_sizes, global_size, "data.global_crop_size")
     pad_to = grain_common.integer(config_value(data, "pad_to"), "data.pad_to")
     if pad_to < 1:
-        raise ValueError(f"data.pad_to must be >= 1, got {pad_to}")
+        raise ConfigError(f"data.pad_to must be >= 1, got {pad_to}")
     n_global = grain_common.integer(config_value(data, "n_global_crops"), "data.n_global_crops")
     flipped = config_value(data, "flip_global_crops")
     if not isinstance(flipped, (list, tuple)):
-        raise ValueError(f"config key data.flip_global_crops must be a list of global crop indices, got {flipped!r}")
+        raise ConfigError(f"config key data.flip_global_crops must be a list of global crop indices, got {flipped!r}")
     flipped = tuple(grain_common.integer(k, "data.flip_global_crops") for k in flipped)
     if any(not 0 <= k < n_global for k in flipped):
-        raise ValueError(f"data.flip_global_crops {flipped} must be indices of global crops in "
+        raise ConfigError(f"data.flip_global_crops {flipped} must be indices of global crops in "
                          f"[0, data.n_global_crops={n_global})")
     augment = grain_common.boolean(config_value(data, "intensity_augment"), "data.intensity_augment")
     intensity = grain_common.dataclass_from_config(IntensityAugment, config_value(data, "intensity"),

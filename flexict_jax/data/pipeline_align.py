@@ -4,9 +4,9 @@
 whose volumes the records describe (`data.dataset_dir` overrides it when the dataset has moved). One split of
 the records (`data.split`; "" = records without a split) is the source. Per example (recipe §8):
 
-  image: the stage-3 views of `pipeline3d` (config `data` with `STAGE3_IMAGE_VIEWS`): one centred global crop,
+  image: the stage-3 views of `pipeline3d` (config `data` with `configs.stage3.STAGE3_IMAGE_VIEWS`): one centred global crop,
          local crops, RCC-3D iBOT masks per patch size;
-  text:  `reports.stage3_text_example`: the CLIP caption (Findings / one positive / one negative finding) and K
+  text:  `report_rules.stage3_text_example`: the CLIP caption (Findings / one positive / one negative finding) and K
          OSL pairs, tokenised and left-padded to the static lengths of config `text`.
 
 The stream is `grain_common`'s: reshuffled every epoch, example i keyed by (seed, i) — the text draws use their
@@ -26,11 +26,12 @@ import grain
 import ml_collections
 import numpy as np
 
-from flexict_jax.data import grain_common, reports
+from flexict_jax.data import grain_common, report_records, report_rules
 from flexict_jax.data.grain_common import config_value
 from flexict_jax.data.pipeline3d import VolumeViewsTransform, volume_views_transform
 from flexict_jax.data.tokenizer import Tokenizer, load_tokenizer
 from flexict_jax.data.volume_source import VolumeSource
+from flexict_jax.errors import ConfigError
 
 TEXT_TOWERS = ("scratch", "qwen3")
 # Entropy word that separates an example's text generator from its image generators (both keyed by (seed, i)).
@@ -44,10 +45,10 @@ def load_text_tokenizer(text: Mapping[str, Any], reports_dir: str | os.PathLike)
     tower (text.hf_folder) or the sentencepiece model stored with the reports (`python -m data_prep.tokenizer`)."""
     tower = config_value(text, "tower", "text")
     if tower not in TEXT_TOWERS:
-        raise ValueError(f"config key text.tower must be one of {TEXT_TOWERS}, got {tower!r}")
+        raise ConfigError(f"config key text.tower must be one of {TEXT_TOWERS}, got {tower!r}")
     path = text.get("tokenizer") or (text.get("hf_folder") if tower == "qwen3" else reports_dir)
     if not path:
-        raise ValueError("config key text.hf_folder is not set: the qwen3 text tower needs a local Hugging Face "
+        raise ConfigError("config key text.hf_folder is not set: the qwen3 text tower needs a local Hugging Face "
                          "folder (config.json, *.safetensors, tokenizer.json)")
     return load_tokenizer(path)
 
@@ -56,9 +57,9 @@ def report_text(record: Mapping[str, Any]) -> str:
     """The whole report of a record as the text tower sees it: the Findings, else every structured finding
     (reports given only as structured findings have no Findings text). Evaluation retrieves this text."""
     text = record["findings"] or " ".join(
-        s for section in record["sections"].values() for kind in (reports.POSITIVE, reports.NEGATIVE)
+        s for section in record["sections"].values() for kind in (report_rules.POSITIVE, report_rules.NEGATIVE)
         for s in section[kind])
-    return reports.model_text(text)
+    return report_rules.model_text(text)
 
 
 class ReportVolumes:
@@ -70,18 +71,18 @@ class ReportVolumes:
 
     def __init__(self, reports_dir: str | os.PathLike, split: str, hu_window: tuple[float, float],
                  dataset_dir: str | os.PathLike | None = None):
-        index = reports.read_report_index(reports_dir)
+        index = report_records.read_report_index(reports_dir)
         self.reports_dir = os.fspath(reports_dir)
         self.split = split
-        self._records = reports.open_report_source(reports_dir)
-        self.rows = [i for i, v in enumerate(index["volumes"]) if reports.split_key(v["split"]) == split]
+        self._records = report_records.open_report_source(reports_dir)
+        self.rows = [i for i, v in enumerate(index["volumes"]) if report_records.split_key(v["split"]) == split]
         if not self.rows:
-            splits = sorted({reports.split_key(v["split"]) for v in index["volumes"]})
+            splits = sorted({report_records.split_key(v["split"]) for v in index["volumes"]})
             raise ValueError(f"{self.reports_dir}: no report record of split {split!r} (it has splits {splits}; "
                              f"'' = records without a split)")
         dataset_dir = dataset_dir or index.get("dataset")
         if not dataset_dir:
-            raise ValueError(f"{self.reports_dir}/{reports.INDEX_FILE} names no dataset; set config key "
+            raise ValueError(f"{self.reports_dir}/{report_records.INDEX_FILE} names no dataset; set config key "
                              f"data.dataset_dir")
         self.volumes = VolumeSource(dataset_dir, hu_window)
         manifest_row = {entry["id"]: row for row, entry in enumerate(self.volumes.entries)}
@@ -97,7 +98,7 @@ class ReportVolumes:
         return len(self.rows)
 
     def record(self, i: int) -> dict[str, Any]:
-        return reports.decode_report(self._records[self.rows[i]])
+        return report_records.decode_report(self._records[self.rows[i]])
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {"record": self.record(i), "volume": self.volumes[self.volume_rows[i]]}
@@ -114,7 +115,7 @@ class AlignTransform(grain.transforms.MapWithIndex):
     """{"record", "volume"} + its global example index -> one stage-3 example (numpy only).
 
     Output: the `VolumeViewsTransform` arrays (global_crops [1, G, G, G, 1], local_crops, masks_p{p}, index,
-    volume_row) and the `reports.stage3_text_example` arrays (caption_tokens/mask [Lc], osl_{pos,neg}_tokens/mask
+    volume_row) and the `report_rules.stage3_text_example` arrays (caption_tokens/mask [Lc], osl_{pos,neg}_tokens/mask
     [K, Lo], osl_labels [K]).
     """
 
@@ -130,7 +131,7 @@ class AlignTransform(grain.transforms.MapWithIndex):
 
     def map_with_index(self, index: int, item: Mapping[str, Any]) -> dict[str, np.ndarray]:
         example = self.views.map_with_index(index, item["volume"])
-        text = reports.stage3_text_example(item["record"], _text_rng(self.seed, index), self.tokenizer,
+        text = report_rules.stage3_text_example(item["record"], _text_rng(self.seed, index), self.tokenizer,
                                            self.caption_len, self.osl_len, self.osl_pairs,
                                            positive_pool=self.positive_pool)
         return {**example, **text}
@@ -140,7 +141,7 @@ def _text_lengths(text: Mapping[str, Any]) -> tuple[int, int, int]:
     lengths = tuple(grain_common.integer(config_value(text, key, "text"), f"text.{key}")
                     for key in ("caption_len", "osl_len", "osl_pairs"))
     if min(lengths) < 1:
-        raise ValueError(f"config keys text.caption_len, text.osl_len, text.osl_pairs must be positive, got {lengths}")
+        raise ConfigError(f"config keys text.caption_len, text.osl_len, text.osl_pairs must be positive, got {lengths}")
     return lengths
 
 
@@ -162,7 +163,7 @@ def build_align_dataset(data: ml_collections.ConfigDict, text: ml_collections.Co
     views = volume_views_transform(data, seed=seed, patch_sizes=patch_sizes)
     source = ReportVolumes(reports_dir, split, views.hu_window, data.get("dataset_dir"))
     transform = AlignTransform(seed=seed, views=views, tokenizer=load_text_tokenizer(text, reports_dir),
-                               positive_pool=reports.read_positive_pool(reports_dir, split),
+                               positive_pool=report_records.read_positive_pool(reports_dir, split),
                                caption_len=caption_len, osl_len=osl_len, osl_pairs=osl_pairs)
     return grain_common.batched_stream(source, transform, data, seed=seed, batch_size=batch_size,
                                        process_index=process_index, process_count=process_count)
@@ -207,7 +208,7 @@ def build_eval_dataset(data: ml_collections.ConfigDict, text: ml_collections.Con
     source = ReportVolumes(reports_dir, split, views.hu_window, data.get("dataset_dir"))
     n = len(source) if max_examples is None else min(len(source), int(max_examples))
     if n < 1:
-        raise ValueError(f"config key eval.max_examples must be positive, got {max_examples}")
+        raise ConfigError(f"config key eval.max_examples must be positive, got {max_examples}")
     global_batch = batch_size * process_count
     padded = -(-n // global_batch) * global_batch
     ds = grain.MapDataset.range(padded).map(

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import stats
 
-from flexict_jax.data.reports import model_text
+from flexict_jax.data.report_rules import model_text
 
 RECALL_KS = (1, 5, 10)
 

@@ -30,24 +30,25 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flexict_jax import distributed, trainer
+from flexict_jax import distributed, sharding
 from flexict_jax.data import pipeline_align
 from flexict_jax.evals import retrieval
-from flexict_jax.tasks.dino import _flatten_crops, _merge
+from flexict_jax.tasks.common import flatten_crops, merge_model
+from flexict_jax.train_step import Program
 
 
 def _embed_pairs(params: dict[str, Any], crops: jax.Array, tokens: jax.Array, mask: jax.Array, *,
                  graphdef: nnx.GraphDef, abstract_state: nnx.State,
                  patch_size: int) -> tuple[jax.Array, jax.Array]:
     """(image embeddings, report embeddings) [B, E] of global crops [B, 1, G, G, G, 1] and report tokens."""
-    model = _merge(graphdef, abstract_state, params)
-    out = model.backbone(_flatten_crops(crops), patch_size=patch_size, train=False)
+    model = merge_model(graphdef, abstract_state, params)
+    out = model.backbone(flatten_crops(crops), patch_size=patch_size, train=False)
     return model.embed_image(out["cls"], out["patch"]), model.embed_text(tokens, mask)
 
 
 def _embed_texts(params: dict[str, Any], tokens: jax.Array, mask: jax.Array, *, graphdef: nnx.GraphDef,
                  abstract_state: nnx.State) -> jax.Array:
-    return _merge(graphdef, abstract_state, params).embed_text(tokens, mask)
+    return merge_model(graphdef, abstract_state, params).embed_text(tokens, mask)
 
 
 def _host(x: jax.Array) -> np.ndarray:
@@ -63,12 +64,9 @@ class Stage3Evaluator:
     the whole split). `program` is the trainer's `Program`; call inside its mesh context.
     """
 
-    def __init__(self, config: mlc.ConfigDict, program: Any):
+    def __init__(self, config: mlc.ConfigDict, program: Program):
         eval_cfg = config.eval
-        batch, processes = int(eval_cfg.batch_size), jax.process_count()
-        if batch < 1 or batch % jax.device_count() or batch % processes:
-            raise ValueError(f"config.eval.batch_size={batch} must be a positive multiple of the device count "
-                             f"({jax.device_count()}) and the process count ({processes})")
+        batch, processes = int(eval_cfg.batch_size), jax.process_count()  # checked by the task's validate
         self.dataset, records = pipeline_align.build_eval_dataset(
             config.data, config.text, split=str(eval_cfg.split), batch_size=batch // processes,
             patch_size=int(eval_cfg.patch_size), process_index=jax.process_index(), process_count=processes,
@@ -104,7 +102,7 @@ class Stage3Evaluator:
         params = state["params"]
         images, reports = [], []
         for local in self.dataset:  # every global batch is held out examples [t·B, (t+1)·B) in order
-            batch = trainer.global_batch(self.mesh, local)
+            batch = sharding.global_batch(self.mesh, local)
             args = (params, batch["global_crops"], batch["caption_tokens"], batch["caption_mask"])
             image_emb, report_emb = self._compiled("pairs", self._embed_pairs, *args)(*args)
             images.append(_host(image_emb))

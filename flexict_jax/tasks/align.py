@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -31,12 +31,18 @@ from flexict_jax.data import pipeline_align
 from flexict_jax.losses import contrastive, dino, ibot, sinkhorn
 from flexict_jax.models import qwen3, vlm
 from flexict_jax.models.text_encoder import TextEncoder
-from flexict_jax.tasks.dino import DinoModel, _crops_first, _flatten_crops, _merge, masked_token_capacity
+from flexict_jax.tasks.common import crops_first, flatten_crops, masked_token_capacity, merge_model
+from flexict_jax.tasks.dino import DinoModel
 from flexict_jax.variants import Variant
+from flexict_jax.errors import ConfigError
 
 Params = dict[str, Any]
 CONTRASTIVE_LOSSES = ("clip", "siglip")
 IMAGE_PARTS = ("backbone", "dino_head", "ibot_head")
+# What a "vlm" hand-off needs from its source: the parts of upstream's FlexiCT-3D-VLM (torch-format §3.2).
+VLM_PARTS = ("backbone", "vision_projection", "text_tower", "logit_scale")
+# Stage 3 continues stage 2 (or a stage-3 run), or starts from a vision-language checkpoint ("vlm").
+INIT_MODES = ("continue", "inflate_2d_to_3d", "backbone", "vlm")
 # SigLIP's initialisation (Zhai et al. 2023): t' = ln 10, b = -10.
 SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT = math.log(10.0), -10.0
 
@@ -56,35 +62,44 @@ class AlignModel(DinoModel, vlm.VisionLanguageHead):
             logit_bias_init=SIGLIP_LOGIT_BIAS_INIT if siglip else None, rngs=rngs)
 
 
-def check_config(config: mlc.ConfigDict) -> None:
-    """Stage-3 keys the trainer does not know about; errors name the key and the fix."""
+def validate(config: mlc.ConfigDict) -> None:
+    """Stage-3 keys; errors name the key and the fix."""
     text, loss = config.text, config.loss
+    if loss.get("gram_weight", 0.0) > 0:
+        raise ConfigError("stage 3 has no Gram anchoring: set config.loss.gram_weight = 0")
     if text.tower not in pipeline_align.TEXT_TOWERS:
-        raise ValueError(f"config.text.tower={text.tower!r} must be one of {pipeline_align.TEXT_TOWERS}")
+        raise ConfigError(f"config.text.tower={text.tower!r} must be one of {pipeline_align.TEXT_TOWERS}")
     if text.tower == "qwen3" and not text.hf_folder:
-        raise ValueError("config.text.tower='qwen3' needs --config.text.hf_folder=DIR, a local Hugging Face "
+        raise ConfigError("config.text.tower='qwen3' needs --config.text.hf_folder=DIR, a local Hugging Face "
                          "Qwen3(-Embedding) folder (config.json, *.safetensors, tokenizer.json); nothing is "
                          "downloaded. Or train a tower from scratch: --config.text.tower=scratch")
     if loss.contrastive not in CONTRASTIVE_LOSSES:
-        raise ValueError(f"config.loss.contrastive={loss.contrastive!r} must be one of {CONTRASTIVE_LOSSES}")
+        raise ConfigError(f"config.loss.contrastive={loss.contrastive!r} must be one of {CONTRASTIVE_LOSSES}")
     if loss.contrastive == "siglip" and not ("logit_bias" in config.optim.unclipped
                                              and "logit_bias" in config.optim.get("no_weight_decay", ())):
-        raise ValueError("config.loss.contrastive='siglip' adds a logit bias that must be unclipped and "
+        raise ConfigError("config.loss.contrastive='siglip' adds a logit bias that must be unclipped and "
                          "undecayed like the logit scale: use --config=configs/stage3.py:VARIANT,contrastive=siglip")
     if config.get("eval") and config.eval.every_steps and config.eval.patch_size not in config.patch_sizes:
-        raise ValueError(f"config.eval.patch_size={config.eval.patch_size} must be one of config.patch_sizes="
+        raise ConfigError(f"config.eval.patch_size={config.eval.patch_size} must be one of config.patch_sizes="
                          f"{tuple(config.patch_sizes)}")
+    if config.get("eval") and config.eval.every_steps:
+        batch, devices, processes = int(config.eval.batch_size), jax.device_count(), jax.process_count()
+        if batch < 1 or batch % devices or batch % processes:
+            raise ConfigError(f"config.eval.batch_size={batch} must be a positive multiple of the device count "
+                              f"({devices}) and the process count ({processes})")
+    if text.tower == "qwen3":
+        _qwen3_config(text.hf_folder)
 
 
 def _qwen3_config(folder: str) -> qwen3.Qwen3Config:
     """The architecture of the local Qwen3 folder (its config.json; the weights are read by `initial_params`)."""
     path = pathlib.Path(folder) / qwen3.CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"config.text.hf_folder={folder}: no {qwen3.CONFIG_FILE} (nothing is downloaded)")
+        raise ConfigError(f"config.text.hf_folder={folder}: no {qwen3.CONFIG_FILE} (nothing is downloaded)")
     try:
         return qwen3.Qwen3Config.from_hf_dict(json.loads(path.read_text()), source=str(path))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from e
+        raise ConfigError(f"config.text.hf_folder: {path} is not valid JSON ({e})") from e
 
 
 def _text_tower(config: mlc.ConfigDict, rngs: nnx.Rngs) -> TextEncoder:
@@ -93,14 +108,13 @@ def _text_tower(config: mlc.ConfigDict, rngs: nnx.Rngs) -> TextEncoder:
     if text.tower == "qwen3":
         tower_config = _qwen3_config(text.hf_folder)
         if vocab_size > tower_config.vocab_size:
-            raise ValueError(f"config.text: the tokenizer has {vocab_size} ids but the Qwen3 embedding of "
+            raise ConfigError(f"config.text: the tokenizer has {vocab_size} ids but the Qwen3 embedding of "
                              f"{text.hf_folder} only {tower_config.vocab_size}")
         return qwen3.qwen3_encoder(tower_config, remat=text.remat, rngs=rngs)
     return TextEncoder(vocab_size=vocab_size, **text.scratch.to_dict(), remat=text.remat, rngs=rngs)
 
 
 def build_model(config: mlc.ConfigDict, seed: int) -> AlignModel:
-    check_config(config)
     rngs = nnx.Rngs(seed)
     return AlignModel(config.model.to_dict(), config.heads.to_dict(), _text_tower(config, rngs),
                       embed_dim=config.text.embed_dim, contrastive_loss=config.loss.contrastive, rngs=rngs)
@@ -137,7 +151,7 @@ def _osl_term(model: AlignModel, image_emb: jax.Array, batch: Mapping[str, jax.A
     n_pairs = batch["osl_labels"].shape[1]
     tokens = jnp.concatenate([batch["osl_pos_tokens"], batch["osl_neg_tokens"]], axis=1)  # [B, 2K, L]
     mask = jnp.concatenate([batch["osl_pos_mask"], batch["osl_neg_mask"]], axis=1)
-    sentences = model.embed_text(_flatten_crops(tokens), _flatten_crops(mask))  # sample-major: batch-sharded
+    sentences = model.embed_text(flatten_crops(tokens), flatten_crops(mask))  # sample-major: batch-sharded
     sentences = sentences.reshape(tokens.shape[:2] + sentences.shape[-1:])
     return contrastive.osl_loss(image_emb, sentences[:, :n_pairs], sentences[:, n_pairs:], batch["osl_labels"],
                                 model.logit_scale[...])
@@ -145,15 +159,12 @@ def _osl_term(model: AlignModel, image_emb: jax.Array, batch: Mapping[str, jax.A
 
 def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], key: jax.Array, *,
             graphdef: nnx.GraphDef, abstract_state: nnx.State, config: mlc.ConfigDict, patch_size: int,
-            teacher_temperature: jax.Array,
-            gram_teacher: Params | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+            teacher_temperature: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total stage-3 loss (recipe §8) and its terms; `batch` is `step_batch`'s."""
-    if gram_teacher is not None:
-        raise ValueError("stage 3 has no Gram anchoring: set config.loss.gram_weight = 0")
     loss_cfg, n_local = config.loss, config.data.n_local_crops
-    global_crops = _flatten_crops(batch["global_crops"])  # [B, G, G, G, 1]: one global crop per sample
-    local_crops = _flatten_crops(batch["local_crops"])
-    masks = _flatten_crops(batch["masks"])
+    global_crops = flatten_crops(batch["global_crops"])  # [B, G, G, G, 1]: one global crop per sample
+    local_crops = flatten_crops(batch["local_crops"])
+    masks = flatten_crops(batch["masks"])
     token_index, token_valid, token_weight = ibot.gather_masked(
         masks, masked_token_capacity(batch["masks"].shape, config))
 
@@ -161,14 +172,14 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
         return patch_tokens.reshape((-1, patch_tokens.shape[-1]))[token_index]
 
     # Teacher: eval mode, unmasked global crop. It has no text side; the student's fills those slots, unused.
-    t_model = _merge(graphdef, abstract_state, jax.lax.stop_gradient({**student, **teacher}))
+    t_model = merge_model(graphdef, abstract_state, jax.lax.stop_gradient({**student, **teacher}))
     t_out = t_model.backbone(global_crops, patch_size=patch_size, train=False)
-    t_cls_probs = _crops_first(sinkhorn.sinkhorn_knopp(t_model.dino_head(t_out["cls"]), teacher_temperature,
+    t_cls_probs = crops_first(sinkhorn.sinkhorn_knopp(t_model.dino_head(t_out["cls"]), teacher_temperature,
                                                        n_iterations=loss_cfg.sinkhorn_iterations), 1)
     t_patch_probs = sinkhorn.sinkhorn_knopp(t_model.ibot_head(take_tokens(t_out["patch"])), teacher_temperature,
                                             n_iterations=loss_cfg.sinkhorn_iterations, valid=token_valid)
 
-    s_model = _merge(graphdef, abstract_state, student)
+    s_model = merge_model(graphdef, abstract_state, student)
     key_global, key_local, key_clip = jax.random.split(key, 3)
     s_global = s_model.backbone(global_crops, patch_size=patch_size, masks=masks, train=True, key=key_global)
     s_local = s_model.backbone(local_crops, patch_size=patch_size, train=True, key=key_local,
@@ -182,7 +193,7 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
     tau = loss_cfg.student_temperature
     terms = {
         # 8 student locals vs the 1 teacher global, no global term and no pair-count scale factors (recipe §8).
-        "dino_local": dino.dino_cross_entropy(_crops_first(s_model.dino_head(s_local["cls"]), n_local),
+        "dino_local": dino.dino_cross_entropy(crops_first(s_model.dino_head(s_local["cls"]), n_local),
                                               t_cls_probs, tau),
         "ibot": ibot.ibot_patch_loss(s_model.ibot_head(take_tokens(s_global["patch"])), t_patch_probs,
                                      token_weight, masks.shape[0], tau),
@@ -205,10 +216,20 @@ def after_update(params: Params) -> Params:
     return vlm.clamp_logit_scale(params)
 
 
-def evaluator(config: mlc.ConfigDict, program: Any) -> Callable[[dict], dict[str, float]] | None:
-    """The held-out retrieval / zero-shot evaluation of `flexict_jax.evals.stage3`; None when eval.every_steps
-    is 0."""
-    if not config.eval.every_steps:
-        return None
-    from flexict_jax.evals import stage3
-    return stage3.Stage3Evaluator(config, program)
+def check_vlm_source(config: mlc.ConfigDict, source: str, parts: Params, meta: dict) -> None:
+    """A "vlm" hand-off needs the parts of upstream's FlexiCT-3D-VLM (torch-format §3.2) and a text tower of the
+    kind this run trains."""
+    missing = [part for part in VLM_PARTS if part not in parts]
+    if missing:
+        raise checkpointing.IncompatibleCheckpointError(
+            f"config.init.from={source}: no {missing} (it has {sorted(parts)}), so not a vision-language checkpoint; "
+            f"config.init.mode='vlm' needs `import_torch --kind=vlm` output or a stage-3 run")
+    # The upstream VLM's tower is Qwen3 (causal, last-token pooling); as a from-scratch tower (bidirectional, mean
+    # pooling) the same weights would compute something else, with no shape to tell.
+    source_config = meta.get("config", {})
+    tower = "qwen3" if "text_tower" in source_config else source_config.get("text", {}).get("tower")
+    if tower != config.text.tower:
+        raise checkpointing.IncompatibleCheckpointError(
+            f"config.init.from={source}: its text tower is {tower!r} but config.text.tower={config.text.tower!r}"
+            + ("; pass --config.text.tower=qwen3 --config.text.hf_folder=DIR (a local Qwen3(-Embedding) folder for "
+               "its config.json and tokenizer; its weights are not read)" if tower == "qwen3" else ""))

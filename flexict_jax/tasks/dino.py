@@ -1,7 +1,7 @@
-"""The DINO/iBOT/KoLeo self-distillation task of stages 1 (2D) and 2 (3D) — recipe §3, §5, §7.
+"""The DINO/iBOT/KoLeo self-distillation task of stages 1 (2D), 1.1 (2D + Gram) and 2 (3D) — recipe §3, §5-§7.
 
-Pure functions over pytrees (the task protocol of `flexict_jax.tasks`): `loss_fn` computes the student loss given
-the EMA teacher. The trainer owns sharding, the optimizer, the EMA and the loop; this file owns what is specific
+Pure functions over pytrees (`flexict_jax.tasks.Task`): `loss_fn` computes the student loss given the EMA
+teacher, and the frozen Gram teacher when the stage has one. The trainer owns sharding, the optimizer, the EMA and the loop; this file owns what is specific
 to DINO.
 """
 from __future__ import annotations
@@ -15,13 +15,17 @@ import ml_collections as mlc
 import numpy as np
 from flax import nnx
 
-from flexict_jax.data import masking
+from flexict_jax.errors import ConfigError
 from flexict_jax.losses import dino, gram, ibot, koleo, sinkhorn
 from flexict_jax.models.heads import DINOHead
 from flexict_jax.models.vit import VisionTransformer
+from flexict_jax.tasks.common import crops_first, flatten_crops, masked_token_capacity, merge_model
 from flexict_jax.variants import Variant
 
 Params = dict[str, Any]
+# Stage 1 starts from scratch or continues a run; stage 1.1 continues stage 1; stage 2 inflates stage 1's
+# backbone (heads re-initialised, recipe §7). A vision-language source is stage 3's.
+INIT_MODES = ("continue", "inflate_2d_to_3d", "backbone")
 
 
 class DinoModel(nnx.Module):
@@ -53,31 +57,6 @@ def step_batch(local: Mapping[str, np.ndarray], variant: Variant) -> dict[str, n
     return batch
 
 
-def masked_token_capacity(masks_shape: tuple[int, ...], config: mlc.ConfigDict) -> int:
-    """Static size of the iBOT masked-token buffer for masks [B, n_global, N]: the most tokens the data pipeline
-    can mask — at most `masking.max_masked_crops` masked crops per example, each with at most
-    int(max_ratio * N) tokens (see flexict_jax.data.masking)."""
-    batch, n_global, n_tokens = masks_shape
-    masked_crops = masking.max_masked_crops(n_global, config.data.mask.probability)
-    return batch * masked_crops * int(config.data.mask.ratio[1] * n_tokens)
-
-
-def _merge(graphdef: nnx.GraphDef, abstract_state: nnx.State, params: Params) -> DinoModel:
-    state = jax.tree.map(lambda v: v, abstract_state)  # a fresh container to fill in
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
-
-
-def _flatten_crops(x: jax.Array) -> jax.Array:
-    """[B, n_crops, ...] -> [B * n_crops, ...], sample-major so the batch sharding is preserved."""
-    return x.reshape((-1,) + x.shape[2:])
-
-
-def _crops_first(x: jax.Array, n_crops: int) -> jax.Array:
-    """[B * n_crops, K] (sample-major) -> [n_crops, B, K], the layout the DINO loss takes."""
-    return x.reshape((-1, n_crops) + x.shape[1:]).swapaxes(0, 1)
-
-
 def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], key: jax.Array, *,
             graphdef: nnx.GraphDef, abstract_state: nnx.State, config: mlc.ConfigDict, patch_size: int,
             teacher_temperature: jax.Array,
@@ -85,9 +64,9 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
     """Total loss (recipe §3.6) and its terms. `batch` holds this step's masks under "masks"; with a frozen
     `gram_teacher` (stage 1.1) the batch also has "gram_crops" and the Gram term is added (recipe §3.5)."""
     loss_cfg, n_global, n_local = config.loss, config.data.n_global_crops, config.data.n_local_crops
-    global_crops = _flatten_crops(batch["global_crops"])
-    local_crops = _flatten_crops(batch["local_crops"])
-    masks = _flatten_crops(batch["masks"])  # [B * n_global, N]
+    global_crops = flatten_crops(batch["global_crops"])
+    local_crops = flatten_crops(batch["local_crops"])
+    masks = flatten_crops(batch["masks"])  # [B * n_global, N]
     n_images = masks.shape[0]
     token_index, token_valid, token_weight = ibot.gather_masked(
         masks, masked_token_capacity(batch["masks"].shape, config))
@@ -96,23 +75,23 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
         return patch_tokens.reshape((-1, patch_tokens.shape[-1]))[token_index]
 
     # Teacher: eval mode, unmasked global crops, no gradient (recipe §3.2–3.3).
-    t_model = _merge(graphdef, abstract_state, jax.lax.stop_gradient(teacher))
+    t_model = merge_model(graphdef, abstract_state, jax.lax.stop_gradient(teacher))
     t_out = t_model.backbone(global_crops, patch_size=patch_size, train=False)
     t_cls_probs = sinkhorn.sinkhorn_knopp(t_model.dino_head(t_out["cls"]), teacher_temperature,
                                           n_iterations=loss_cfg.sinkhorn_iterations)
     t_patch_probs = sinkhorn.sinkhorn_knopp(t_model.ibot_head(take_tokens(t_out["patch"])), teacher_temperature,
                                             n_iterations=loss_cfg.sinkhorn_iterations, valid=token_valid)
-    t_cls_probs = _crops_first(t_cls_probs, n_global)
+    t_cls_probs = crops_first(t_cls_probs, n_global)
 
     # Student: masked global crops and unmasked local crops, train mode (drop path, RoPE rescale).
-    s_model = _merge(graphdef, abstract_state, student)
+    s_model = merge_model(graphdef, abstract_state, student)
     key_global, key_local = jax.random.split(key)
     s_global = s_model.backbone(global_crops, patch_size=patch_size, masks=masks, train=True, key=key_global,
                                 crops_per_sample=n_global)
     s_local = s_model.backbone(local_crops, patch_size=patch_size, train=True, key=key_local,
                                crops_per_sample=n_local)
-    s_global_logits = _crops_first(s_model.dino_head(s_global["cls"]), n_global)
-    s_local_logits = _crops_first(s_model.dino_head(s_local["cls"]), n_local)
+    s_global_logits = crops_first(s_model.dino_head(s_global["cls"]), n_global)
+    s_local_logits = crops_first(s_model.dino_head(s_local["cls"]), n_local)
     s_patch_logits = s_model.ibot_head(take_tokens(s_global["patch"]))
 
     tau = loss_cfg.student_temperature
@@ -124,7 +103,7 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
         # KoLeo on the pre-head CLS of each global crop, averaged over crops (recipe §3.4).
         "koleo": jnp.mean(jnp.stack([
             koleo.koleo_loss(cls, group_size=loss_cfg.koleo_group_size)
-            for cls in _crops_first(s_global["cls"], n_global)])),
+            for cls in crops_first(s_global["cls"], n_global)])),
     }
     if gram_teacher is not None:
         terms["gram"] = _gram_term(gram_teacher, teacher, batch["gram_crops"], s_global["patch"],
@@ -141,9 +120,9 @@ def _gram_term(gram_teacher: Params, teacher: Params, gram_crops: jax.Array, stu
                graphdef: nnx.GraphDef, abstract_state: nnx.State, patch_size: int) -> jax.Array:
     """Gram anchoring (recipe §3.5, §6): the frozen Gram teacher sees the same field of view at a higher
     resolution; its patch grid is resized to the student's before comparing per-image Gram matrices."""
-    crops = _flatten_crops(gram_crops)
+    crops = flatten_crops(gram_crops)
     # Only the backbone of the Gram teacher exists; the EMA teacher's heads fill the unused head slots.
-    model = _merge(graphdef, abstract_state, jax.lax.stop_gradient(dict(teacher, backbone=gram_teacher["backbone"])))
+    model = merge_model(graphdef, abstract_state, jax.lax.stop_gradient(dict(teacher, backbone=gram_teacher["backbone"])))
     teacher_patch = model.backbone(crops, patch_size=patch_size, train=False)["patch"]
     spatial = crops.ndim - 2
     grid_from = (crops.shape[1] // patch_size,) * spatial
@@ -165,7 +144,11 @@ def initial_params(config: mlc.ConfigDict, params: Params) -> Params:
     return params
 
 
-def evaluator(config: mlc.ConfigDict, program: Any) -> None:
-    """Stages 1-2 have no in-training evaluation."""
-    del config, program
-    return None
+def validate(config: mlc.ConfigDict) -> None:
+    """DINO has no keys beyond those every stage has (`flexict_jax.config_check`)."""
+    del config
+
+
+def check_vlm_source(config: mlc.ConfigDict, source: str, parts: Params, meta: dict) -> None:
+    raise ConfigError("config.init.mode='vlm' starts stage 3 from a vision-language checkpoint; use "
+                      "--config=configs/stage3.py")

@@ -20,6 +20,8 @@ from scipy import ndimage
 from flexict_jax.data import volume_store
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
+IMAGE_FILL_HU = -1024  # air, outside the source field of view
+LABEL_FILL = 0
 # Largest off-axis direction cosine still treated as axis-aligned: 1e-4 moves a voxel by at most 0.05 mm
 # across a 500 mm field of view, far below any CT spacing, while float32 header noise (~1e-7) passes.
 AXIS_ALIGNED_TOL = 1e-4

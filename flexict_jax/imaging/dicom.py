@@ -20,7 +20,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from data_prep.readers import SourceError, SourceVolume, file_sha256
+from flexict_jax.imaging.readers import SourceError, SourceVolume, file_sha256
 
 # Two slices closer than this (mm) along the normal are the same position.
 DUPLICATE_TOL_MM = 1e-2

@@ -1,6 +1,6 @@
 """Reading source CT: NIfTI files (nibabel) and the sanity checks every source volume passes before ingest.
 
-DICOM series reading lives in `data_prep.dicom`; both produce a `SourceVolume`.
+DICOM series reading lives in `flexict_jax.imaging.dicom`; both produce a `SourceVolume`.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from data_prep import geometry
+from flexict_jax.imaging import geometry
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 LABEL_SUFFIXES = ("_label", "_seg")  # `<name>_label.nii.gz` beside `<name>.nii.gz` is that image's label map

@@ -30,7 +30,8 @@ from flexict_jax import variants
 from flexict_jax.data import grain_common, slice_source
 from flexict_jax.data.crops2d import MultiCrop, resize_crops
 from flexict_jax.data.intensity import IntensityAugment, normalize_hu
-from flexict_jax.data.masking import IbotMasking
+from flexict_jax.data.masking2d import IbotMasking
+from flexict_jax.errors import ConfigError
 
 
 class Stage1Transform(grain.transforms.MapWithIndex):
@@ -151,7 +152,7 @@ def build_stage1_hires_dataset(data: ml_collections.ConfigDict, *, seed: int, ba
     """
     if (len(patch_size_probs) != len(patch_sizes) or min(patch_size_probs) < 0
             or abs(sum(patch_size_probs) - 1.0) > 1e-6):
-        raise ValueError(f"config patch_size_probs {tuple(patch_size_probs)} must give one non-negative "
+        raise ConfigError(f"config patch_size_probs {tuple(patch_size_probs)} must give one non-negative "
                          f"probability per patch size {tuple(patch_sizes)}, summing to 1")
     resolutions = _resolutions(resolutions, resolution_probs)
     per_resolution = [stage1_transform(data, seed=seed, patch_sizes=patch_sizes, resolution=r,
@@ -205,17 +206,17 @@ def _resolutions(resolutions: Sequence[Sequence[int]], probs: Sequence[float]) -
         triples = [tuple(int(n) for n in r) for r in resolutions]
         probs = [float(p) for p in probs]
     except (TypeError, ValueError) as e:
-        raise ValueError(f"config data.resolutions must be (global, local, Gram) size triples and "
+        raise ConfigError(f"config data.resolutions must be (global, local, Gram) size triples and "
                          f"data.resolution_probs numbers, got {resolutions!r} and {probs!r}") from e
     for i, triple in enumerate(triples):
         if len(triple) != 3 or min(triple) < 1:
-            raise ValueError(f"config data.resolutions[{i}] must be three positive sizes (global, local, Gram), "
+            raise ConfigError(f"config data.resolutions[{i}] must be three positive sizes (global, local, Gram), "
                              f"got {resolutions[i]!r}")
     if not triples or len(probs) != len(triples):
-        raise ValueError(f"config data.resolution_probs {tuple(probs)} must give one probability per entry of "
+        raise ConfigError(f"config data.resolution_probs {tuple(probs)} must give one probability per entry of "
                          f"data.resolutions ({len(triples)})")
     if min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
-        raise ValueError(f"config data.resolution_probs {tuple(probs)} must be non-negative and sum to 1")
+        raise ConfigError(f"config data.resolution_probs {tuple(probs)} must be non-negative and sum to 1")
     return triples
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from flexict_jax.data.masking import IbotMasking, block_mask
+from flexict_jax.data.masking2d import IbotMasking, block_mask
 
 
 @pytest.mark.parametrize("grid", [2, 4, 16])

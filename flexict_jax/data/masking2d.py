@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numpy as np
+from flexict_jax.errors import ConfigError
 
 # DINOv2 gives up placing rectangles after this many consecutive misses and fills the rest at random.
 _BLOCK_ATTEMPTS = 10
@@ -102,15 +103,15 @@ class IbotMasking:
 
     def __post_init__(self):
         if not 0.0 <= self.probability <= 1.0:
-            raise ValueError(f"data.mask.probability must be in [0, 1], got {self.probability}")
+            raise ConfigError(f"data.mask.probability must be in [0, 1], got {self.probability}")
         if not 0.0 <= self.ratio[0] <= self.ratio[1] <= 1.0:
-            raise ValueError(f"data.mask.ratio must satisfy 0 <= min <= max <= 1, got {self.ratio}")
+            raise ConfigError(f"data.mask.ratio must satisfy 0 <= min <= max <= 1, got {self.ratio}")
         if self.min_block_patches < 1:
-            raise ValueError(f"data.mask.min_block_patches must be >= 1, got {self.min_block_patches}")
+            raise ConfigError(f"data.mask.min_block_patches must be >= 1, got {self.min_block_patches}")
         if not 0.0 < self.block_aspect[0] <= self.block_aspect[1]:
-            raise ValueError(f"data.mask.block_aspect must satisfy 0 < min <= max, got {self.block_aspect}")
+            raise ConfigError(f"data.mask.block_aspect must satisfy 0 < min <= max, got {self.block_aspect}")
         if not 0.0 < self.max_block_fraction <= 1.0:
-            raise ValueError(f"data.mask.max_block_fraction must be in (0, 1], got {self.max_block_fraction}")
+            raise ConfigError(f"data.mask.max_block_fraction must be in (0, 1], got {self.max_block_fraction}")
 
     def __call__(self, rng: np.random.Generator, n_crops: int, grid: int) -> np.ndarray:
         """bool [n_crops, grid*grid]: the `masked_crops` get a block mask, the others are all False."""

@@ -1,0 +1,1 @@
+"""Reading CT as acquired: NIfTI and DICOM readers, LPS geometry and resampling (used by ingest and embed)."""
