@@ -90,9 +90,13 @@ def _splash_sharded(q, k, v, *, scale, key_mask, is_causal, interpret) -> jax.Ar
 
 
 def _splash_local(q, k, v, key_mask, *, scale, is_causal, interpret):
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
-    batch, length, heads, _ = q.shape
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as kernel_lib,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as mask_lib,
+    )
+    _, length, heads, _ = q.shape
     if k.shape[1] != length:
         raise ValueError(f"splash attention: queries ({length}) and keys ({k.shape[1]}) differ in length")
     padded = -(-length // SPLASH_LANES) * SPLASH_LANES
