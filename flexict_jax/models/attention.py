@@ -1,7 +1,10 @@
 """Scaled dot-product attention with a per-platform kernel (config.model.attention_impl; docs/scaling.md).
 
-  "xla"    `jax.nn.dot_product_attention(implementation="xla")`: materialises the [B, heads, T, S] scores; the
-           reference, and what every CPU run uses. Softmax in float32 whatever the input dtype.
+  "xla"    two einsums around a float32 softmax, materialising the [B, heads, T, S] scores: the reference, and
+           what every CPU run uses. It is the arithmetic of `jax.nn.dot_product_attention(implementation="xla")`
+           (float32 logits and softmax whatever the input dtype, a large finite negative for masked logits),
+           written heads-first: on XLA:CPU jax's version runs the ViT-B attention fwd+bwd 1.6x slower
+           (bench/bench_torch_vs_jax.py, docs/benchmarks.md).
   "cudnn"  the same call with implementation="cudnn": cuDNN's fused flash attention (GPU, bf16/fp16 only,
            head_dim a multiple of 8 and at most 128).
   "splash" the Pallas TPU splash-attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`): flash
@@ -62,10 +65,29 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
         if out is not None:
             return out
         impl = "xla"  # a batch the mesh does not divide (e.g. a drop-path subset): see _splash_sharded
-    mask = None
-    if key_mask is not None:
-        mask = key_mask[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation=impl)
+    if impl == "cudnn":
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale,
+                                            implementation="cudnn")
+    return _xla(q, k, v, scale=scale, key_mask=key_mask, is_causal=is_causal)
+
+
+def _xla(q, k, v, *, scale, key_mask, is_causal):
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    # Query head h reads kv head h // group (transformers' repeat_kv order).
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
+    logits = logits * jnp.float32(scale)
+    allowed = None if key_mask is None else key_mask[:, None, None, None, :]
+    if is_causal:
+        causal = jnp.tril(jnp.ones((length, k.shape[1]), bool))
+        allowed = causal if allowed is None else allowed & causal
+    if allowed is not None:  # finite, as jax's: a row with no allowed key averages all values instead of NaN
+        logits = jnp.where(allowed, logits, -0.7 * jnp.finfo(logits.dtype).max)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(batch, length, heads, head_dim)
 
 
 def _splash_sharded(q, k, v, *, scale, key_mask, is_causal, interpret) -> jax.Array | None:
