@@ -70,7 +70,7 @@ def _torch_step(model, x: np.ndarray, patch_size: int):
         out = model.forward_features(xt)
         loss = out["x_prenorm"].square().mean()
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
     return run
 
 
