@@ -64,7 +64,12 @@ def ssl_config(stage: str, variant: str, *, global_batch_size: int, total_steps:
         rope_periods_2d=None, rope_periods_3d=None,
         remat_policy="none",  # flexict_jax.models.vit.REMAT_POLICIES: none / full / dots / dots_no_batch
         scan_blocks=True,  # one compiled block for all 16 (ViT-B stage-1 step compile 60 s -> 26 s on CPU)
-        drop_path_group_size=None))  # stages set upstream's per-GPU batch (recipe §2.1: subset per GPU batch)
+        drop_path_group_size=None,  # stages set upstream's per-GPU batch (recipe §2.1: subset per GPU batch)
+        # Recipe §4: upstream computes in bf16 on float32 master weights (docs/scaling.md "Mixed precision").
+        # The recipe variants are for accelerators; tiny/demo set float32 (XLA:CPU has no fast bf16 matmul).
+        compute_dtype="bfloat16",
+        # flexict_jax.models.attention: auto (cuDNN on GPU in bf16, splash on TPU, else XLA) / xla / cudnn / splash
+        attention_impl="auto"))
     c.heads = mlc.ConfigDict(HEADS["base"])
     # Recipe §2.3: one patch size per step, 16 or 8 with probability 1/2, drawn from a step-seeded RNG.
     c.patch_sizes = (16, 8)
@@ -97,6 +102,7 @@ def cpu_sized(c: mlc.ConfigDict, variant: str) -> None:
     c.heads = mlc.ConfigDict(HEADS[variant])
     c.data.update(dict(num_workers=0, read_threads=1, prefetch_buffer_size=2))
     c.model.drop_path_group_size = 4 if variant == "tiny" else 8  # divides the tiny/demo batches of every stage
+    c.model.compute_dtype = "float32"
     if variant == "tiny":
         c.ckpt.update(every_steps=3, keep_last=2, async_save=False)
         c.log_every = 1

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flexict_jax.models import rope
+from flexict_jax.models import attention, rope
 
 LAYER_NORM_EPS = 1e-6  # recipe §2.1
 
@@ -65,9 +65,11 @@ class Attention(nnx.Module):
     qkv kernel column = s·dim + h·head_dim + d for s in (q, k, v): the torch row order (torch-format §1.5).
     """
 
-    def __init__(self, dim: int, num_heads: int, *, rope_bf16: bool, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, *, rope_bf16: bool, attention_impl: str = "auto",
+                 rngs: nnx.Rngs):
         self.num_heads = num_heads
         self.rope_bf16 = rope_bf16
+        self.attention_impl = attention.check_impl(attention_impl)
         self.qkv = linear(dim, 3 * dim, ("embed", "qkv"), use_bias=False, rngs=rngs)
         self.proj = linear(dim, dim, ("heads", "embed"), rngs=rngs)
 
@@ -77,7 +79,8 @@ class Attention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = rope.apply_rope(q, sin, cos, bf16=self.rope_bf16)
         k = rope.apply_rope(k, sin, cos, bf16=self.rope_bf16)
-        out = jax.nn.dot_product_attention(q, k, v, scale=(dim // self.num_heads) ** -0.5)
+        out = attention.dot_product_attention(q, k, v, scale=(dim // self.num_heads) ** -0.5,
+                                              impl=self.attention_impl)
         return self.proj(out.reshape(batch, length, dim))
 
 
@@ -113,10 +116,10 @@ class Block(nnx.Module):
     """Pre-norm transformer block with LayerScale on both residual branches (torch-format §2.4)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, layerscale_init: float,
-                 drop_path_rate: float, rope_bf16: bool, rngs: nnx.Rngs):
+                 drop_path_rate: float, rope_bf16: bool, attention_impl: str = "auto", rngs: nnx.Rngs):
         self.drop_path_rate = drop_path_rate
         self.norm1 = layer_norm(dim, rngs=rngs)
-        self.attn = Attention(dim, num_heads, rope_bf16=rope_bf16, rngs=rngs)
+        self.attn = Attention(dim, num_heads, rope_bf16=rope_bf16, attention_impl=attention_impl, rngs=rngs)
         self.ls1 = LayerScale(dim, layerscale_init)
         self.norm2 = layer_norm(dim, rngs=rngs)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs)

@@ -92,5 +92,6 @@ class PatchEmbed(nnx.Module):
         n = self.spatial_dims
         x = x.transpose([0] + [1 + 2 * i for i in range(n)] + [2 + 2 * i for i in range(n)] + [1 + 2 * n])
         patches = x.reshape(batch, int(np.prod(grid)), -1)
-        kernel = self.kernel_for(patch_size)
+        # The PI-resize runs in float32 (its constant is float32, as upstream's pinv); the matmul in x's dtype.
+        kernel = self.kernel_for(patch_size).astype(patches.dtype)
         return patches @ kernel.reshape(patches.shape[-1], -1) + self.bias[...], grid

@@ -83,13 +83,14 @@ class Qwen3Config:
             rope_theta=float(hf.get("rope_theta", rope_parameters.get("rope_theta", 10_000.0))))
 
 
-def qwen3_encoder(config: Qwen3Config, *, remat: bool = False, rngs: nnx.Rngs) -> TextEncoder:
+def qwen3_encoder(config: Qwen3Config, *, remat: bool = False, attention_impl: str = "auto",
+                  rngs: nnx.Rngs) -> TextEncoder:
     """A randomly initialised Qwen3 tower; load weights into it with `nnx.update` (see `load_into`)."""
     return TextEncoder(
         vocab_size=config.vocab_size, width=config.hidden_size, depth=config.num_hidden_layers,
         num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
         mlp_dim=config.intermediate_size, causal=True, pooling="last", rope_theta=config.rope_theta,
-        norm_eps=config.rms_norm_eps, remat=remat, rngs=rngs)
+        norm_eps=config.rms_norm_eps, remat=remat, attention_impl=attention_impl, rngs=rngs)
 
 
 def load_into(encoder: TextEncoder, params: Mapping[str, Any]) -> None:

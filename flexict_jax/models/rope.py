@@ -135,13 +135,16 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array, *, bf16: bool = Fal
     """Rotates the last sin.shape[0] tokens of x [B, T, heads, head_dim]; earlier (prefix) tokens pass.
 
     With `bf16`, the whole of x is rounded first: upstream casts q and k to bf16 including the prefix rows.
+    The rotation runs in the tables' float32 and the result comes back in x's dtype, as upstream's `rope_apply`
+    casts bf16 q/k to the RoPE dtype and back.
     """
     maybe_round = _rounding(bf16)
-    x = maybe_round(x)
+    dtype = x.dtype
+    x = maybe_round(x.astype(jnp.promote_types(dtype, sin.dtype)))
     prefix = x.shape[1] - sin.shape[0]
     if prefix < 0:
         raise ValueError(f"RoPE tables cover {sin.shape[0]} tokens, but the sequence has only {x.shape[1]}")
     # Identity rows (sin 0, cos 1) for the prefix keep the rotation one elementwise op over all tokens.
     sin = jnp.pad(sin, ((prefix, 0), (0, 0)))[:, None, :]
     cos = jnp.pad(cos, ((prefix, 0), (0, 0)), constant_values=1.0)[:, None, :]
-    return maybe_round(maybe_round(x * cos) + maybe_round(_rotate_half(x) * sin))
+    return maybe_round(maybe_round(x * cos) + maybe_round(_rotate_half(x) * sin)).astype(dtype)

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from flexict_jax import sharding
-from flexict_jax.models import rope
+from flexict_jax.models import attention, rope
 from flexict_jax.models.layers import linear
 from flexict_jax.models.vit import RESIDUAL_AXES
 
@@ -52,19 +52,6 @@ def text_rope_sincos(length: int, head_dim: int, theta: float) -> tuple[jax.Arra
     return jnp.sin(angles), jnp.cos(angles)
 
 
-def attention_mask(mask: jax.Array, causal: bool) -> jax.Array:
-    """[B, 1, L, L] bool: query i may attend to key j when j is a real token (and j <= i if causal).
-
-    A padded query whose row is all False gets a finite, meaningless output (jax substitutes a large
-    negative logit, not -inf); it never reaches a real token, whose keys exclude padding.
-    """
-    allowed = mask[:, None, None, :]
-    if causal:
-        length = mask.shape[1]
-        allowed = allowed & jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
-    return allowed
-
-
 def pool_tokens(hidden: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:
     """[B, L, D] token outputs -> [B, D].
 
@@ -87,7 +74,9 @@ class SelfAttention(nnx.Module):
     head before RoPE."""
 
     def __init__(self, width: int, num_heads: int, num_kv_heads: int, head_dim: int, *, norm_eps: float,
-                 rngs: nnx.Rngs):
+                 causal: bool, attention_impl: str = "auto", rngs: nnx.Rngs):
+        self.causal = causal
+        self.attention_impl = attention.check_impl(attention_impl)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -99,13 +88,16 @@ class SelfAttention(nnx.Module):
         self.k_norm = rms_norm(head_dim, norm_eps, rngs=rngs)
 
     def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: jax.Array) -> jax.Array:
+        """mask [B, L]: True = real token; queries attend to real keys only (and earlier ones if causal). A padded
+        query gets a finite, meaningless output; it never reaches a real token."""
         batch, length, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
         q = rope.apply_rope(q, sin, cos)
         k = rope.apply_rope(k, sin, cos)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim ** -0.5)
+        out = attention.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, impl=self.attention_impl,
+                                              key_mask=mask, is_causal=self.causal)
         return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
 
 
@@ -125,9 +117,10 @@ class TextBlock(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)) (Qwen3DecoderLayer)."""
 
     def __init__(self, width: int, num_heads: int, num_kv_heads: int, head_dim: int, mlp_dim: int, *,
-                 norm_eps: float, rngs: nnx.Rngs):
+                 norm_eps: float, causal: bool, attention_impl: str = "auto", rngs: nnx.Rngs):
         self.input_layernorm = rms_norm(width, norm_eps, rngs=rngs)
-        self.self_attn = SelfAttention(width, num_heads, num_kv_heads, head_dim, norm_eps=norm_eps, rngs=rngs)
+        self.self_attn = SelfAttention(width, num_heads, num_kv_heads, head_dim, norm_eps=norm_eps, causal=causal,
+                                       attention_impl=attention_impl, rngs=rngs)
         self.post_attention_layernorm = rms_norm(width, norm_eps, rngs=rngs)
         self.mlp = SwiGLU(width, mlp_dim, rngs=rngs)
 
@@ -147,7 +140,7 @@ class TextEncoder(nnx.Module):
     def __init__(self, *, vocab_size: int, width: int, depth: int, num_heads: int, num_kv_heads: int | None = None,
                  head_dim: int | None = None, mlp_dim: int | None = None, causal: bool = False,
                  pooling: str = "mean", rope_theta: float = 10_000.0, norm_eps: float = 1e-6, remat: bool = False,
-                 rngs: nnx.Rngs):
+                 attention_impl: str = "auto", rngs: nnx.Rngs):
         """
         num_kv_heads: key/value heads (grouped-query attention); None = num_heads.
         head_dim: None = width // num_heads (Qwen3-0.6B decouples them: 16 heads × 128 on a 1024 width).
@@ -155,6 +148,7 @@ class TextEncoder(nnx.Module):
         causal: causal attention (Qwen3) or bidirectional (the from-scratch tower; see the module docstring).
         pooling: "mean" or "last" (last real token; Qwen3-Embedding, recipe §2.5).
         remat: recompute each block in the backward pass (recipe §14.1: gradient checkpointing).
+        attention_impl: the attention kernel, a key of `attention.ATTENTION_IMPLS` ("auto": per platform).
         """
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         head_dim = width // num_heads if head_dim is None else head_dim
@@ -179,7 +173,8 @@ class TextEncoder(nnx.Module):
             vocab_size, width, rngs=rngs,
             embedding_init=nnx.with_partitioning(nnx.initializers.normal(EMBEDDING_INIT_STD), ("vocab", "embed")))
         self.layers = nnx.List([
-            TextBlock(width, num_heads, num_kv_heads, head_dim, mlp_dim, norm_eps=norm_eps, rngs=rngs)
+            TextBlock(width, num_heads, num_kv_heads, head_dim, mlp_dim, norm_eps=norm_eps, causal=causal,
+                      attention_impl=attention_impl, rngs=rngs)
             for _ in range(depth)])
         self.norm = rms_norm(width, norm_eps, rngs=rngs)
 
@@ -196,9 +191,8 @@ class TextEncoder(nnx.Module):
         mask = mask.astype(bool)
         h = sharding.constrain(self.embed_tokens(tokens), RESIDUAL_AXES)
         sin, cos = text_rope_sincos(tokens.shape[1], self.head_dim, self.rope_theta)
-        allowed = attention_mask(mask, self.causal)
         apply_block = nnx.remat(TextBlock.__call__) if self.remat else TextBlock.__call__
         for layer in self.layers:
-            h = sharding.constrain(apply_block(layer, h, sin, cos, allowed), RESIDUAL_AXES)
+            h = sharding.constrain(apply_block(layer, h, sin, cos, mask), RESIDUAL_AXES)
         hidden = self.norm(h)
         return {"hidden": hidden, "pooled": pool_tokens(hidden, mask, self.pooling)}

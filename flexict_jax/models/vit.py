@@ -34,7 +34,7 @@ class VisionTransformer(nnx.Module):
                  rope_rescale: float | None = 2.0, rope_bf16: bool = False,
                  rope_periods_2d: tuple[float, ...] | None = None, rope_periods_3d: tuple[float, ...] | None = None,
                  remat_policy: str = "none",
-                 scan_blocks: bool = False, drop_path_group_size: int | None = None,
+                 scan_blocks: bool = False, drop_path_group_size: int | None = None, attention_impl: str = "auto",
                  rngs: nnx.Rngs):
         """
         drop_path_rate: batch-subset stochastic depth, the same rate in every block (recipe §2.1).
@@ -48,6 +48,7 @@ class VisionTransformer(nnx.Module):
             instead of `depth` (compile time), while parameters stay one entry per block (checkpoint layout).
         drop_path_group_size: stochastic depth draws its subset within groups of this many samples (upstream:
             the per-GPU batch); None = one group over the whole batch.
+        attention_impl: the attention kernel, a key of `attention.ATTENTION_IMPLS` ("auto": per platform).
         """
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -83,7 +84,7 @@ class VisionTransformer(nnx.Module):
         self.mask_token = nnx.Param(jnp.zeros((1, dim)), out_sharding=(None, "embed"))
         self.blocks = nnx.List([
             Block(dim, num_heads, mlp_ratio, layerscale_init=layerscale_init, drop_path_rate=drop_path_rate,
-                  rope_bf16=rope_bf16, rngs=rngs)
+                  rope_bf16=rope_bf16, attention_impl=attention_impl, rngs=rngs)
             for _ in range(depth)])
         self.norm = layer_norm(dim, rngs=rngs)
 

@@ -29,7 +29,7 @@ from flax import nnx
 from flexict_jax import checkpointing
 from flexict_jax.data import pipeline_align
 from flexict_jax.losses import contrastive, dino, ibot, sinkhorn
-from flexict_jax.models import qwen3, vlm
+from flexict_jax.models import precision, qwen3, vlm
 from flexict_jax.models.text_encoder import TextEncoder
 from flexict_jax.tasks.common import crops_first, flatten_crops, masked_token_capacity, merge_model
 from flexict_jax.tasks.dino import DinoModel
@@ -45,6 +45,9 @@ VLM_PARTS = ("backbone", "vision_projection", "text_tower", "logit_scale")
 INIT_MODES = ("continue", "inflate_2d_to_3d", "backbone", "vlm")
 # SigLIP's initialisation (Zhai et al. 2023): t' = ln 10, b = -10.
 SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT = math.log(10.0), -10.0
+# Scalars of the CLIP/SigLIP/OSL logits: they stay float32 under bf16 compute (a bf16 ℓ = ln(1/0.07) would be
+# off by up to 0.4 % in e^ℓ), the logits being float32 (docs/scaling.md "Mixed precision").
+LOGIT_PARAMS = ("logit_scale", "logit_bias")
 
 
 class AlignModel(DinoModel, vlm.VisionLanguageHead):
@@ -103,15 +106,16 @@ def _qwen3_config(folder: str) -> qwen3.Qwen3Config:
 
 
 def _text_tower(config: mlc.ConfigDict, rngs: nnx.Rngs) -> TextEncoder:
-    text = config.text
+    text, impl = config.text, config.model.get("attention_impl", "auto")
     vocab_size = pipeline_align.load_text_tokenizer(text, config.data.dir).vocab_size
     if text.tower == "qwen3":
         tower_config = _qwen3_config(text.hf_folder)
         if vocab_size > tower_config.vocab_size:
             raise ConfigError(f"config.text: the tokenizer has {vocab_size} ids but the Qwen3 embedding of "
                              f"{text.hf_folder} only {tower_config.vocab_size}")
-        return qwen3.qwen3_encoder(tower_config, remat=text.remat, rngs=rngs)
-    return TextEncoder(vocab_size=vocab_size, **text.scratch.to_dict(), remat=text.remat, rngs=rngs)
+        return qwen3.qwen3_encoder(tower_config, remat=text.remat, attention_impl=impl, rngs=rngs)
+    return TextEncoder(vocab_size=vocab_size, **text.scratch.to_dict(), remat=text.remat,
+                       attention_impl=impl, rngs=rngs)
 
 
 def build_model(config: mlc.ConfigDict, seed: int) -> AlignModel:
@@ -160,10 +164,15 @@ def _osl_term(model: AlignModel, image_emb: jax.Array, batch: Mapping[str, jax.A
 def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], key: jax.Array, *,
             graphdef: nnx.GraphDef, abstract_state: nnx.State, config: mlc.ConfigDict, patch_size: int,
             teacher_temperature: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Total stage-3 loss (recipe §8) and its terms; `batch` is `step_batch`'s."""
+    """Total stage-3 loss (recipe §8) and its terms; `batch` is `step_batch`'s. The models run in
+    config.model.compute_dtype (`precision`), the logit scale/bias and the loss in float32."""
     loss_cfg, n_local = config.loss, config.data.n_local_crops
-    global_crops = flatten_crops(batch["global_crops"])  # [B, G, G, G, 1]: one global crop per sample
-    local_crops = flatten_crops(batch["local_crops"])
+    logged_scale = student["logit_scale"]
+    dtype = precision.compute_dtype(config.model.get("compute_dtype", "float32"))
+    student = {k: v if k in LOGIT_PARAMS else precision.cast_for_compute(v, dtype) for k, v in student.items()}
+    teacher = precision.cast_for_compute(teacher, dtype)
+    global_crops = flatten_crops(batch["global_crops"]).astype(dtype)  # [B, G, G, G, 1]: one global crop/sample
+    local_crops = flatten_crops(batch["local_crops"]).astype(dtype)
     masks = flatten_crops(batch["masks"])
     token_index, token_valid, token_weight = ibot.gather_masked(
         masks, masked_token_capacity(batch["masks"].shape, config))
@@ -203,7 +212,7 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
     total = (loss_cfg.dino_weight * terms["dino_local"] + loss_cfg.ibot_weight * terms["ibot"]
              + loss_cfg.contrastive_weight * terms[loss_cfg.contrastive] + loss_cfg.osl_weight * terms["osl"])
     # Logged: the logit scale this step used, i.e. the clamped value after the previous step.
-    return total, {**terms, "logit_scale": student["logit_scale"]}
+    return total, {**terms, "logit_scale": logged_scale}
 
 
 def teacher_params(params: Params) -> Params:

@@ -17,6 +17,7 @@ from flax import nnx
 
 from flexict_jax.errors import ConfigError
 from flexict_jax.losses import dino, gram, ibot, koleo, sinkhorn
+from flexict_jax.models import precision
 from flexict_jax.models.heads import DINOHead
 from flexict_jax.models.vit import VisionTransformer
 from flexict_jax.tasks.common import crops_first, flatten_crops, masked_token_capacity, merge_model
@@ -26,6 +27,8 @@ Params = dict[str, Any]
 # Stage 1 starts from scratch or continues a run; stage 1.1 continues stage 1; stage 2 inflates stage 1's
 # backbone (heads re-initialised, recipe §7). A vision-language source is stage 3's.
 INIT_MODES = ("continue", "inflate_2d_to_3d", "backbone")
+# config.model keys that are not VisionTransformer arguments: the task applies them around the model.
+TASK_MODEL_KEYS = ("compute_dtype",)
 
 
 class DinoModel(nnx.Module):
@@ -35,7 +38,7 @@ class DinoModel(nnx.Module):
     """
 
     def __init__(self, model: Mapping[str, Any], heads: Mapping[str, Any], *, rngs: nnx.Rngs):
-        self.backbone = VisionTransformer(**model, rngs=rngs)
+        self.backbone = VisionTransformer(**{k: v for k, v in model.items() if k not in TASK_MODEL_KEYS}, rngs=rngs)
         self.dino_head = DINOHead(model["dim"], **heads, rngs=rngs)
         self.ibot_head = DINOHead(model["dim"], **heads, rngs=rngs)
 
@@ -62,10 +65,13 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
             teacher_temperature: jax.Array,
             gram_teacher: Params | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total loss (recipe §3.6) and its terms. `batch` holds this step's masks under "masks"; with a frozen
-    `gram_teacher` (stage 1.1) the batch also has "gram_crops" and the Gram term is added (recipe §3.5)."""
+    `gram_teacher` (stage 1.1) the batch also has "gram_crops" and the Gram term is added (recipe §3.5).
+    Student, teacher and crops run in config.model.compute_dtype (`precision`); the loss is float32."""
     loss_cfg, n_global, n_local = config.loss, config.data.n_global_crops, config.data.n_local_crops
-    global_crops = flatten_crops(batch["global_crops"])
-    local_crops = flatten_crops(batch["local_crops"])
+    dtype = precision.compute_dtype(config.model.get("compute_dtype", "float32"))
+    student, teacher = precision.cast_for_compute((student, teacher), dtype)
+    global_crops = flatten_crops(batch["global_crops"]).astype(dtype)
+    local_crops = flatten_crops(batch["local_crops"]).astype(dtype)
     masks = flatten_crops(batch["masks"])  # [B * n_global, N]
     n_images = masks.shape[0]
     token_index, token_valid, token_weight = ibot.gather_masked(
@@ -106,7 +112,8 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
             for cls in crops_first(s_global["cls"], n_global)])),
     }
     if gram_teacher is not None:
-        terms["gram"] = _gram_term(gram_teacher, teacher, batch["gram_crops"], s_global["patch"],
+        terms["gram"] = _gram_term(precision.cast_for_compute(gram_teacher, dtype), teacher,
+                                   batch["gram_crops"].astype(dtype), s_global["patch"],
                                    graphdef=graphdef, abstract_state=abstract_state, patch_size=patch_size)
     total = (loss_cfg.dino_weight * (scale_local * loss_cfg.dino_local_weight * terms["dino_local"]
                                      + scale_global * terms["dino_global"])
