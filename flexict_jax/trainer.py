@@ -8,6 +8,7 @@ loop (variant draw, global batch, step, metrics, checkpoint) → final checkpoin
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import os
@@ -80,6 +81,24 @@ def validate_config(config: mlc.ConfigDict) -> None:
             raise ConfigError(f"config.init.mode={config.init.mode!r} must be one of {INIT_MODES}")
         if not epath.Path(config.init.from_workdir).exists():
             raise ConfigError(f"config.init.from={config.init.from_workdir!r} does not exist")
+
+
+def unknown_key_message(config: mlc.ConfigDict, key: str) -> str | None:
+    """Why dotted `key` (e.g. "data.on_corupt") is not a key of `config`, naming the closest valid ones; None
+    when it is one."""
+    node, path = config, []
+    for part in key.split("."):
+        if not isinstance(node, mlc.ConfigDict):
+            return f"config.{'.'.join(path)} is a value, not a section: --config.{key} does not exist"
+        if part not in node:
+            where = f"config.{'.'.join(path)}" if path else "the config"
+            close = difflib.get_close_matches(part, [str(k) for k in node.keys()], n=3, cutoff=0.6)
+            hint = (f"did you mean {', '.join('config.' + '.'.join([*path, c]) for c in close)}?" if close
+                    else f"{where} has {', '.join(sorted(str(k) for k in node.keys()))}")
+            return f"--config.{key}: {where} has no key {part!r}; {hint}"
+        node = node[part]
+        path.append(part)
+    return None
 
 
 def uses_gram(config: mlc.ConfigDict) -> bool:
@@ -319,16 +338,12 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     adopt_rope_periods(config, workdir)
     is_chief = jax.process_index() == 0
-    if is_chief:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     mesh = sharding.make_mesh(config.mesh)
     writer = metric_io.MetricWriter(workdir, enabled=is_chief)
 
     with sharding.activate(mesh, config.sharding_rules):
         program = build_program(config, mesh)
         report = sharding.sharding_report(mesh, program.abstract_state["params"], program.param_specs)
-        if is_chief:
-            (workdir / "sharding_report.json").write_text(json.dumps(report, indent=1))
         logging.info("parameters: %.1f MB, %.1f MB per device on mesh %s", report["total_bytes"] / 2**20,
                      report["bytes_per_device"] / 2**20, report["mesh"])
         for name in report["large_replicated"]:
@@ -359,12 +374,18 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
             if "init" in meta or "gram" in meta:  # a converted start is a checkpoint of its own
                 ckpt.save(0, state, data_iterator, meta, force=True)
 
+        # The run is accepted (config, data, checkpoint or hand-off all checked): only now is anything the
+        # workdir already had rewritten, so a refused start leaves it as it was.
+        if is_chief:
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+            (workdir / "sharding_report.json").write_text(json.dumps(report, indent=1))
         evaluate = tasks.get(config).evaluator(config, program)
         stop = _StopFlag()
         step = int(jax.device_get(state["step"]))
         compiled: dict[Variant, Callable] = {}
         throughput = metric_io.Throughput(step, config.total_steps)
         nonfinite_streak, exit_code = 0, 0
+        records_replaced = 0  # stand-ins for corrupt records (data.on_corrupt=skip) since the last metrics row
         logging.info("training %s from step %d to %d on a %s mesh", config.stage, step, config.total_steps,
                      dict(mesh.shape))
         while step < config.total_steps:
@@ -373,7 +394,9 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
                 ckpt.save(step, state, data_iterator, meta, force=True)
                 break
             variant = datasets.variant_for_step(config, step)
-            local = tasks.get(config).step_batch(next(data_iterator), variant)
+            host_batch = next(data_iterator)
+            records_replaced += int(np.sum(host_batch.get("records_replaced", 0)))
+            local = tasks.get(config).step_batch(host_batch, variant)
             batch = global_batch(mesh, local)
             if variant not in compiled:  # one compiled step per variant, built on first use
                 compiled[variant] = program.train_step(config, variant, local).lower(state, batch).compile()
@@ -394,6 +417,9 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
                 nonfinite_streak = 0
             if step % config.log_every == 0 or step == config.total_steps:
                 scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
+                if config.data.get("on_corrupt") == "skip":
+                    scalars["data/records_replaced"] = distributed.process_sum(records_replaced)
+                    records_replaced = 0
                 writer.write(step, {**scalars, "patch_size": variant.patch_size,
                                     **throughput.update(step, config.global_batch_size)})
             if evaluate is not None and (step % config.eval.every_steps == 0 or step == config.total_steps):
