@@ -34,12 +34,21 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _LibraryInfoFilter(py_logging.Filter):
-    """Orbax and Grain log several INFO lines per checkpoint; keep their warnings, drop their chatter."""
+    """Orbax and Grain log several INFO lines per checkpoint; keep their warnings, drop their chatter. Unless
+    `tracebacks`, their errors lose the traceback too (Orbax's save threads log one per failed thread before
+    the main thread re-raises, and `main` turns that into the one line that says what to do)."""
 
     _QUIET = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}")
 
+    def __init__(self, tracebacks: bool):
+        super().__init__()
+        self.tracebacks = tracebacks
+
     def filter(self, record: py_logging.LogRecord) -> bool:
-        return record.levelno >= py_logging.WARNING or not any(q in record.pathname for q in self._QUIET)
+        library = any(q in record.pathname for q in self._QUIET)
+        if library and not self.tracebacks:
+            record.exc_info, record.exc_text = None, None
+        return record.levelno >= py_logging.WARNING or not library
 
 
 # Disk and permission faults, by errno and by the text TensorStore and Orbax's save threads wrap them in.
@@ -114,7 +123,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from flexict_jax import trainer  # after flag parsing, so --help stays fast
     logging.set_verbosity(max(logging.INFO, flags.FLAGS.verbosity))
-    logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+    logging.get_absl_handler().addFilter(_LibraryInfoFilter(tracebacks=_verbose(sys.argv)))
     try:
         code = trainer.train(_CONFIG.value, _WORKDIR.value)
     except Exception as e:  # known faults become one line; anything else keeps its traceback
