@@ -175,7 +175,7 @@ def read_target_spacing(dataset_dir: Path | str) -> list[float] | str | None:
     """The dataset's target spacing (mm, z, y, x) or "native"; None for a dataset without volumes.
 
     From dataset.json; for a dataset ingested before that file existed, from the attributes of its first
-    volume (every array records the target spacing it was resampled to).
+    readable volume (ingest records in every array the target spacing it was resampled to).
     """
     dataset_dir = Path(dataset_dir)
     path = dataset_dir / DATASET_FILE
@@ -188,10 +188,12 @@ def read_target_spacing(dataset_dir: Path | str) -> list[float] | str | None:
                 or "target_spacing" not in document:
             raise ValueError(f"{path}: not a {DATASET_FORMAT} file (expected keys 'format' and 'target_spacing')")
         return document["target_spacing"]
-    entries = read_manifest(dataset_dir) if (dataset_dir / MANIFEST_NAME).is_file() else []
-    if not entries:
-        return None
-    return read_attributes(dataset_dir / entries[0]["path"]).get("target_spacing")
+    for entry in read_manifest(dataset_dir) if (dataset_dir / MANIFEST_NAME).is_file() else []:
+        try:
+            return read_attributes(dataset_dir / entry["path"]).get("target_spacing")
+        except ValueError:  # a broken array is reported by whoever reads it; the next one tells the geometry
+            continue
+    return None
 
 
 def spacing_text(spacing: list[float] | tuple[float, ...] | str | None) -> str:
@@ -217,18 +219,18 @@ def claim_target_spacing(dataset_dir: Path | str, spacing: tuple[float, float, f
 
 
 def check_one_geometry(dataset_dir: Path | str, entries: list[dict]) -> list[float] | str | None:
-    """The dataset's target spacing, after checking that every manifest entry was stored at it (a dataset
-    made at a fixed spacing); a dataset that mixes spacings is refused, naming a volume of each."""
+    """The dataset's target spacing (see `read_target_spacing`), after checking that every manifest entry was
+    stored at it; a volume at another spacing is refused, naming it. A "native" dataset keeps each source's
+    spacing by design, and one whose arrays record no target spacing cannot be checked: both pass."""
     target = read_target_spacing(dataset_dir)
-    if target == "native":
+    if target in (None, "native"):
         return target
-    expected = target if target is not None else (entries[0]["spacing"] if entries else None)
     for entry in entries:
-        if not np.allclose(entry["spacing"], expected, rtol=0, atol=1e-6):
+        if not np.allclose(entry["spacing"], target, rtol=0, atol=1e-6):
             raise ValueError(f"{Path(dataset_dir) / MANIFEST_NAME}: volume {entry['id']!r} has spacing "
-                             f"{spacing_text(entry['spacing'])} mm but the dataset's is {spacing_text(expected)} mm; "
+                             f"{spacing_text(entry['spacing'])} mm but the dataset's is {spacing_text(target)} mm; "
                              f"a dataset holds one geometry: re-ingest the odd volumes into their own dataset")
-    return expected
+    return target
 
 
 def read_attributes(path: Path | str) -> dict:
