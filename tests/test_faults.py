@@ -180,6 +180,18 @@ def test_corrupt_record_names_shard_and_record(corrupt_slices):
     assert shard in line and "data_prep.verify" in line and "on_corrupt=skip" in line
 
 
+def test_truncated_shard_is_refused_at_start_naming_it(real_ct_slices, tmp_path, capsys):
+    directory = tmp_path / "slices"
+    shutil.copytree(real_ct_slices, directory)
+    shard = directory / slice_source.read_slice_index(directory)["shards"][0]
+    os.truncate(shard, shard.stat().st_size // 2)  # a partial copy
+    for on_corrupt in slice_source.ON_CORRUPT:  # skip cannot number the records after it either
+        with pytest.raises(records.CorruptRecordError, match=f"{shard}: corrupt ArrayRecord shard, cannot be opened"):
+            slice_source.open_slice_source(directory, on_corrupt)
+    assert verify_cli.main(["--slices", str(directory)]) == 2
+    assert f"broken: {shard}: corrupt ArrayRecord shard" in capsys.readouterr().err
+
+
 def test_verify_lists_every_corrupt_record(corrupt_slices, real_ct_slices, capsys):
     directory, bad = corrupt_slices
     assert verify_cli.main(["--slices", str(real_ct_slices)]) == 0
@@ -299,14 +311,19 @@ def test_read_only_workdir_is_one_line(real_ct_slices, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not unshare_works(), reason="unprivileged user namespaces (unshare) are not available")
-def test_disk_full_during_a_save_is_one_line(real_ct_slices, tmp_path):
-    """The workdir on a 600 KiB tmpfs: config and metrics fit, the first checkpoint (1.8 MB) does not."""
+def test_disk_full_during_a_save_is_one_line_and_the_rerun_recovers(real_ct_slices, tmp_path):
+    """The workdir on a 600 KiB tmpfs: config and metrics fit, the step-3 checkpoint (1.8 MB) does not. Then the
+    disk grows and the same command runs again: the partial save left behind does not stop it."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mount = f"mount -t tmpfs -o size=600k tmpfs {disk} && exec \"$@\""
+    script = (f"mount -t tmpfs -o size=600k tmpfs {disk} && \"$@\"; echo '--- rerun' >&2; "
+              f"mount -o remount,size=50m {disk} && \"$@\" && ls {disk}/run/checkpoints >&2")
     proc = cli("--config=configs/stage1.py:tiny", f"--workdir={disk}/run", f"--config.data.dir={real_ct_slices}",
-               "--config.patch_sizes=(16,)", "--config.patch_size_probs=(1.0,)",
-               prefix=("unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mount, "sh"))
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    [line] = error_lines(proc.stderr)
+               "--config.patch_sizes=(16,)", "--config.patch_size_probs=(1.0,)", "--config.total_steps=3",
+               prefix=("unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh"))
+    full, rerun = proc.stderr.split("--- rerun")
+    assert "Traceback" not in full, full[-3000:]
+    [line] = error_lines(full)
     assert line.startswith(f"error: no space left on the device holding {disk}/run") and "resumes" in line
+    assert proc.returncode == 0, rerun[-3000:]
+    assert rerun.split()[-1] == "3"  # the rerun's checkpoint, the partial one gone

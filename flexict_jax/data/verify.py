@@ -155,13 +155,16 @@ def verify_slices(slices_dir: str | os.PathLike, *, workers: int = 1, progress: 
         return report
     report.items = len(index["shards"])
     ranges: dict[str | None, list[tuple[int, int]]] = {}  # volume id -> (first record, count) of its runs
-    total = 0
+    total, unopened = 0, 0
     for problems, runs in _run(index["shards"], lambda s: _shard_problems(slices_dir, index, s), "verify shards",
                                workers, progress, str):
         report.problems += problems
+        unopened += not runs
         for volume_id, count in runs:
             ranges.setdefault(volume_id, []).append((total, count))
             total += count
+    if unopened:  # records after an unopenable shard cannot be placed: it is reported, the placement is not checked
+        return report
     if total != index["num_records"]:
         report.problems.append(f"{index_path}: 'num_records' is {index['num_records']} but the shards hold {total} "
                                f"readable or damaged records")
