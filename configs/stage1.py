@@ -26,7 +26,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         hflip_prob=0.5, hu_window=(-1000.0, 1000.0), intensity=common.INTENSITY_AUGMENT,
         mask=dict(probability=0.5, ratio=(0.1, 0.5), min_block_patches=4, block_aspect=(0.3, 1 / 0.3),
                   max_block_fraction=0.5),
-        num_workers=4, worker_buffer_size=2, read_threads=4, prefetch_buffer_size=8))
+        num_workers=4, worker_buffer_size=2, read_threads=4, prefetch_buffer_size=8,
+        on_corrupt="fail"))  # or "skip": a corrupt record is logged, counted and replaced (docs/operations.md)
     c.schedules = mlc.ConfigDict(dict(
         lr=common.schedule(0.0, 2e-4 * c.get_ref("lr_scale"), 2e-4 * c.get_ref("lr_scale"), warmup_steps=30_000),
         weight_decay=common.constant(0.04),

@@ -14,6 +14,10 @@ bounding box of their voxels; the corners outside the source get -1024 HU (label
 Volume ids come from the file name (`foo.nii.gz` -> `foo`) or the DICOM series folder (the SeriesInstanceUID
 when several series share a folder); a name already taken by other content gets `-<8 hex of its sha256>`.
 
+A dataset has one geometry: the first ingest records its --spacing in DATASET_DIR/dataset.json, and an ingest
+into it at another spacing is refused (exit 1). Every manifest entry carries `content_sha256`, the hash of the
+stored voxels, which `python -m data_prep.verify --dataset DATASET_DIR` checks.
+
 Re-running skips sources already in the manifest (same content sha256). A volume is listed only after its
 arrays are committed; temporary and unlisted arrays left by an interrupted run are removed on the next run.
 A bad source is reported with its path and the reason, and the rest of the batch goes on.
@@ -218,10 +222,13 @@ def ingest_volume(job: Job) -> tuple[dict | None, str | None]:
             volume_store.write_volume(dataset_dir / label_path, on_grid,
                                       _attributes(job, grid, "label", candidate.label, label_sha, label))
             written.append(dataset_dir / label_path)
-            entry.update(label_path=label_path, label_source=candidate.label, label_sha256=label_sha)
+            entry.update(label_path=label_path, label_source=candidate.label, label_sha256=label_sha,
+                         label_content_sha256=volume_store.content_sha256(on_grid))
         hu = _to_int16_hu(geometry.to_grid(image.array, image.affine, grid, 1, IMAGE_FILL_HU))
         volume_store.write_volume(dataset_dir / entry["path"], hu,
                                   _attributes(job, grid, "image", candidate.source, job.source_sha256, image))
+        # What `python -m data_prep.verify` checks the stored voxels against.
+        entry["content_sha256"] = volume_store.content_sha256(hu)
         return entry, None
     except Exception as e:  # a bad volume is reported and skipped; the batch goes on
         for path in written:  # our own, never listed: do not leave a label without its image
@@ -356,6 +363,10 @@ def run(args: argparse.Namespace) -> int:
                                               FatalError))
         entries = volume_store.read_manifest(dataset_dir) if (dataset_dir / volume_store.MANIFEST_NAME).exists() \
             else []
+        try:  # one geometry per dataset: refused before anything in it is touched
+            volume_store.claim_target_spacing(dataset_dir, args.spacing)
+        except ValueError as e:
+            raise FatalError(str(e)) from e
         for path in remove_interrupted(dataset_dir, entries):
             outputs.report(f"removed {path}: left unlisted by an interrupted run")
         pool = None

@@ -188,6 +188,7 @@ def build_slices(dataset_dir: pathlib.Path | str, output: pathlib.Path | str, op
         raise ValueError(f"--records-per-shard must be >= 1, got {records_per_shard}")
     dataset_dir, output = pathlib.Path(dataset_dir).resolve(), pathlib.Path(output).resolve()
     entries = volume_store.read_manifest(dataset_dir)
+    dataset_spacing = volume_store.check_one_geometry(dataset_dir, entries)
     manifest_sha256 = readers.file_sha256(dataset_dir / volume_store.MANIFEST_NAME)
     if split is not None:
         entries = [e for e in entries if e.get("split") == split]
@@ -225,7 +226,9 @@ def build_slices(dataset_dir: pathlib.Path | str, output: pathlib.Path | str, op
             "format": SLICES_FORMAT, "shards": shards, "num_records": writer.num_records,
             "size": options.size, "fov_mm": options.fov_mm, "pixel_spacing_mm": options.pixel_spacing_mm,
             "min_body_fraction": options.min_body_fraction, "every": options.every, "split": split,
-            "dataset": str(dataset_dir), "manifest_sha256": manifest_sha256, "slices_below_body_fraction": dropped,
+            "shard_sha256": {name: readers.file_sha256(tmp / name) for name in shards},  # data_prep.verify
+            "dataset": str(dataset_dir), "dataset_spacing": dataset_spacing, "manifest_sha256": manifest_sha256,
+            "slices_below_body_fraction": dropped,
             "volumes": volumes, "skipped": skipped,
         }
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")

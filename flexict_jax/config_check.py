@@ -7,6 +7,8 @@ checked here.
 """
 from __future__ import annotations
 
+import difflib
+
 import jax
 import ml_collections as mlc
 
@@ -36,3 +38,21 @@ def validate(config: mlc.ConfigDict) -> None:
     optim.validate(config.optim)
     tasks.get(config).validate(config)
     handoff.validate(config)
+
+
+def unknown_key_message(config: mlc.ConfigDict, key: str) -> str | None:
+    """Why dotted `key` (e.g. "data.on_corupt") is not a key of `config`, naming the closest valid ones; None
+    when it is one."""
+    node, path = config, []
+    for part in key.split("."):
+        if not isinstance(node, mlc.ConfigDict):
+            return f"config.{'.'.join(path)} is a value, not a section: --config.{key} does not exist"
+        if part not in node:
+            where = f"config.{'.'.join(path)}" if path else "the config"
+            close = difflib.get_close_matches(part, [str(k) for k in node.keys()], n=3, cutoff=0.6)
+            hint = (f"did you mean {', '.join('config.' + '.'.join([*path, c]) for c in close)}?" if close
+                    else f"{where} has {', '.join(sorted(str(k) for k in node.keys()))}")
+            return f"--config.{key}: {where} has no key {part!r}; {hint}"
+        node = node[part]
+        path.append(part)
+    return None

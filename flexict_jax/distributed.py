@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 # Long enough for the slowest host to compile a ViT-L step variant from scratch.
@@ -51,3 +52,11 @@ def barrier(name: str, *, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
     """
     if jax.process_count() > 1:
         ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
+
+
+def process_sum(value: int) -> int:
+    """The sum of a host-side count over all processes (every process must call it at the same point)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+    return int(np.sum(multihost_utils.process_allgather(np.int64(value))))

@@ -5,17 +5,25 @@
 
 Metrics go to WORKDIR/metrics.jsonl (and the console), checkpoints to WORKDIR/checkpoints/<step>. Running the
 same command again resumes from the latest checkpoint. SIGTERM saves the current step and exits 0.
+
+Exit status: 0 finished (or stopped on SIGTERM after saving), 1 refused or failed. A refusal or a known fault
+(bad config key or value, unknown config variant, missing or corrupt data, incompatible checkpoint, permission
+denied, disk full) is one line on stderr, "error: ...", naming the file or key and what to do; add
+--verbosity=1 for the full traceback. Anything else is a bug and prints its traceback.
 """
 from __future__ import annotations
 
+import errno
 import logging as py_logging
 import os
 import sys
+import traceback
 
 # Grain workers are spawned processes that inherit this; one BLAS thread per worker avoids oversubscribing the
 # host cores (measured 2x slower crops with threaded OpenBLAS, bench/bench_pipeline2d.py).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -26,28 +34,139 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _LibraryInfoFilter(py_logging.Filter):
-    """Orbax and Grain log several INFO lines per checkpoint; keep their warnings, drop their chatter."""
+    """Orbax and Grain log several INFO lines per checkpoint; keep their warnings, drop their chatter. Unless
+    `tracebacks`, their errors lose the traceback too (Orbax's save threads log one per failed thread before
+    the main thread re-raises, and `main` turns that into the one line that says what to do)."""
 
     _QUIET = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}")
 
+    def __init__(self, tracebacks: bool):
+        super().__init__()
+        self.tracebacks = tracebacks
+
     def filter(self, record: py_logging.LogRecord) -> bool:
-        return record.levelno >= py_logging.WARNING or not any(q in record.pathname for q in self._QUIET)
+        library = any(q in record.pathname for q in self._QUIET)
+        if library and not self.tracebacks:
+            record.exc_info, record.exc_text = None, None
+        return record.levelno >= py_logging.WARNING or not library
+
+
+# Disk and permission faults, by errno and by the text TensorStore and Orbax's save threads wrap them in.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "[OS error 28")
+_NOT_WRITABLE_TEXT = ("Permission denied", "Read-only file system", "Operation not permitted")
+
+
+def _verbose(argv: list[str]) -> bool:
+    """--verbosity=N / -v N with N >= 1, read from argv so it works before (and when) flag parsing fails."""
+    for i, arg in enumerate(argv):
+        name, _, value = arg.partition("=")
+        if name in ("--verbosity", "-v"):
+            value = value or (argv[i + 1] if i + 1 < len(argv) else "")
+            return value.lstrip("-").isdigit() and int(value) >= 1
+    return False
+
+
+def _fail(message: str, argv: list[str]) -> None:
+    """Exit 1 with one line on stderr; with --verbosity=1 the traceback of the exception being handled first."""
+    if _verbose(argv):
+        traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """`error`, its causes and contexts, and the members of exception groups (Orbax's save threads)."""
+    seen, todo = [], [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return seen
+
+
+def _filename(chain: list[BaseException]) -> str:
+    return next((str(e.filename) for e in chain if isinstance(e, OSError) and e.filename), "")
+
+
+def fault_message(error: BaseException, workdir: str) -> str | None:
+    """The one-line message for a known fault (see the module docstring), or None for anything else."""
+    from flexict_jax import checkpointing
+    from flexict_jax.data import records
+    from flexict_jax.errors import ConfigError
+
+    chain = _chain(error)
+    codes = {e.errno for e in chain if isinstance(e, OSError)}
+    text = " ".join(str(e) for e in chain)
+    where = _filename(chain) or workdir
+    if codes & set(_DISK_FULL) or any(t in text for t in _DISK_FULL_TEXT):
+        return (f"no space left on the device holding {where}: free space there (or move the run to a larger "
+                f"disk) and run the same command again; it resumes from the last complete checkpoint")
+    if codes & set(_NOT_WRITABLE) or any(t in text for t in _NOT_WRITABLE_TEXT):
+        return (f"cannot write {where} ({next((t for t in _NOT_WRITABLE_TEXT if t in text), 'permission denied')}):"
+                f" make the workdir writable or pass another --workdir")
+    for e in chain:
+        if isinstance(e, checkpointing.IncompatibleCheckpointError):
+            return str(e)
+        if isinstance(e, records.CorruptRecordError):
+            return (f"{e}. Rebuild or restore that shard (`python -m data_prep.verify --slices DIR` lists every "
+                    f"broken one), or pass --config.data.on_corrupt=skip to replace corrupt records and go on")
+    if isinstance(error, (ConfigError, FileNotFoundError, ValueError, KeyError)):
+        return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return None
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from flexict_jax import evals, trainer  # after flag parsing, so --help stays fast
-    from flexict_jax.errors import ConfigError
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+    logging.set_verbosity(max(logging.INFO, flags.FLAGS.verbosity))
+    logging.get_absl_handler().addFilter(_LibraryInfoFilter(tracebacks=_verbose(sys.argv)))
     try:
         code = trainer.train(_CONFIG.value, _WORKDIR.value, evaluator=evals.build_evaluator)
-    except ConfigError as e:  # one line naming the key; anything else is a bug or bad data, with its traceback
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except Exception as e:  # known faults become one line; anything else keeps its traceback
+        message = fault_message(e, _WORKDIR.value)
+        if message is None:
+            raise
+        _fail(message, sys.argv)
     sys.exit(code)
+
+
+def _config_arg(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing whose errors (missing flag, bad value, unknown config variant, misspelt --config.key)
+    are one line and exit 1, instead of a traceback."""
+    try:
+        remaining = flags.FLAGS(argv)
+        config = flags.FLAGS["config"].value
+        if config is not None and not isinstance(config, ml_collections.ConfigDict):
+            _ = config.stage  # a config file that failed to load: config_flags defers the error to the first read
+        return remaining
+    except OSError as e:
+        _fail(f"--config={_config_arg(argv)}: cannot load the config file "
+              f"({str(e).strip().splitlines()[-1].strip()})", argv)
+    except flags.Error as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # A config file that raised: its own last line ("ValueError: ... unknown variant ...") says what to do.
+        message = f"{lines[0]} {lines[-1]}" if "Traceback" in str(e) else " ".join(lines)
+        _fail(f"{message} (python -m flexict_jax.train --help lists the flags)", argv)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override names a key the config lacks
+        from flexict_jax import config_check
+        config = flags.FLAGS["config"].parser.parse(_config_arg(argv))
+        overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+        message = next(filter(None, (config_check.unknown_key_message(config, key) for key in overrides)), str(e))
+        _fail(message, argv)
 
 
 def _spell_init_from(argv: list[str]) -> list[str]:
@@ -58,4 +177,4 @@ def _spell_init_from(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     sys.argv = _spell_init_from(sys.argv)  # config_flags reads override flags from sys.argv itself
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import ml_collections as mlc
+import numpy as np
 from absl import logging
 from etils import epath
 
@@ -69,15 +70,11 @@ def train(config: mlc.ConfigDict, workdir: str, *, evaluator: EvaluatorFactory |
     handoff.adopt_rope_periods(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)  # nothing is written before the config has been checked
     is_chief = jax.process_index() == 0
-    if is_chief:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     writer = metric_io.MetricWriter(workdir, enabled=is_chief)
 
     with sharding.activate(mesh, config.sharding_rules):
         program = train_step.build_program(config, mesh)
         report = sharding.sharding_report(mesh, program.abstract_state["params"], program.param_specs)
-        if is_chief:
-            (workdir / "sharding_report.json").write_text(json.dumps(report, indent=1))
         logging.info("parameters: %.1f MB, %.1f MB per device on mesh %s", report["total_bytes"] / 2**20,
                      report["bytes_per_device"] / 2**20, report["mesh"])
         for name in report["large_replicated"]:
@@ -100,12 +97,18 @@ def train(config: mlc.ConfigDict, workdir: str, *, evaluator: EvaluatorFactory |
             if records:  # a converted start is a checkpoint of its own
                 ckpt.save(0, state, data_iterator, meta, force=True)
 
+        # The run is accepted (config, data, checkpoint or hand-off all checked): only now is anything the
+        # workdir already had rewritten, so a refused start leaves it as it was.
+        if is_chief:
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+            (workdir / "sharding_report.json").write_text(json.dumps(report, indent=1))
         evaluate = evaluator(config, program) if evaluator is not None else None
         stop = _StopFlag()
         step = int(jax.device_get(state["step"]))
         compiled: dict[Variant, Callable] = {}
         throughput = metric_io.Throughput(step, config.total_steps)
         nonfinite_streak, exit_code = 0, 0
+        records_replaced = 0  # stand-ins for corrupt records (data.on_corrupt=skip) since the last metrics row
         logging.info("training %s from step %d to %d on a %s mesh", config.stage, step, config.total_steps,
                      dict(mesh.shape))
         while step < config.total_steps:
@@ -114,7 +117,9 @@ def train(config: mlc.ConfigDict, workdir: str, *, evaluator: EvaluatorFactory |
                 ckpt.save(step, state, data_iterator, meta, force=True)
                 break
             variant = datasets.variant_for_step(config, step)
-            local = tasks.get(config).step_batch(next(data_iterator), variant)
+            host_batch = next(data_iterator)
+            records_replaced += int(np.sum(host_batch.get("records_replaced", 0)))
+            local = tasks.get(config).step_batch(host_batch, variant)
             batch = sharding.global_batch(mesh, local)
             if variant not in compiled:  # one compiled step per variant, built on first use
                 compiled[variant] = program.train_step(config, variant, local).lower(state, batch).compile()
@@ -135,6 +140,9 @@ def train(config: mlc.ConfigDict, workdir: str, *, evaluator: EvaluatorFactory |
                 nonfinite_streak = 0
             if step % config.log_every == 0 or step == config.total_steps:
                 scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
+                if config.data.get("on_corrupt") == "skip":
+                    scalars["data/records_replaced"] = distributed.process_sum(records_replaced)
+                    records_replaced = 0
                 writer.write(step, {**scalars, "patch_size": variant.patch_size,
                                     **throughput.update(step, config.global_batch_size)})
             if evaluate is not None and (step % config.eval.every_steps == 0 or step == config.total_steps):

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from configs import stage1, stage3
-from flexict_jax import sharding, trainer
+from flexict_jax import sharding, train_step
 from flexict_jax.models import precision
 from flexict_jax.models.text_encoder import TextEncoder
 from flexict_jax.tasks import align, dino
@@ -133,11 +133,11 @@ def test_bf16_train_step_has_bf16_dots_and_keeps_float32_state():
     config.model.compute_dtype = "bfloat16"
     mesh = sharding.make_mesh(config.mesh)
     with sharding.activate(mesh, config.sharding_rules):
-        program = trainer.build_program(config, mesh)
+        program = train_step.build_program(config, mesh)
         local = _dino_batch(config)
         step = program.train_step(config, Variant(16), local)
         state = jax.jit(program.init_state, out_shardings=program.state_shardings)()
-        batch = trainer.global_batch(mesh, local)
+        batch = sharding.global_batch(mesh, local)
         hlo = step.lower(state, batch).as_text()
         dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
         operands = [tuple(t.split("x")[-1] for t in re.search(r": \(tensor<([^>]*)>, tensor<([^>]*)>\)", line).groups())

@@ -179,10 +179,12 @@ def test_bad_config_values_name_their_key(slices_dir):
                                       batch_size=4, patch_sizes=PATCH_SIZES)
 
 
-def test_corrupt_record_error_names_the_example(tmp_path):
+def test_corrupt_record_error_names_the_shard_and_record(tmp_path):
     path = write_slices_dir(tmp_path / "slices", num_records=8, num_shards=1, corrupt=3)
     ds = pipeline2d.build_stage1_dataset(data_config(path), seed=0, batch_size=8, patch_sizes=PATCH_SIZES)
-    with pytest.raises(ValueError, match=r"stage-1 example \d+ \(seed 0\): bad slice record: not a flexict_jax"):
+    with pytest.raises(records.CorruptRecordError,
+                       match=r"slices-00000-of-00001.arrayrecord: record 3 \(record 3 of 8\) is corrupt: not a "
+                             r"flexict_jax"):
         take(ds, 1)
 
 

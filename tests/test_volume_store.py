@@ -27,7 +27,7 @@ def test_round_trip_layout_and_attributes(tmp_path):
     assert store.shape == volume.shape and store.dtype.numpy_dtype == np.int16
     np.testing.assert_array_equal(store[3:7, 10:80, 250:].read().result(), volume[3:7, 10:80, 250:])
     assert vs.read_attributes(str(path)) == {"spacing": [2.0, 1.5, 1.0], "origin_lps": [-10.0, 5.0, 100.0],
-                                             "kind": "image"}
+                                             "kind": "image", vs.EVERY_CHUNK_STORED: True}
 
     meta = json.loads((path / "zarr.json").read_text())
     assert meta["dimension_names"] == ["z", "y", "x"]

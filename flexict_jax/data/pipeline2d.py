@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from flexict_jax import variants
-from flexict_jax.data import grain_common, slice_source
+from flexict_jax.data import grain_common, records, slice_source
 from flexict_jax.data.crops2d import MultiCrop, resize_crops
 from flexict_jax.data.intensity import IntensityAugment, normalize_hu
 from flexict_jax.data.masking2d import IbotMasking
@@ -39,7 +39,8 @@ class Stage1Transform(grain.transforms.MapWithIndex):
 
     Output: global_crops float32 [n_global, G, G, 1], local_crops float32 [n_local, L, L, 1],
     masks_p{p} bool [n_global, (G//p)**2] per patch size p, index int64 (the global example index); with a
-    `gram_crop_size` Gg also gram_crops float32 [n_global, Gg, Gg, 1] (stage 1.1, recipe §6).
+    `gram_crop_size` Gg also gram_crops float32 [n_global, Gg, Gg, 1] (stage 1.1, recipe §6); for a
+    `slice_source.SliceRecord` also records_replaced int32 (data.on_corrupt=skip).
     """
 
     def __init__(self, *, seed: int, hu_window: tuple[float, float], intensity: IntensityAugment,
@@ -58,9 +59,12 @@ class Stage1Transform(grain.transforms.MapWithIndex):
             # each size, so the Gram teacher sees the student's field of view at a higher resolution.
             self._view_crops = dataclasses.replace(global_crops, size=max(global_crops.size, gram_crop_size))
 
-    def map_with_index(self, index: int, record: bytes) -> dict[str, np.ndarray]:
+    def map_with_index(self, index: int, record: bytes | slice_source.SliceRecord) -> dict[str, np.ndarray]:
+        # A skipping source (data.on_corrupt=skip) gives SliceRecords: the example then says whether it was
+        # built from a stand-in for a corrupt record, so the trainer can count them.
+        replaced = record.replaced if isinstance(record, slice_source.SliceRecord) else None
         try:
-            hu, _ = slice_source.decode_slice(record)
+            hu, _ = slice_source.decode_slice(record if replaced is None else record.data)
         except ValueError as e:
             raise ValueError(f"stage-1 example {index} (seed {self.seed}): bad slice record: {e}") from e
         intensity_rng, global_rng, local_rng, *mask_rngs = grain_common.example_rngs(
@@ -72,6 +76,8 @@ class Stage1Transform(grain.transforms.MapWithIndex):
             "local_crops": self.local_crops(image, local_rng)[..., None],
             "index": np.int64(index),
         }
+        if replaced is not None:
+            example["records_replaced"] = np.int32(replaced)
         for p, rng in zip(self.patch_sizes, mask_rngs):
             example[f"masks_p{p}"] = self.masking(rng, self.global_crops.n_crops, self.global_crops.size // p)
         return example
@@ -96,7 +102,7 @@ class Stage1HiresTransform(grain.transforms.MapWithIndex):
         self.resolution_for_step = resolution_for_step
         self.global_batch_size = global_batch_size
 
-    def map_with_index(self, index: int, record: bytes) -> dict[str, np.ndarray]:
+    def map_with_index(self, index: int, record: bytes | slice_source.SliceRecord) -> dict[str, np.ndarray]:
         resolution = self.resolution_for_step(index // self.global_batch_size)
         example = self.per_resolution[resolution].map_with_index(index, record)
         example["resolution_index"] = np.int32(resolution)
@@ -125,7 +131,8 @@ def build_stage1_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_si
 
     batch_size is the per-process batch (global // process_count). Each element is a dict of numpy arrays:
     global_crops float32 [b, n_global, G, G, 1], local_crops float32 [b, n_local, L, L, 1],
-    masks_p{p} bool [b, n_global, (G//p)**2] for p in patch_sizes, index int64 [b].
+    masks_p{p} bool [b, n_global, (G//p)**2] for p in patch_sizes, index int64 [b], and with
+    data.on_corrupt=skip records_replaced int32 [b] (1 where a corrupt record's stand-in was used).
     `iter(ds)` supports get_state()/set_state() for checkpointing.
     """
     return grain_common.batched_stream(
@@ -168,8 +175,9 @@ def build_stage1_hires_dataset(data: ml_collections.ConfigDict, *, seed: int, ba
         process_count=process_count, per_batch=_one_resolution_per_batch)
 
 
-def _slices(data: ml_collections.ConfigDict) -> grain.sources.ArrayRecordDataSource:
-    return slice_source.open_slice_source(grain_common.config_value(data, "dir"))
+def _slices(data: ml_collections.ConfigDict) -> records.ShardedRecords | slice_source.SkipCorrupt:
+    return slice_source.open_slice_source(grain_common.config_value(data, "dir"),
+                                          str(grain_common.config_value(data, "on_corrupt")))
 
 
 def stage1_transform(data: ml_collections.ConfigDict, *, seed: int, patch_sizes: Sequence[int],

@@ -53,12 +53,12 @@ def read_report_index(reports_dir: str | os.PathLike) -> dict[str, Any]:
     return index
 
 
-def open_report_source(reports_dir: str | os.PathLike):
-    """Random-access Grain source over the report records (bytes; `decode_report` each), in index order."""
-    import grain  # only the training pipeline needs it
-
+def open_report_source(reports_dir: str | os.PathLike) -> records.ShardedRecords:
+    """Random-access Grain source over the report records (bytes; `decode_report` each), in index order; a
+    corrupt record is a `records.CorruptRecordError` naming its shard file and record index."""
     index = read_report_index(reports_dir)
-    source = grain.sources.ArrayRecordDataSource([os.path.join(os.fspath(reports_dir), s) for s in index["shards"]])
+    source = records.ShardedRecords([os.path.join(os.fspath(reports_dir), s) for s in index["shards"]],
+                                    check=decode_report)
     if len(source) != index["num_records"]:
         raise ValueError(f"{os.path.join(os.fspath(reports_dir), INDEX_FILE)}: key 'num_records' is "
                          f"{index['num_records']}, but the shards hold {len(source)} records")

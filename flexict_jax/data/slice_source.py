@@ -1,22 +1,30 @@
 """Stage-1 slice records: validate a slices dir written by `python -m data_prep.slices` and open it for Grain.
 
 A slices dir holds `index.json` plus ArrayRecord shards (`group_size:1`); every record is
-`records.encode_array(int16 HU [S, S], meta)`. Reading goes through `grain.sources.ArrayRecordDataSource`, which
-pickles into Grain workers and reopens the shards there.
+`records.encode_array(int16 HU [S, S], meta)`. Reading goes through `records.ShardedRecords` (ArrayRecord data
+sources, one per shard), which pickles into Grain workers and reopens the shards there.
+
+A record that cannot be read or decoded is a `records.CorruptRecordError` naming its shard file and record
+index (config data.on_corrupt=fail, the default). With data.on_corrupt=skip it is logged and replaced by the
+next readable record after it in index order: the choice depends only on the files, so every host and a resumed
+run read the same stand-in, and each example says whether it is one (`records_replaced`, counted in the
+metrics by the trainer).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
 
-import grain
 import numpy as np
+from absl import logging
 
 from flexict_jax.data import records
 
 SLICES_FORMAT = "flexict_slices/1"
 INDEX_FILE = "index.json"
+ON_CORRUPT = ("fail", "skip")
 
 
 def read_slice_index(slices_dir: str | os.PathLike) -> dict[str, Any]:
@@ -54,15 +62,52 @@ def read_slice_index(slices_dir: str | os.PathLike) -> dict[str, Any]:
     return index
 
 
-def open_slice_source(slices_dir: str | os.PathLike) -> grain.sources.ArrayRecordDataSource:
-    """Random-access source over every record of the slices dir, in index order."""
+def open_slice_source(slices_dir: str | os.PathLike,
+                      on_corrupt: str = "fail") -> records.ShardedRecords | SkipCorrupt:
+    """Random-access source over every record of the slices dir, in index order: record bytes that decode as a
+    slice (on_corrupt="fail"), or a `SliceRecord` per item (on_corrupt="skip", see the module docstring)."""
+    if on_corrupt not in ON_CORRUPT:
+        raise ValueError(f"config key data.on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
     slices_dir = os.fspath(slices_dir)
     index = read_slice_index(slices_dir)
-    source = grain.sources.ArrayRecordDataSource([os.path.join(slices_dir, s) for s in index["shards"]])
+    source = records.ShardedRecords([os.path.join(slices_dir, s) for s in index["shards"]], check=decode_slice)
     if len(source) != index["num_records"]:
         raise ValueError(f"{os.path.join(slices_dir, INDEX_FILE)}: key 'num_records' is {index['num_records']}, "
                          f"but the shards hold {len(source)} records")
-    return source
+    return SkipCorrupt(source) if on_corrupt == "skip" else source
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceRecord:
+    """An item of a skipping source: the record bytes, and whether they stand in for a corrupt record."""
+    data: bytes
+    replaced: bool
+
+
+class SkipCorrupt:
+    """data.on_corrupt=skip: item i is record i, or when that is corrupt the next readable record after it (in
+    index order, wrapping around), logged with the shard file and record index of the corrupt one."""
+
+    def __init__(self, source: records.ShardedRecords):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> SliceRecord:
+        try:
+            return SliceRecord(self.source[index], replaced=False)
+        except records.CorruptRecordError as corrupt:
+            for offset in range(1, len(self.source)):
+                stand_in = (index + offset) % len(self.source)
+                try:
+                    record = self.source[stand_in]
+                except records.CorruptRecordError:
+                    continue
+                logging.warning("%s; data.on_corrupt=skip: record %d stands in for it", corrupt, stand_in)
+                return SliceRecord(record, replaced=True)
+            raise records.CorruptRecordError(f"{corrupt}; data.on_corrupt=skip found no readable record to stand "
+                                             f"in for it") from corrupt
 
 
 def decode_slice(record: bytes) -> tuple[np.ndarray, dict[str, Any]]:

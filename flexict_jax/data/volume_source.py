@@ -135,6 +135,7 @@ class VolumeSource:
             if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)):
                 raise ValueError(f"{dataset_dir / volume_store.MANIFEST_NAME}: volume {entry['id']!r} has shape "
                                  f"{shape!r}, expected three positive integers (z, y, x)")
+        volume_store.check_one_geometry(dataset_dir, self.entries)  # a crop of N voxels covers the same mm in all
         self.stats = read_volume_stats(dataset_dir, window, self.entries)
         self._stores: collections.OrderedDict[int, ts.TensorStore] = collections.OrderedDict()
         self._lock = threading.Lock()  # Grain's read threads share the source

@@ -3,7 +3,10 @@
 A dataset directory holds
 
     manifest.jsonl        one JSON object per volume (see `MANIFEST_KEYS`), appended only after its arrays
-                          are committed, so every listed volume is complete
+                          are committed, so every listed volume is complete; `content_sha256` (and
+                          `label_content_sha256`) is the `content_sha256` of the stored array
+    dataset.json          the dataset's one geometry: {"format": DATASET_FORMAT, "target_spacing": [sz, sy, sx]
+                          or "native"}, written by the first ingest and checked by every later one
     volumes/<id>.zarr     int16 HU, axes (z, y, x), canonical orientation LPS
     labels/<id>.zarr      uint8 label map on the same grid (only when the source had one)
 
@@ -14,9 +17,16 @@ centre of voxel (z, y, x) is `origin_lps + (x*sx, y*sy, z*sz)`; the array attrib
 
 Arrays are written whole by a single writer into a temporary directory that is renamed into place (zarr3
 shards must not be written concurrently: jax_stack.md §A5/§A6).
+
+Reads never invent data: every chunk is stored, even one that equals the fill value (TensorStore's zarr3 option
+`store_data_equal_to_fill_value`), and volumes are opened with `fill_missing_data_reads` off, so a chunk lost
+from a copy is an error naming the chunk and its file, not a block of -1024 HU. Volumes written before this
+(attribute `every_chunk_stored` absent) omit air-only chunks and are still read with fill, with a warning;
+`python -m data_prep.verify` reports them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -25,8 +35,14 @@ from typing import Any
 
 import numpy as np
 import tensorstore as ts
+from absl import logging
 
 MANIFEST_NAME = "manifest.jsonl"
+DATASET_FILE = "dataset.json"
+DATASET_FORMAT = "flexict_dataset/1"
+# Written into the attributes of every array whose chunks are all stored (see the module docstring).
+EVERY_CHUNK_STORED = "every_chunk_stored"
+_WARNED_LEGACY: set[str] = set()
 VOLUMES_DIR = "volumes"
 LABELS_DIR = "labels"
 # Prefix of in-progress arrays; readers never see them and the ingest removes stale ones.
@@ -87,8 +103,9 @@ def _zarr3_spec(path: Path | str, shape: tuple[int, ...], dtype: np.dtype, attri
                 },
             }],
             "fill_value": FILL_VALUE[dtype],
-            "attributes": attributes,
+            "attributes": {**attributes, EVERY_CHUNK_STORED: True},
         },
+        "store_data_equal_to_fill_value": True,  # an all-air chunk is stored too, so none may be missing
         "create": True,
     }
 
@@ -126,11 +143,94 @@ def write_volume(path: Path, array: np.ndarray, attributes: dict) -> None:
 
 
 def open_volume(path: Path | str) -> ts.TensorStore:
-    """Opens a stored volume lazily for reading; `vol[z0:z1, y0:y1, x0:x1].read().result()` gives numpy."""
+    """Opens a stored volume lazily for reading; `vol[z0:z1, y0:y1, x0:x1].read().result()` gives numpy, and a
+    missing chunk raises ValueError naming the chunk and its file (see the module docstring)."""
+    spec = {"driver": "zarr3", "kvstore": _kvstore(path), "fill_missing_data_reads": False}
     try:
-        return ts.open({"driver": "zarr3", "kvstore": _kvstore(path)}, read=True, open=True).result()
+        store = ts.open(spec, read=True, open=True).result()
+        if not store.spec().to_json()["metadata"].get("attributes", {}).get(EVERY_CHUNK_STORED):
+            dataset_dir = str(Path(str(path)).parent.parent)
+            if dataset_dir not in _WARNED_LEGACY:  # once per dataset and process, not once per volume
+                _WARNED_LEGACY.add(dataset_dir)
+                logging.warning("%s: volumes written before every chunk was stored, so a missing chunk reads as the "
+                                "fill value; re-ingest to have lost chunks detected", dataset_dir)
+            store = ts.open(dict(spec, fill_missing_data_reads=True), read=True, open=True).result()
+        return store
     except ValueError as e:  # TensorStore reports a missing or malformed array as ValueError
         raise ValueError(f"{path}: not a readable zarr3 volume ({e})") from e
+
+
+def content_sha256(volume: ts.TensorStore | np.ndarray) -> str:
+    """sha256 of a volume's voxels: its values in C order as little-endian bytes of its dtype, so the hash of
+    an array and of the store written from it agree. A store is read one shard row of z at a time."""
+    digest = hashlib.sha256()
+    for z0 in range(0, volume.shape[0], SHARD_SHAPE[0]):
+        slab = volume[z0:min(z0 + SHARD_SHAPE[0], volume.shape[0])]  # TensorStore does not clip slices
+        slab = np.asarray(slab.read().result() if isinstance(slab, ts.TensorStore) else slab)
+        digest.update(np.ascontiguousarray(slab, dtype=slab.dtype.newbyteorder("<")).tobytes())
+    return digest.hexdigest()
+
+
+def read_target_spacing(dataset_dir: Path | str) -> list[float] | str | None:
+    """The dataset's target spacing (mm, z, y, x) or "native"; None for a dataset without volumes.
+
+    From dataset.json; for a dataset ingested before that file existed, from the attributes of its first
+    readable volume (ingest records in every array the target spacing it was resampled to).
+    """
+    dataset_dir = Path(dataset_dir)
+    path = dataset_dir / DATASET_FILE
+    if path.is_file():
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a readable JSON file ({e})") from e
+        if not isinstance(document, dict) or document.get("format") != DATASET_FORMAT \
+                or "target_spacing" not in document:
+            raise ValueError(f"{path}: not a {DATASET_FORMAT} file (expected keys 'format' and 'target_spacing')")
+        return document["target_spacing"]
+    for entry in read_manifest(dataset_dir) if (dataset_dir / MANIFEST_NAME).is_file() else []:
+        try:
+            return read_attributes(dataset_dir / entry["path"]).get("target_spacing")
+        except ValueError:  # a broken array is reported by whoever reads it; the next one tells the geometry
+            continue
+    return None
+
+
+def spacing_text(spacing: list[float] | tuple[float, ...] | str | None) -> str:
+    return "native" if spacing in (None, "native") else ",".join(f"{float(s):g}" for s in spacing)
+
+
+def claim_target_spacing(dataset_dir: Path | str, spacing: tuple[float, float, float] | None) -> None:
+    """Records `spacing` (None = native) as the dataset's geometry, or refuses one that differs from the
+    recorded one: a dataset holds volumes of one geometry. Call under the ingest lock."""
+    dataset_dir = Path(dataset_dir)
+    wanted = "native" if spacing is None else [float(s) for s in spacing]
+    recorded = read_target_spacing(dataset_dir)
+    if recorded is not None and recorded != wanted:
+        raise ValueError(f"{dataset_dir}: the dataset was made at spacing {spacing_text(recorded)} mm, refusing "
+                         f"to add volumes at {spacing_text(wanted)}: one dataset holds one geometry; ingest into "
+                         f"another --output or pass --spacing {spacing_text(recorded)}")
+    if not (dataset_dir / DATASET_FILE).is_file():
+        document = json.dumps({"format": DATASET_FORMAT, "target_spacing": wanted}, indent=1) + "\n"
+        tmp = dataset_dir / f"{TMP_PREFIX}{DATASET_FILE}-{uuid.uuid4().hex[:12]}"
+        tmp.write_text(document, encoding="utf-8")
+        os.replace(tmp, dataset_dir / DATASET_FILE)
+        _fsync_dir(dataset_dir)
+
+
+def check_one_geometry(dataset_dir: Path | str, entries: list[dict]) -> list[float] | str | None:
+    """The dataset's target spacing (see `read_target_spacing`), after checking that every manifest entry was
+    stored at it; a volume at another spacing is refused, naming it. A "native" dataset keeps each source's
+    spacing by design, and one whose arrays record no target spacing cannot be checked: both pass."""
+    target = read_target_spacing(dataset_dir)
+    if target in (None, "native"):
+        return target
+    for entry in entries:
+        if not np.allclose(entry["spacing"], target, rtol=0, atol=1e-6):
+            raise ValueError(f"{Path(dataset_dir) / MANIFEST_NAME}: volume {entry['id']!r} has spacing "
+                             f"{spacing_text(entry['spacing'])} mm but the dataset's is {spacing_text(target)} mm; "
+                             f"a dataset holds one geometry: re-ingest the odd volumes into their own dataset")
+    return target
 
 
 def read_attributes(path: Path | str) -> dict:
