@@ -322,7 +322,6 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
     if is_chief:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     mesh = sharding.make_mesh(config.mesh)
-    writer = metric_io.MetricWriter(workdir, enabled=is_chief)
 
     with sharding.activate(mesh, config.sharding_rules):
         program = build_program(config, mesh)
@@ -364,6 +363,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
         step = int(jax.device_get(state["step"]))
         compiled: dict[Variant, Callable] = {}
         throughput = metric_io.Throughput(step, config.total_steps)
+        writer = metric_io.MetricWriter(workdir, start_step=step, config=config, enabled=is_chief)
         nonfinite_streak, exit_code = 0, 0
         logging.info("training %s from step %d to %d on a %s mesh", config.stage, step, config.total_steps,
                      dict(mesh.shape))
@@ -392,12 +392,15 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
                     break
             else:
                 nonfinite_streak = 0
+            record = {}  # one metrics row per step, evaluation included
             if step % config.log_every == 0 or step == config.total_steps:
                 scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
-                writer.write(step, {**scalars, "patch_size": variant.patch_size,
-                                    **throughput.update(step, config.global_batch_size)})
+                record.update(scalars, patch_size=variant.patch_size,
+                              **throughput.update(step, config.global_batch_size))
             if evaluate is not None and (step % config.eval.every_steps == 0 or step == config.total_steps):
-                writer.write(step, evaluate(state))
+                record.update(evaluate(state))
+            if record:
+                writer.write(step, record)
             if nonfinite_streak == 0:  # never checkpoint inside a non-finite streak: keep the last good one
                 ckpt.save(step, state, data_iterator, meta, force=step == config.total_steps)
         ckpt.close()
