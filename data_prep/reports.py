@@ -410,6 +410,7 @@ def run(args: argparse.Namespace) -> int:
             "volumes": [{"volume_id": r["volume_id"], "path": r["path"], "label_path": r["label_path"],
                          "split": r["split"], "source": r["source"]} for r in ordered],
             "skipped_rows": skipped_rows, "skipped_volumes": skipped_volumes,
+            "provenance": volume_store.provenance([e for e in entries if e["id"] in by_volume]),
         }
         (tmp / reports.POOL_FILE).write_text(json.dumps(pools, indent=1, ensure_ascii=False) + "\n", "utf-8")
         (tmp / reports.INDEX_FILE).write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n", "utf-8")

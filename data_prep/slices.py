@@ -226,6 +226,7 @@ def build_slices(dataset_dir: pathlib.Path | str, output: pathlib.Path | str, op
             "min_body_fraction": options.min_body_fraction, "every": options.every, "split": split,
             "dataset": str(dataset_dir), "manifest_sha256": manifest_sha256, "slices_below_body_fraction": dropped,
             "volumes": volumes, "skipped": skipped,
+            "provenance": volume_store.provenance([e for e in entries if e["id"] in volumes]),
         }
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
     return index

@@ -285,7 +285,7 @@ def handoff_state(config: mlc.ConfigDict, program: Program) -> tuple[dict, dict]
     if mode != "vlm":
         state = dict(state, params=task.initial_params(config, state["params"]))
     record = {"from": str(source), "step": step, "mode": mode, "from_stage": source_meta.get("stage"),
-              "fresh": sorted(set(params) - set(parts))}
+              "fresh": sorted(set(params) - set(parts)), "from_data": source_meta.get("data")}
     return state, record
 
 
@@ -337,7 +337,8 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
                                          process_count=jax.process_count())
         data_iterator = iter(dataset)
         ckpt = checkpointing.Checkpointer(workdir / "checkpoints", **config.ckpt.to_dict())
-        meta = {"stage": config.stage, "config": json.loads(config.to_json_best_effort())}
+        meta = {"stage": config.stage, "config": json.loads(config.to_json_best_effort()),
+                "data": datasets.provenance(config)}  # for the model card of an export
         latest = ckpt.latest_step()
         if latest is not None:  # our own checkpoint always wins: a resume never re-applies the hand-off
             logging.info("resuming from %s", workdir / "checkpoints" / str(latest))

@@ -1,10 +1,14 @@
 """The one place that maps `config.data.kind` to a Grain pipeline, so the trainer is stage-agnostic."""
 from __future__ import annotations
 
+import json
+import os
+
 import grain
 import ml_collections as mlc
 
 from flexict_jax import variants
+from flexict_jax.data import volume_store
 
 
 def build_dataset(config: mlc.ConfigDict, *, process_index: int, process_count: int) -> grain.IterDataset:
@@ -26,6 +30,16 @@ def build_dataset(config: mlc.ConfigDict, *, process_index: int, process_count: 
         from flexict_jax.data import pipeline_align
         return pipeline_align.build_align_dataset(data, config.text, **common)
     raise ValueError(f"config.data.kind={kind!r} is not one of: slices2d, slices2d_hires, volumes3d, reports3d")
+
+
+def provenance(config: mlc.ConfigDict) -> dict | None:
+    """The training data's volume count, sources and licences (`volume_store.provenance`) as recorded by
+    data preparation in the index of `config.data.dir` (the manifest itself for volumes); None when the index
+    predates that record."""
+    if config.data.kind == "volumes3d":
+        return volume_store.provenance(volume_store.read_manifest(config.data.dir))
+    with open(os.path.join(config.data.dir, "index.json")) as f:  # slices and reports dirs alike
+        return json.load(f).get("provenance")
 
 
 def _resolution_probs(config: mlc.ConfigDict) -> tuple[float, ...]:
