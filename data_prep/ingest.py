@@ -70,6 +70,7 @@ class Job:
     dataset_dir: str
     spacing: tuple[float, float, float] | None   # None = native
     extra: dict                                  # licence / split, copied into the manifest entry
+    gantry_tilt: str = "refuse"                  # a tilted DICOM series: refused, or resampled (dicom.py)
 
 
 # --- discovery -----------------------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ def sanitize_id(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "volume"
 
 
-def discover(inputs: Sequence[str], output_dir: str) -> tuple[list[Candidate], list[str], int]:
+def discover(inputs: Sequence[str], output_dir: str, workers: int = 1) -> tuple[list[Candidate], list[str], int]:
     """Finds the source volumes in `inputs` (files or folders, searched recursively).
 
     Returns (candidates sorted by source, problems as "path: reason", number of ignored non-CT files).
@@ -111,7 +112,7 @@ def discover(inputs: Sequence[str], output_dir: str) -> tuple[list[Candidate], l
             (labels if readers.is_label_name(f) else images if readers.is_nifti(f) else others).append(f)
 
     problems = []
-    series, damaged, not_dicom = dicom.find_series(others)
+    series, damaged, not_dicom = dicom.find_series(others, workers, progress=True)
     problems += [f"{path}: {reason}" for path, reason in damaged]
     found: dict[tuple[str, str], Candidate] = {}
 
@@ -158,9 +159,9 @@ def source_sha256(candidate: Candidate) -> tuple[str | None, str | None]:
         return None, f"{candidate.source}: cannot read ({e})"
 
 
-def _read_image(candidate: Candidate) -> readers.SourceVolume:
+def _read_image(candidate: Candidate, gantry_tilt: str) -> readers.SourceVolume:
     if candidate.series:
-        return dicom.read_series(candidate.series)
+        return dicom.read_series(candidate.series, gantry_tilt)
     return readers.read_nifti(candidate.source)
 
 
@@ -197,7 +198,7 @@ def ingest_volume(job: Job) -> tuple[dict | None, str | None]:
     candidate, dataset_dir = job.candidate, Path(job.dataset_dir)
     written: list[Path] = []
     try:
-        image = _read_image(candidate)
+        image = _read_image(candidate, job.gantry_tilt)
         readers.check_ct_intensity(image.array, candidate.source)
         grid = geometry.canonical_grid(image.array.shape, image.affine, job.spacing)
         entry = {"id": job.volume_id, "path": f"{volume_store.VOLUMES_DIR}/{job.volume_id}.zarr",
@@ -304,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "the source spacing and only reorients (exact)")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="worker processes, one volume each (default 1: in this process)")
+    parser.add_argument("--gantry-tilt", choices=dicom.GANTRY_TILT_MODES, default="refuse",
+                        help="a DICOM series acquired with gantry tilt: refuse it (default) or resample it onto "
+                             "an orthogonal LPS grid in world space")
     parser.add_argument("--licence", help="licence string recorded for every volume of this run")
     parser.add_argument("--split", help="split (train/val/test...) recorded for every volume of this run")
     parser.add_argument("--subjects", metavar="FILE",
@@ -335,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise FatalError(f"--workers {args.workers}: need at least 1")
     subjects = load_subjects(args.subjects) if args.subjects else {}
-    candidates, problems, ignored = discover(args.input, args.output)
+    candidates, problems, ignored = discover(args.input, args.output, args.workers)
     for problem in problems:
         outputs.report(f"refused: {problem}")
     if ignored:
@@ -391,7 +395,7 @@ def run(args: argparse.Namespace) -> int:
             known[sha] = volume_id
             taken.add(volume_id)
             jobs.append(Job(candidate, volume_id, sha, _subject(subjects, volume_id, candidate),
-                            str(dataset_dir), args.spacing, extra))
+                            str(dataset_dir), args.spacing, extra, args.gantry_tilt))
 
         progress = Progress(len(jobs), "ingest")
         for entry, error in _results(ingest_volume, jobs, pool, ordered=False):

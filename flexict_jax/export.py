@@ -199,8 +199,9 @@ def model_card(*, arch: torch_format.Architecture, kind: str, fmt: str, step: in
         "",
         "```python",
         "from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation, Spacing",
-        f"load = Compose([LoadImage(image_only=True), EnsureChannelFirst(), Orientation(axcodes=\"LPS\"),",
-        f"                Spacing(pixdim=({sx}, {sy}, {sz if sz is not None else 'None'}), mode=\"bilinear\")])",
+        "load = Compose([LoadImage(image_only=True), EnsureChannelFirst(), Orientation(axcodes=\"LPS\"),",
+        f"                Spacing(pixdim=({sx}, {sy}, {sz if sz is not None else -1}), mode=\"bilinear\")])"
+        + ("  # -1 keeps the native z spacing" if sz is None else ""),
         "x = load(\"ct.nii.gz\").permute(0, 3, 2, 1)                   # [1, X, Y, Z] LPS → [1, Z, Y, X]",
         "```",
         "",

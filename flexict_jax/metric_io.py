@@ -20,7 +20,8 @@ import os
 import sys
 import time
 import types
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from absl import logging
 from etils import epath
@@ -146,7 +147,9 @@ class TensorBoardWriter(_ScalarsAndText):
             self._add(step, values)
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
-        from tensorboard.plugins.text import summary_v2  # the text plugin's own summary proto
+        from tensorboard.plugins.text import (
+            summary_v2,  # the text plugin's own summary proto
+        )
         self._add(step, [value for key, text in texts.items() for value in summary_v2.text_pb(key, text).value])
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:

@@ -10,9 +10,9 @@ import sys
 
 import ml_collections as mlc
 import pytest
+from run_utils import REPO
 
 from flexict_jax import metric_io
-from run_utils import REPO
 
 
 def scalar_events(logdir, tag) -> list[tuple[int, float]]:

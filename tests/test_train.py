@@ -14,10 +14,17 @@ import time
 
 import numpy as np
 import pytest
+from run_utils import (
+    REPO,
+    assert_trees_close,
+    checkpoint_steps,
+    config_with,
+    metrics,
+    saved_state,
+)
 
 from configs import stage1
 from flexict_jax import checkpointing, trainer
-from run_utils import REPO, assert_trees_close, checkpoint_steps, config_with, metrics, saved_state
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +149,7 @@ def test_resume_after_crash_logs_each_step_once(six_steps, ct_slices, tmp_path):
     """A run that logged steps 4-6 but died before its step-6 checkpoint resumes from 3: metrics.jsonl and
     TensorBoard then hold steps 1-6 once each, the later values superseding the lost attempt's."""
     import shutil
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     shutil.copytree(six_steps, tmp_path, dirs_exist_ok=True)
     shutil.rmtree(tmp_path / "checkpoints" / "6")
