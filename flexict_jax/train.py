@@ -1,4 +1,4 @@
-"""Train a FlexiCT stage.
+r"""Train a FlexiCT stage.
 
     python -m flexict_jax.train --config=configs/stage1.py:demo --workdir=runs/stage1 \
         --config.data.dir=data/slices [--config.total_steps=N] [--config.KEY=VALUE ...]
@@ -55,6 +55,14 @@ def _spell_init_from(argv: list[str]) -> list[str]:
             else a for a in argv]
 
 
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
 if __name__ == "__main__":
     sys.argv = _spell_init_from(sys.argv)  # config_flags reads override flags from sys.argv itself
-    app.run(main)
+    try:
+        app.run(main)
+    except SystemExit as e:  # absl exits 1 after printing the usage; asking for help is no failure
+        if e.code == 1 and any(a in HELP_FLAGS for a in sys.argv[1:]):
+            sys.exit(0)
+        raise
