@@ -19,6 +19,10 @@ arrays are committed; temporary and unlisted arrays left by an interrupted run a
 A bad source is reported with its path and the reason, and the rest of the batch goes on.
 Exit status: 0 all written or already present, 2 some sources refused, 1 fatal (nothing to ingest, bad
 arguments, unreadable manifest, another ingest running on DATASET_DIR).
+
+With `--runner=DirectRunner` (or any Apache Beam runner, its options passed through) the hashing and the
+per-volume conversion run as Beam pipelines (data_prep/beam.py) instead of --workers processes; the manifest
+is the same, and the refused sources are also listed in DATASET_DIR/dead_letter.jsonl.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import dicom, geometry, outputs, readers
+from data_prep import beam, dicom, geometry, outputs, readers
 from flexict_jax.data import volume_store
 from flexict_jax.progress import Progress
 
@@ -308,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gantry-tilt", choices=dicom.GANTRY_TILT_MODES, default="refuse",
                         help="a DICOM series acquired with gantry tilt: refuse it (default) or resample it onto "
                              "an orthogonal LPS grid in world space")
+    parser.add_argument("--runner", help="run the per-volume work as an Apache Beam pipeline on this runner "
+                                         "(DirectRunner, DataflowRunner, FlinkRunner, SparkRunner...); further "
+                                         "--options go to the runner")
     parser.add_argument("--licence", help="licence string recorded for every volume of this run")
     parser.add_argument("--split", help="split (train/val/test...) recorded for every volume of this run")
     parser.add_argument("--subjects", metavar="FILE",
@@ -363,17 +370,26 @@ def run(args: argparse.Namespace) -> int:
         for path in remove_interrupted(dataset_dir, entries):
             outputs.report(f"removed {path}: left unlisted by an interrupted run")
         pool = None
-        if args.workers > 1:
+        beam_args = [f"--runner={args.runner}", *args.beam_args] if args.runner else None
+
+        def results(fn, items: list, ordered: bool, label: str) -> Iterator:
+            if beam_args is not None:
+                return iter(beam.map_volumes(fn, items, beam_args, dataset_dir, label))
+            return _results(fn, items, pool, ordered)
+
+        failures: list[str] = []  # "source: reason", the dead-letter report of a Beam run
+        if args.workers > 1 and beam_args is None:
             pool = outputs.process_pool(args.workers)
             # On an error or Ctrl-C, drop the queued volumes instead of converting them all first.
             stack.callback(pool.shutdown, wait=True, cancel_futures=True)
 
         progress = Progress(len(candidates), "hashing sources")
         hashes = []
-        for sha, error in _results(source_sha256, candidates, pool, ordered=True):
+        for sha, error in results(source_sha256, candidates, True, "hash"):
             hashes.append(sha)
             if error:
                 outputs.report(f"refused: {error}")
+                failures.append(error)
                 refused += 1
             progress.advance(1)
         progress.close()
@@ -398,15 +414,18 @@ def run(args: argparse.Namespace) -> int:
                             str(dataset_dir), args.spacing, extra, args.gantry_tilt))
 
         progress = Progress(len(jobs), "ingest")
-        for entry, error in _results(ingest_volume, jobs, pool, ordered=False):
+        for entry, error in results(ingest_volume, jobs, False, "ingest"):
             if error is None:
                 volume_store.append_manifest(dataset_dir, entry)  # only the parent appends
                 written += 1
             else:
                 outputs.report(f"refused: {error}")
+                failures.append(error)
                 refused += 1
             progress.advance(1, entry["id"] if entry else "")
         progress.close()
+        if beam_args is not None:
+            beam.write_dead_letter(dataset_dir, failures)
 
     print(f"ingest: {written} written, {skipped} skipped (already ingested), {refused} refused "
           f"-> {dataset_dir / volume_store.MANIFEST_NAME}")
@@ -417,7 +436,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, args.beam_args = parser.parse_known_args(argv)
+    if args.beam_args and not args.runner:
+        parser.error(f"unrecognized arguments: {' '.join(args.beam_args)} (runner options need --runner)")
     # ValueError, OSError: also a corrupt manifest, an unwritable dataset folder.
     return outputs.run_tool("ingest", lambda: run(args), (FatalError, ValueError, OSError),
                             "volumes listed in the manifest are complete, re-run to continue")
