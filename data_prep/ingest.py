@@ -312,9 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gantry-tilt", choices=dicom.GANTRY_TILT_MODES, default="refuse",
                         help="a DICOM series acquired with gantry tilt: refuse it (default) or resample it onto "
                              "an orthogonal LPS grid in world space")
-    parser.add_argument("--runner", help="run the per-volume work as an Apache Beam pipeline on this runner "
-                                         "(DirectRunner, DataflowRunner, FlinkRunner, SparkRunner...); further "
-                                         "--options go to the runner")
+    beam.add_runner_argument(parser)
     parser.add_argument("--licence", help="licence string recorded for every volume of this run")
     parser.add_argument("--split", help="split (train/val/test...) recorded for every volume of this run")
     parser.add_argument("--subjects", metavar="FILE",
@@ -370,11 +368,11 @@ def run(args: argparse.Namespace) -> int:
         for path in remove_interrupted(dataset_dir, entries):
             outputs.report(f"removed {path}: left unlisted by an interrupted run")
         pool = None
-        beam_args = [f"--runner={args.runner}", *args.beam_args] if args.runner else None
+        beam_args = args.pipeline_args
 
         def results(fn, items: list, ordered: bool, label: str) -> Iterator:
             if beam_args is not None:
-                return iter(beam.map_volumes(fn, items, beam_args, dataset_dir, label))
+                return iter(beam.map_volumes(fn, items, beam_args, label))
             return _results(fn, items, pool, ordered)
 
         failures: list[str] = []  # "source: reason", the dead-letter report of a Beam run
@@ -436,10 +434,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args, args.beam_args = parser.parse_known_args(argv)
-    if args.beam_args and not args.runner:
-        parser.error(f"unrecognized arguments: {' '.join(args.beam_args)} (runner options need --runner)")
+    args = beam.parse_args(build_parser(), argv)
     # ValueError, OSError: also a corrupt manifest, an unwritable dataset folder.
     return outputs.run_tool("ingest", lambda: run(args), (FatalError, ValueError, OSError),
                             "volumes listed in the manifest are complete, re-run to continue")

@@ -160,9 +160,15 @@ def process_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
     return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
-def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
+def ordered_map(fn: Callable, items: Iterable, workers: int, pipeline_args: list[str] | None = None,
+                label: str = "map") -> Iterator:
     """fn over items, results in input order; with workers > 1 in spawned processes, a bounded window ahead
-    (`fn` must be a module-level function, so the workers can unpickle it)."""
+    (`fn` must be a module-level function, so the workers can unpickle it); with `pipeline_args` (--runner=...)
+    as an Apache Beam pipeline (data_prep/beam.py)."""
+    if pipeline_args is not None:
+        from data_prep import beam
+        yield from beam.map_volumes(fn, list(items), pipeline_args, label)
+        return
     if workers <= 1:
         yield from map(fn, items)
         return

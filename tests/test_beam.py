@@ -60,3 +60,23 @@ def test_direct_runner_equals_the_local_path(inputs, tmp_path, capsys):
 def test_runner_options_without_runner_are_refused(inputs, tmp_path, capsys):
     assert _ingest(inputs, tmp_path / "out", "--direct_num_workers=1") == 1
     assert "runner options need --runner" in capsys.readouterr().err
+
+
+def test_slices_volume_stats_and_reports_on_direct_runner_equal_the_local_path(inputs, tmp_path):
+    from data_prep import reports, slices, volume_stats
+    assert _ingest(inputs, tmp_path / "dataset") == ingest.EXIT_REFUSED
+    shutil.copytree(tmp_path / "dataset", tmp_path / "dataset_beam")
+    assert run_cli(volume_stats.main, ["--dataset", str(tmp_path / "dataset")]) == 0
+    assert run_cli(volume_stats.main, ["--dataset", str(tmp_path / "dataset_beam"), *BEAM]) == 0
+    assert ((tmp_path / "dataset" / "stats.json").read_text()
+            == (tmp_path / "dataset_beam" / "stats.json").read_text())
+
+    # reports: vtk_headsq has neither a report nor a label map, so it is skipped (exit 2) on both paths
+    for tool, name, extra, code in ((slices, "slices", ["--size", "64"], 0), (reports, "reports", [], 2)):
+        argv = ["--dataset", str(tmp_path / "dataset"), *extra]
+        assert run_cli(tool.main, [*argv, "--output", str(tmp_path / f"{name}_local")]) == code
+        assert run_cli(tool.main, [*argv, "--output", str(tmp_path / f"{name}_beam"), *BEAM]) == code
+        local, beam = sorted((tmp_path / f"{name}_local").iterdir()), sorted((tmp_path / f"{name}_beam").iterdir())
+        assert [p.name for p in local] == [p.name for p in beam]
+        for a, b in zip(local, beam):  # index, shards (and the reports' positive pool) byte for byte
+            assert a.read_bytes() == b.read_bytes(), a.name
