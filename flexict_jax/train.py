@@ -3,7 +3,8 @@ r"""Train a FlexiCT stage.
     python -m flexict_jax.train --config=configs/stage1.py:demo --workdir=runs/stage1 \
         --config.data.dir=data/slices [--config.total_steps=N] [--config.KEY=VALUE ...]
 
-Metrics go to WORKDIR/metrics.jsonl (and the console), checkpoints to WORKDIR/checkpoints/<step>. Running the
+Metrics go to WORKDIR/metrics.jsonl, WORKDIR/tensorboard/ (and the console; W&B with --config.wandb.project=NAME),
+checkpoints to WORKDIR/checkpoints/<step>. Running the
 same command again resumes from the latest checkpoint. SIGTERM saves the current step and exits 0.
 """
 from __future__ import annotations
