@@ -159,6 +159,9 @@ def mesh_and_checkpoint(config: mlc.ConfigDict) -> None:
     config.sharding_rules = SHARDING_RULES
     config.ckpt = mlc.ConfigDict(dict(every_steps=1000, keep_last=3, keep_every=0, async_save=True))
     config.log_every = 10
+    # Weights & Biases next to metrics.jsonl and TensorBoard: set a project to turn it on (needs `pip install
+    # wandb`); mode "offline" writes WORKDIR/wandb/ without network (`wandb sync` uploads it later).
+    config.wandb = mlc.ConfigDict(dict(project="", entity="", mode="online"))
     # NaN/inf loss: skip that update; stop (keeping the last good checkpoint) after this many in a row
     # (upstream aborts after more than two, recipe §4).
     config.max_consecutive_nonfinite = 3

@@ -23,6 +23,10 @@ arrays are committed; temporary and unlisted arrays left by an interrupted run a
 A bad source is reported with its path and the reason, and the rest of the batch goes on.
 Exit status: 0 all written or already present, 2 some sources refused, 1 fatal (nothing to ingest, bad
 arguments, unreadable manifest, another ingest running on DATASET_DIR).
+
+With `--runner=DirectRunner` (or any Apache Beam runner, its options passed through) the hashing and the
+per-volume conversion run as Beam pipelines (data_prep/beam.py) instead of --workers processes; the manifest
+is the same, and the refused sources are also listed in DATASET_DIR/dead_letter.jsonl.
 """
 from __future__ import annotations
 
@@ -41,7 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import outputs
+from data_prep import beam, outputs
+from flexict_jax import parallel
 from flexict_jax.imaging import dicom, geometry, readers
 from flexict_jax.imaging.geometry import IMAGE_FILL_HU, LABEL_FILL
 from flexict_jax.data import volume_store
@@ -74,6 +79,7 @@ class Job:
     dataset_dir: str
     spacing: tuple[float, float, float] | None   # None = native
     extra: dict                                  # licence / split, copied into the manifest entry
+    gantry_tilt: str = "refuse"                  # a tilted DICOM series: refused, or resampled (dicom.py)
 
 
 # --- discovery -----------------------------------------------------------------------------------------------
@@ -97,7 +103,7 @@ def sanitize_id(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "volume"
 
 
-def discover(inputs: Sequence[str], output_dir: str) -> tuple[list[Candidate], list[str], int]:
+def discover(inputs: Sequence[str], output_dir: str, workers: int = 1) -> tuple[list[Candidate], list[str], int]:
     """Finds the source volumes in `inputs` (files or folders, searched recursively).
 
     Returns (candidates sorted by source, problems as "path: reason", number of ignored non-CT files).
@@ -115,7 +121,7 @@ def discover(inputs: Sequence[str], output_dir: str) -> tuple[list[Candidate], l
             (labels if readers.is_label_name(f) else images if readers.is_nifti(f) else others).append(f)
 
     problems = []
-    series, damaged, not_dicom = dicom.find_series(others)
+    series, damaged, not_dicom = dicom.find_series(others, workers, progress=True)
     problems += [f"{path}: {reason}" for path, reason in damaged]
     found: dict[tuple[str, str], Candidate] = {}
 
@@ -162,9 +168,9 @@ def source_sha256(candidate: Candidate) -> tuple[str | None, str | None]:
         return None, f"{candidate.source}: cannot read ({e})"
 
 
-def _read_image(candidate: Candidate) -> readers.SourceVolume:
+def _read_image(candidate: Candidate, gantry_tilt: str) -> readers.SourceVolume:
     if candidate.series:
-        return dicom.read_series(candidate.series)
+        return dicom.read_series(candidate.series, gantry_tilt)
     return readers.read_nifti(candidate.source)
 
 
@@ -201,7 +207,7 @@ def ingest_volume(job: Job) -> tuple[dict | None, str | None]:
     candidate, dataset_dir = job.candidate, Path(job.dataset_dir)
     written: list[Path] = []
     try:
-        image = _read_image(candidate)
+        image = _read_image(candidate, job.gantry_tilt)
         readers.check_ct_intensity(image.array, candidate.source)
         grid = geometry.canonical_grid(image.array.shape, image.affine, job.spacing)
         entry = {"id": job.volume_id, "path": f"{volume_store.VOLUMES_DIR}/{job.volume_id}.zarr",
@@ -311,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "the source spacing and only reorients (exact)")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="worker processes, one volume each (default 1: in this process)")
+    parser.add_argument("--gantry-tilt", choices=dicom.GANTRY_TILT_MODES, default="refuse",
+                        help="a DICOM series acquired with gantry tilt: refuse it (default) or resample it onto "
+                             "an orthogonal LPS grid in world space")
+    beam.add_runner_argument(parser)
     parser.add_argument("--licence", help="licence string recorded for every volume of this run")
     parser.add_argument("--split", help="split (train/val/test...) recorded for every volume of this run")
     parser.add_argument("--subjects", metavar="FILE",
@@ -342,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise FatalError(f"--workers {args.workers}: need at least 1")
     subjects = load_subjects(args.subjects) if args.subjects else {}
-    candidates, problems, ignored = discover(args.input, args.output)
+    candidates, problems, ignored = discover(args.input, args.output, args.workers)
     for problem in problems:
         outputs.report(f"refused: {problem}")
     if ignored:
@@ -370,17 +380,26 @@ def run(args: argparse.Namespace) -> int:
         for path in remove_interrupted(dataset_dir, entries):
             outputs.report(f"removed {path}: left unlisted by an interrupted run")
         pool = None
-        if args.workers > 1:
-            pool = outputs.process_pool(args.workers)
+        beam_args = args.pipeline_args
+
+        def results(fn, items: list, ordered: bool, label: str) -> Iterator:
+            if beam_args is not None:
+                return iter(beam.map_volumes(fn, items, beam_args, label))
+            return _results(fn, items, pool, ordered)
+
+        failures: list[str] = []  # "source: reason", the dead-letter report of a Beam run
+        if args.workers > 1 and beam_args is None:
+            pool = parallel.process_pool(args.workers)
             # On an error or Ctrl-C, drop the queued volumes instead of converting them all first.
             stack.callback(pool.shutdown, wait=True, cancel_futures=True)
 
         progress = Progress(len(candidates), "hashing sources")
         hashes = []
-        for sha, error in _results(source_sha256, candidates, pool, ordered=True):
+        for sha, error in results(source_sha256, candidates, True, "hash"):
             hashes.append(sha)
             if error:
                 outputs.report(f"refused: {error}")
+                failures.append(error)
                 refused += 1
             progress.advance(1)
         progress.close()
@@ -402,18 +421,21 @@ def run(args: argparse.Namespace) -> int:
             known[sha] = volume_id
             taken.add(volume_id)
             jobs.append(Job(candidate, volume_id, sha, _subject(subjects, volume_id, candidate),
-                            str(dataset_dir), args.spacing, extra))
+                            str(dataset_dir), args.spacing, extra, args.gantry_tilt))
 
         progress = Progress(len(jobs), "ingest")
-        for entry, error in _results(ingest_volume, jobs, pool, ordered=False):
+        for entry, error in results(ingest_volume, jobs, False, "ingest"):
             if error is None:
                 volume_store.append_manifest(dataset_dir, entry)  # only the parent appends
                 written += 1
             else:
                 outputs.report(f"refused: {error}")
+                failures.append(error)
                 refused += 1
             progress.advance(1, entry["id"] if entry else "")
         progress.close()
+        if beam_args is not None:
+            beam.write_dead_letter(dataset_dir, failures)
 
     print(f"ingest: {written} written, {skipped} skipped (already ingested), {refused} refused "
           f"-> {dataset_dir / volume_store.MANIFEST_NAME}")
@@ -424,7 +446,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = beam.parse_args(build_parser(), argv)
     # ValueError, OSError: also a corrupt manifest, an unwritable dataset folder.
     return outputs.run_tool("ingest", lambda: run(args), (FatalError, ValueError, OSError),
                             "volumes listed in the manifest are complete, re-run to continue")

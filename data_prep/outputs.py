@@ -5,7 +5,7 @@
   into place when complete; a non-empty destination is replaced only on request, and only when it holds this
   tool's own earlier output (never e.g. a dataset given as --output by mistake).
 * `ShardWriter`, `WRITER_OPTIONS`: numbered ArrayRecord shards.
-* `ordered_map`, `process_pool`: per-volume work in spawned worker processes.
+* `ordered_map`: per-volume work in spawned worker processes (`flexict_jax.parallel`) or a Beam pipeline.
 * `write_atomically`: a single file replaced in one rename.
 * `report`, `ExitOneParser`, `run_tool`: the console conventions. Exit status 0 all done, 1 fatal (bad
   arguments included), 2 finished but some input was skipped, 130 interrupted.
@@ -13,13 +13,9 @@
 from __future__ import annotations
 
 import argparse
-import collections
-import concurrent.futures
 import contextlib
 import fcntl
-import itertools
 import json
-import multiprocessing
 import os
 import pathlib
 import shutil
@@ -28,6 +24,8 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 
 from array_record.python.array_record_module import ArrayRecordWriter
+
+from flexict_jax import parallel
 
 EXIT_FATAL, EXIT_INTERRUPTED = 1, 130
 WRITER_OPTIONS = "group_size:1,zstd:3"  # group_size 1: every record is randomly accessible (jax_stack.md)
@@ -154,26 +152,14 @@ def write_atomically(path: pathlib.Path, write: Callable[[pathlib.Path], object]
 
 # --- worker processes ------------------------------------------------------------------------------------------
 
-def process_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
-    """`workers` spawned processes. Spawn, not fork: TensorStore runs threads in this process, and forking a
-    threaded process can deadlock."""
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-
-
-def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
-    """fn over items, results in input order; with workers > 1 in spawned processes, a bounded window ahead
-    (`fn` must be a module-level function, so the workers can unpickle it)."""
-    if workers <= 1:
-        yield from map(fn, items)
+def ordered_map(fn: Callable, items: Iterable, workers: int, pipeline_args: list[str] | None = None,
+                label: str = "map") -> Iterator:
+    """`parallel.ordered_map`, or with `pipeline_args` (--runner=...) an Apache Beam pipeline (data_prep/beam.py)."""
+    if pipeline_args is not None:
+        from data_prep import beam
+        yield from beam.map_volumes(fn, list(items), pipeline_args, label)
         return
-    with process_pool(workers) as pool:
-        items = iter(items)
-        pending = collections.deque(pool.submit(fn, item) for item in itertools.islice(items, 2 * workers))
-        while pending:
-            result = pending.popleft().result()
-            for item in itertools.islice(items, 1):
-                pending.append(pool.submit(fn, item))
-            yield result
+    yield from parallel.ordered_map(fn, items, workers)
 
 
 # --- console conventions ---------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from data_prep import ingest, outputs, slices
+from data_prep import beam, ingest, outputs, slices
 from flexict_jax.imaging.readers import NIFTI_SUFFIXES, file_sha256
 from flexict_jax.data import pseudo_reports, report_records, report_rules, volume_store
 from flexict_jax.progress import Progress
@@ -371,7 +371,8 @@ def run(args: argparse.Namespace) -> int:
                        f"beside the source label map): their structures are called 'label N'")
 
     progress = Progress(len(jobs), "pseudo-reports")
-    for job, (record, error) in zip(jobs, outputs.ordered_map(_pseudo_record_star, jobs, args.workers)):
+    for job, (record, error) in zip(jobs, outputs.ordered_map(_pseudo_record_star, jobs, args.workers,
+                                                              args.pipeline_args, "reports")):
         if error is None:
             by_volume[job.entry["id"]] = record
         else:
@@ -410,6 +411,7 @@ def run(args: argparse.Namespace) -> int:
             "volumes": [{"volume_id": r["volume_id"], "path": r["path"], "label_path": r["label_path"],
                          "split": r["split"], "source": r["source"]} for r in ordered],
             "skipped_rows": skipped_rows, "skipped_volumes": skipped_volumes,
+            "provenance": volume_store.provenance([e for e in entries if e["id"] in by_volume]),
         }
         (tmp / report_records.POOL_FILE).write_text(json.dumps(pools, indent=1, ensure_ascii=False) + "\n", "utf-8")
         (tmp / report_records.INDEX_FILE).write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n", "utf-8")
@@ -448,11 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--records-per-shard", type=int, default=4096, help="records per shard (default %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="label maps read in parallel (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing reports dir at --output")
+    beam.add_runner_argument(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = beam.parse_args(build_parser(), argv)
     # ValueError, OSError: also a corrupt manifest.
     return outputs.run_tool("reports", lambda: run(args), (FatalError, ValueError, OSError),
                             "nothing was written to --output")

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 import tensorstore as ts
 
-from data_prep import outputs
+from data_prep import beam, outputs
 from flexict_jax.imaging import readers
 from flexict_jax.data import records, volume_store
 from flexict_jax.data.slice_source import INDEX_FILE, SLICES_FORMAT
@@ -177,7 +177,8 @@ def volume_slices(dataset_dir: pathlib.Path, entry: dict, options: SliceOptions)
 
 def build_slices(dataset_dir: pathlib.Path | str, output: pathlib.Path | str, options: SliceOptions = SliceOptions(),
                  split: str | None = None, records_per_shard: int = 1024, workers: int = 1,
-                 overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+                 overwrite: bool = False, progress: bool = True, pipeline_args: list[str] | None = None
+                 ) -> dict[str, Any]:
     """Builds the slices dir and returns its index (the content of index.json).
 
     Raises on fatal problems (no or corrupt manifest, no volume selected, no slice written, refused output
@@ -202,7 +203,7 @@ def build_slices(dataset_dir: pathlib.Path | str, output: pathlib.Path | str, op
         volumes, skipped, dropped = {}, [], 0
         bar = Progress(len(entries), "slices") if progress else None
         work = ((dataset_dir, entry, options) for entry in entries)
-        for result in outputs.ordered_map(_volume_slices_star, work, workers):
+        for result in outputs.ordered_map(_volume_slices_star, work, workers, pipeline_args, "slices"):
             if result.error is not None:
                 skipped.append({"id": result.volume_id, "reason": result.error})
                 outputs.report(f"skipped volume {result.volume_id}: {result.error}")
@@ -230,6 +231,7 @@ def build_slices(dataset_dir: pathlib.Path | str, output: pathlib.Path | str, op
             "dataset": str(dataset_dir), "dataset_spacing": dataset_spacing, "manifest_sha256": manifest_sha256,
             "slices_below_body_fraction": dropped,
             "volumes": volumes, "skipped": skipped,
+            "provenance": volume_store.provenance([e for e in entries if e["id"] in volumes]),
         }
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
     return index
@@ -257,12 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--records-per-shard", type=int, default=1024, help="records per shard (default %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="volumes processed in parallel (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing slices dir at --output")
-    args = parser.parse_args(argv)
+    beam.add_runner_argument(parser)
+    args = beam.parse_args(parser, argv)
     options = SliceOptions(args.fov_mm, args.size, args.min_body_fraction, args.every)
     try:
         index = build_slices(args.dataset, args.output, options, split=args.split,
                              records_per_shard=args.records_per_shard, workers=args.workers,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, pipeline_args=args.pipeline_args)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import outputs
+from data_prep import beam, outputs
+from flexict_jax import parallel
 from flexict_jax.data import volume_source, volume_store
 from flexict_jax.progress import Progress
 
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="worker processes, one volume each (default 1: in this process)")
     parser.add_argument("--save-every", type=int, default=100, metavar="N",
                         help="rewrite stats.json after every N new volumes (default 100)")
+    beam.add_runner_argument(parser)
     return parser
 
 
@@ -126,10 +128,13 @@ def run(args: argparse.Namespace) -> int:
         jobs = [(e["id"], str(dataset_dir / e["path"]), e["source_sha256"], args.hu_window) for e in entries
                 if section.get(e["id"], {}).get("source_sha256") != e["source_sha256"]]
         pool = None
-        if args.workers > 1 and len(jobs) > 1:
-            pool = outputs.process_pool(args.workers)
+        if args.workers > 1 and len(jobs) > 1 and args.pipeline_args is None:
+            pool = parallel.process_pool(args.workers)
             stack.callback(pool.shutdown, wait=True, cancel_futures=True)
-        results = map(_job, jobs) if pool is None else pool.map(_job, jobs)
+        if args.pipeline_args is not None:
+            results = outputs.ordered_map(_job, jobs, 1, args.pipeline_args, "volume_stats")
+        else:
+            results = map(_job, jobs) if pool is None else pool.map(_job, jobs)
         progress = Progress(len(jobs), f"volume_stats {key}")
         unsaved = 0
         try:
@@ -154,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = beam.parse_args(build_parser(), argv)
     # ValueError, OSError, RuntimeError: no manifest, a corrupt stats.json, a held lock.
     return outputs.run_tool("volume_stats", lambda: run(args), (ValueError, OSError, RuntimeError),
                             "finished volumes are saved, re-run to continue")

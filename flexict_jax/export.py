@@ -15,8 +15,8 @@ trainer, optimizer or data pipeline) and the architecture from the checkpoint's 
     storage tokens, patch 8 and one input channel; other sizes are refused unless
     --allow-custom-architecture (then only `flexict_jax.torch_reference` or custom code can load the file).
   * --format=safetensors: `--out` is a directory with model.safetensors (the backbone state_dict, upstream
-    names) and config.json (architecture, base/runtime patch sizes, RoPE settings, preprocessing, source).
-    Any size. The periods are stored in the precision the model was trained with (config.json "rope").
+    names), config.json (`model_type`, architecture, base/runtime patch sizes, RoPE settings, preprocessing,
+    source) and README.md. Any size. `flexict_jax.torch_reference.FlexiCTModel.from_pretrained(out)` loads it. The periods are stored in the precision the model was trained with (config.json "rope").
   * --kind=vlm (a stage-3 checkpoint): the upstream `{"model": {...}}` payload of torch-format §3.2 —
     `logit_scale` (1,), `vision_model.<backbone>`, `vlm_vision_projection.weight`, `text_model.backbone.<Qwen3
     key>`: 531 keys at the released size, loadable with `Flexi_CT_VLM_Module.load_state_dict(strict=True)`.
@@ -25,7 +25,10 @@ trainer, optimizer or data pipeline) and the architecture from the checkpoint's 
     scale, as upstream's release does (recipe §8, §13 #16).
 
 The two patch embeddings are always both exported (every FlexiCT checkpoint carries both, torch-format §7.5);
---kind picks the preprocessing recorded and which upstream wrapper the file is meant for. Files are written to
+--kind picks the preprocessing recorded and which upstream wrapper the file is meant for. Every export writes a
+model card (README.md in the directory; `NAME.README.md` beside a .pth): architecture, stage and step, the
+training data's volume count, sources and licences (ingest `--licence`, carried through the slices / reports
+index into the checkpoint metadata), preprocessing with a torch/MONAI snippet, intended use and limits. Files are written to
 a temporary name and renamed into place; an existing --out is replaced only with --overwrite.
 Exit status 0 on success, 1 on any error.
 """
@@ -80,6 +83,10 @@ def safetensors_config(arch: torch_format.Architecture, *, kind: str, rope_bf16:
     runtime = sorted(set(config.get("patch_sizes", [arch.base_patch_size])))
     out = {
         "format": SAFETENSORS_FORMAT,
+        # Hugging Face tooling keys a config.json by model_type (flexict_jax.torch_reference.FlexiCTModel
+        # loads both kinds; a VLM export's text tower is a transformers Qwen3Model)
+        "model_type": "flexict_vlm" if kind == "vlm" else "flexict",
+        "architectures": ["FlexiCTModel"],
         "kind": kind,
         "architecture": arch.to_config(),
         "patch_size": {"base": arch.base_patch_size, "runtime": runtime,
@@ -104,6 +111,120 @@ def safetensors_config(arch: torch_format.Architecture, *, kind: str, rope_bf16:
     return out
 
 
+STAGE_NAMES = {"stage1": "stage 1 (2D axial SSL: DINO + iBOT + KoLeo)",
+               "stage1_hires": "stage 1.1 (high-resolution 2D SSL with Gram anchoring)",
+               "stage2": "stage 2 (3D SSL on volumes)", "stage3": "stage 3 (report-guided vision-language alignment)"}
+
+
+def _data_lines(data: Mapping[str, Any] | None) -> list[str]:
+    if not data:
+        return ["- not recorded (the checkpoint predates data provenance in its metadata)"]
+    lines = [f"- {data['volumes']} CT volumes"]
+    lines += [f"- licence {licence}: {n} volume(s)" for licence, n in data["licences"].items()]
+    lines += [f"- source {source}: {n} volume(s)" for source, n in data["sources"].items()]
+    return lines
+
+
+def model_card(*, arch: torch_format.Architecture, kind: str, fmt: str, step: int, params: str,
+               meta: Mapping[str, Any], workdir: str) -> str:
+    """README.md of an export: what the weights are, what they were trained on and under which licences (from
+    the ingest manifest via the slices / reports index and the checkpoint metadata), how to feed them."""
+    prep = Preprocessing.preset(kind)
+    stage = meta.get("stage") or "unknown"
+    init = meta.get("init") or {}
+    low, high = prep.hu_window
+    sz, sy, sx = prep.spacing_mm
+    spacing = f"{sx} × {sy} mm in plane (native z)" if sz is None else f"{sx} × {sy} × {sz} mm (x, y, z)"
+    if fmt == "safetensors":
+        loading = ["from flexict_jax.torch_reference import FlexiCTModel   # a torch-only file",
+                   "model = FlexiCTModel.from_pretrained(\"this_folder\")    # strict load, eval mode"]
+    else:
+        loading = ["from flexict_jax.torch_reference import load_pth       # or upstream's Flexi_CT_2D / Flexi_CT_3D",
+                   "model = load_pth(\"this_file.pth\")                     # strict load, eval mode"]
+    licences = sorted({*(meta.get("data") or {}).get("licences", {}), *(init.get("from_data") or {}).get("licences", {})})
+    lines = [
+        "---",
+        "library_name: flexict_jax",
+        f"license: other  # training data licences: {', '.join(licences) or 'not recorded'}",
+        "tags: [computed-tomography, medical-imaging, self-supervised, vision-transformer, flexict]",
+        "---",
+        "",
+        f"# FlexiCT {kind.upper()} encoder ({stage}, step {step})",
+        "",
+        f"Exported by `python -m flexict_jax.export --format={fmt} --kind={kind}` from `{workdir}`, checkpoint step "
+        f"{step}, {'EMA teacher' if params == 'teacher' else params} weights.",
+        "",
+        "## Architecture",
+        "",
+        f"ViT (FlexiCT backbone, upstream `Flexi_CT_Backbone` names): width {arch.dim}, depth {arch.depth}, "
+        f"{arch.num_heads} heads, MLP ratio {arch.mlp_ratio}, {arch.num_storage_tokens} storage tokens, "
+        f"{arch.in_chans} input channel, base patch {arch.base_patch_size} (FlexiViT PI-resize to any runtime "
+        f"patch size), axial RoPE (base {arch.rope_base}); 2D and 3D patch embeddings. Outputs the CLS token and "
+        f"the patch tokens.",
+        "",
+        "## Training",
+        "",
+        f"- {STAGE_NAMES.get(stage, stage)}, {step} steps",
+    ]
+    if init:
+        lines.append(f"- started from `{init.get('from')}` step {init.get('step')} ({init.get('from_stage')}, "
+                     f"mode {init.get('mode')})")
+    lines += ["", "### Training data", ""] + _data_lines(meta.get("data"))
+    if init:
+        lines += ["", f"### Data of the run it started from ({init.get('from_stage')})", ""]
+        lines += _data_lines(init.get("from_data"))
+    lines += [
+        "",
+        "The weights inherit the terms of these licences; check them before use or redistribution.",
+        "",
+        "## Preprocessing",
+        "",
+        f"- orientation {prep.orientation}: array axes (z, y, x), x → patient Left, y → Posterior, z → Superior",
+        f"- spacing {spacing}" + (f"; centre crop {prep.crop}³ voxels" if prep.crop else ""),
+        f"- HU clamped to [{low:g}, {high:g}], then z-scored ((x − mean) / std, per "
+        f"{'slice' if kind == '2d' else 'volume'})",
+        "",
+        "A volume in RAS order (x, y, z), as nibabel's `get_fdata()` of a RAS+ NIfTI gives, to the model's "
+        "(z, y, x) LPS input:",
+        "",
+        "```python",
+        "import torch",
+        "ras = torch.as_tensor(volume_xyz_ras, dtype=torch.float32)     # [X, Y, Z]: x → Right, y → Anterior",
+        "lps_zyx = ras.permute(2, 1, 0).flip(1, 2)                       # [Z, Y, X]: x → Left, y → Posterior",
+        f"x = lps_zyx.clamp({low:g}, {high:g})",
+        "x = ((x - x.mean()) / x.std())[None, None]                      # [1, 1, Z, Y, X]",
+        "```",
+        "",
+        "With MONAI (any orientation on disk, resampled to the spacing above):",
+        "",
+        "```python",
+        "from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation, Spacing",
+        "load = Compose([LoadImage(image_only=True), EnsureChannelFirst(), Orientation(axcodes=\"LPS\"),",
+        f"                Spacing(pixdim=({sx}, {sy}, {sz if sz is not None else -1}), mode=\"bilinear\")])"
+        + ("  # -1 keeps the native z spacing" if sz is None else ""),
+        "x = load(\"ct.nii.gz\").permute(0, 3, 2, 1)                   # [1, X, Y, Z] LPS → [1, Z, Y, X]",
+        "```",
+        "",
+        "## Loading",
+        "",
+        "```python", *loading,
+        "out = model(x)                                              # cls_token [B, dim], patch_tokens [B, N, dim]",
+        "```",
+        "",
+        "## Intended use and limits",
+        "",
+        "- A research encoder for CT representations (feature extraction, linear probes, fine-tuning, "
+        "retrieval); **not a medical device**, not validated for diagnosis or any clinical decision.",
+        "- Trained only on the data listed above: expect degraded features on other scanners, protocols, body "
+        "regions, contrast phases, paediatric CT and other modalities (MR, PET, CBCT).",
+        "- Inputs must follow the preprocessing above (orientation, spacing, HU window); other conventions give "
+        "valid-looking but wrong features.",
+        "- Self-supervised features can encode biases of the training population; evaluate on your own data.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def _replace(tmp: pathlib.Path, out: pathlib.Path) -> None:
     """Renames a finished `tmp` into `out`; an existing directory `out` is removed only after the rename."""
     if out.is_dir():
@@ -115,8 +236,21 @@ def _replace(tmp: pathlib.Path, out: pathlib.Path) -> None:
         os.replace(tmp, out)
 
 
-def write_pth(payload: Mapping[str, Any], out: pathlib.Path) -> None:
-    """torch.save of `payload` (numpy leaves become tensors, bf16 kept) through a temporary file."""
+def _readable(path: pathlib.Path) -> None:
+    """The mode open() gives a new file (0644 under the usual umask 022): safetensors writes 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def card_path(out: pathlib.Path) -> pathlib.Path:
+    """Where the model card of a `.pth` export goes: beside it (FlexiCT_2D.pth -> FlexiCT_2D.README.md)."""
+    return out.with_suffix(".README.md")
+
+
+def write_pth(payload: Mapping[str, Any], out: pathlib.Path, card: str | None = None) -> None:
+    """torch.save of `payload` (numpy leaves become tensors, bf16 kept) through a temporary file, and the model
+    card beside it."""
     try:
         import torch
 
@@ -126,15 +260,23 @@ def write_pth(payload: Mapping[str, Any], out: pathlib.Path) -> None:
     tensors = {name: ({k: to_torch(v) for k, v in value.items()} if isinstance(value, Mapping) else value)
                for name, value in payload.items()}
     tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
+    tmp_card = card_path(tmp)
     try:
         torch.save(tensors, tmp)
+        _readable(tmp)
+        if card is not None:
+            tmp_card.write_text(card)
+            _readable(tmp_card)
+            _replace(tmp_card, card_path(out))
         _replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+        tmp_card.unlink(missing_ok=True)
 
 
-def write_safetensors(state: Mapping[str, np.ndarray], config: Mapping[str, Any], out: pathlib.Path) -> None:
-    """model.safetensors + config.json in a temporary directory renamed to `out`."""
+def write_safetensors(state: Mapping[str, np.ndarray], config: Mapping[str, Any], out: pathlib.Path,
+                      card: str | None = None) -> None:
+    """model.safetensors + config.json + README.md (the model card) in a temporary directory renamed to `out`."""
     try:
         from safetensors.numpy import save_file
     except ImportError as e:
@@ -147,6 +289,10 @@ def write_safetensors(state: Mapping[str, np.ndarray], config: Mapping[str, Any]
         save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        if card is not None:
+            (tmp / "README.md").write_text(card)
+        for path in tmp.iterdir():
+            _readable(path)
         _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -166,6 +312,8 @@ def export(workdir: str | os.PathLike, *, kind: str, fmt: str, out: str | os.Pat
         raise ExportError("--params=recipe-vlm applies to --kind=vlm only")
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; pass --overwrite to replace it")
+    if fmt == "flexict" and card_path(out).exists() and not overwrite:
+        raise ExportError(f"{card_path(out)} (the model card) exists; pass --overwrite to replace it")
     if out.exists() and out.is_dir() != (fmt == "safetensors"):
         raise ExportError(f"{out} is a {'directory' if out.is_dir() else 'file'}; --format={fmt} writes a "
                           f"{'directory' if fmt == 'safetensors' else 'file'} there")
@@ -188,6 +336,7 @@ def export(workdir: str | os.PathLike, *, kind: str, fmt: str, out: str | os.Pat
         hint = ("; stage 3's EMA teacher holds the image side only: use --params=recipe-vlm or student"
                 if kind == "vlm" and params == "teacher" else "")
         raise ExportError(f"{where} ({params}): {e}{hint}") from e
+    card = model_card(arch=arch, kind=kind, fmt=fmt, step=step, params=params, meta=meta, workdir=str(workdir))
     if fmt == "flexict":
         differences = arch.upstream_differences()
         if text_tower is not None and text_tower != torch_format.UPSTREAM_TEXT_TOWER:
@@ -196,11 +345,11 @@ def export(workdir: str | os.PathLike, *, kind: str, fmt: str, out: str | os.Pat
             raise ExportError(f"{where}: the upstream FlexiCT wrappers cannot build this model "
                               f"({'; '.join(differences)}); use --format=safetensors, or "
                               f"--allow-custom-architecture for a .pth only flexict_jax.torch_reference can load")
-        write_pth({"model" if kind == "vlm" else "teacher": state, "iteration": step}, out)
+        write_pth({"model" if kind == "vlm" else "teacher": state, "iteration": step}, out, card)
     else:
         write_safetensors(state, safetensors_config(
             arch, kind=kind, rope_bf16=rope_bf16, meta=meta, text_tower=text_tower,
-            source={"workdir": str(workdir), "step": step, "params": params, "stage": meta.get("stage")}), out)
+            source={"workdir": str(workdir), "step": step, "params": params, "stage": meta.get("stage")}), out, card)
     if kind != "2d" and meta.get("config", {}).get("data", {}).get("kind") == "slices2d":
         print(f"export: warning: {workdir} was trained on 2D slices; its 3D patch embedding was never trained",
               file=sys.stderr)

@@ -27,8 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:  # only FlexiCTModel's from_pretrained / save_pretrained need it
+    from huggingface_hub import PyTorchModelHubMixin
+except ImportError:
+    PyTorchModelHubMixin = object
+
 LAYER_NORM_EPS = 1e-6
-SAFETENSORS_WEIGHTS, SAFETENSORS_CONFIG = "model.safetensors", "config.json"
+SAFETENSORS_WEIGHTS, SAFETENSORS_CONFIG, MODEL_CARD = "model.safetensors", "config.json", "README.md"
 ROPE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -227,19 +232,64 @@ def load_pth(path: str | pathlib.Path, *, weights_only: bool = True, **architect
     return model.eval()
 
 
-def load_safetensors(directory: str | pathlib.Path) -> tuple[FlexiCTBackbone, dict[str, Any]]:
+def load_safetensors(directory: str | pathlib.Path, model_class: type[FlexiCTBackbone] = FlexiCTBackbone
+                     ) -> tuple[FlexiCTBackbone, dict[str, Any]]:
     """A `--format=safetensors` export (model.safetensors + config.json) as (eval-mode backbone, config);
     for a VLM export, its vision backbone."""
     from safetensors.torch import load_file
 
     directory = pathlib.Path(directory)
     config = json.loads((directory / SAFETENSORS_CONFIG).read_text())
-    model = FlexiCTBackbone(**config["architecture"], rope_dtype=ROPE_DTYPES[config["rope"]["dtype"]])
+    model = model_class(**config["architecture"], rope_dtype=ROPE_DTYPES[config["rope"]["dtype"]])
     state = load_file(directory / SAFETENSORS_WEIGHTS)
     if config["kind"] == "vlm":  # the vision tower of a VLM export; the text tower is a Hugging Face Qwen3Model
         state = backbone_state_dict({"model": state})
     model.load_state_dict(state, strict=True)
     return model.eval(), config
+
+
+class FlexiCTModel(FlexiCTBackbone, PyTorchModelHubMixin):
+    """The backbone with Hugging Face's `from_pretrained` / `save_pretrained` (needs `huggingface_hub`):
+
+        model = FlexiCTModel.from_pretrained("demo_3d/")   # a --format=safetensors export; strict load, eval mode
+        model.save_pretrained("copy/")                     # model.safetensors + config.json + README.md again
+
+    Local folders only: a name that is not a folder is refused, nothing is downloaded. `model.config` is the
+    export's config.json (architecture, preprocessing, model_type), `model.model_card` its README.md. A VLM
+    export loads (and saves) its vision backbone as a 3d model."""
+
+    config: dict[str, Any]
+    model_card: str
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | pathlib.Path, **kwargs: Any) -> FlexiCTModel:
+        directory = pathlib.Path(pretrained_model_name_or_path)
+        if not (directory / SAFETENSORS_CONFIG).is_file():
+            raise FileNotFoundError(f"{directory}: no {SAFETENSORS_CONFIG}; from_pretrained reads a local "
+                                    f"--format=safetensors export folder (nothing is downloaded)")
+        return super().from_pretrained(directory, local_files_only=True, **kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, **_: Any) -> FlexiCTModel:
+        # The hub mixin passes config.json entries that share a name with an __init__ argument; the
+        # architecture is read from config.json here instead.
+        model, config = load_safetensors(model_id, model_class=cls)
+        card = pathlib.Path(model_id) / MODEL_CARD
+        model.config, model.model_card = config, card.read_text() if card.is_file() else ""
+        return model
+
+    def _save_pretrained(self, save_directory: pathlib.Path) -> None:
+        from safetensors.torch import save_file
+
+        config = dict(self.config)
+        if config["kind"] == "vlm":  # only the vision backbone was loaded
+            config.pop("vision_language", None)
+            config.update(kind="3d", model_type="flexict")
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(save_directory / SAFETENSORS_WEIGHTS),
+                  metadata={"format": "pt"})
+        (save_directory / SAFETENSORS_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+        if self.model_card:
+            (save_directory / MODEL_CARD).write_text(self.model_card)
 
 
 def to_torch(array: np.ndarray) -> torch.Tensor:

@@ -1,9 +1,10 @@
-"""Train a FlexiCT stage.
+r"""Train a FlexiCT stage.
 
     python -m flexict_jax.train --config=configs/stage1.py:demo --workdir=runs/stage1 \
         --config.data.dir=data/slices [--config.total_steps=N] [--config.KEY=VALUE ...]
 
-Metrics go to WORKDIR/metrics.jsonl (and the console), checkpoints to WORKDIR/checkpoints/<step>. Running the
+Metrics go to WORKDIR/metrics.jsonl, WORKDIR/tensorboard/ (and the console; W&B with --config.wandb.project=NAME),
+checkpoints to WORKDIR/checkpoints/<step>. Running the
 same command again resumes from the latest checkpoint. SIGTERM saves the current step and exits 0.
 
 Exit status: 0 finished (or stopped on SIGTERM after saving), 1 refused or failed. A refusal or a known fault
@@ -175,6 +176,14 @@ def _spell_init_from(argv: list[str]) -> list[str]:
             else a for a in argv]
 
 
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
 if __name__ == "__main__":
     sys.argv = _spell_init_from(sys.argv)  # config_flags reads override flags from sys.argv itself
-    app.run(main, flags_parser=parse_flags)
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except SystemExit as e:  # absl exits 1 after printing the usage; asking for help is no failure
+        if e.code == 1 and any(a in HELP_FLAGS for a in sys.argv[1:]):
+            sys.exit(0)
+        raise

@@ -70,7 +70,6 @@ def train(config: mlc.ConfigDict, workdir: str, *, evaluator: EvaluatorFactory |
     handoff.adopt_rope_periods(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)  # nothing is written before the config has been checked
     is_chief = jax.process_index() == 0
-    writer = metric_io.MetricWriter(workdir, enabled=is_chief)
 
     with sharding.activate(mesh, config.sharding_rules):
         program = train_step.build_program(config, mesh)
@@ -84,7 +83,8 @@ def train(config: mlc.ConfigDict, workdir: str, *, evaluator: EvaluatorFactory |
                                          process_count=jax.process_count())
         data_iterator = iter(dataset)
         ckpt = checkpointing.Checkpointer(workdir / "checkpoints", **config.ckpt.to_dict())
-        meta = {"stage": config.stage, "config": json.loads(config.to_json_best_effort())}
+        meta = {"stage": config.stage, "config": json.loads(config.to_json_best_effort()),
+                "data": datasets.provenance(config)}  # for the model card of an export
         latest = ckpt.latest_step()
         if latest is not None:  # our own checkpoint always wins: a resume never re-applies the hand-off
             logging.info("resuming from %s", workdir / "checkpoints" / str(latest))
@@ -107,6 +107,7 @@ def train(config: mlc.ConfigDict, workdir: str, *, evaluator: EvaluatorFactory |
         step = int(jax.device_get(state["step"]))
         compiled: dict[Variant, Callable] = {}
         throughput = metric_io.Throughput(step, config.total_steps)
+        writer = metric_io.MetricWriter(workdir, start_step=step, config=config, enabled=is_chief)
         nonfinite_streak, exit_code = 0, 0
         records_replaced = 0  # stand-ins for corrupt records (data.on_corrupt=skip) since the last metrics row
         logging.info("training %s from step %d to %d on a %s mesh", config.stage, step, config.total_steps,
@@ -138,15 +139,18 @@ def train(config: mlc.ConfigDict, workdir: str, *, evaluator: EvaluatorFactory |
                     break
             else:
                 nonfinite_streak = 0
+            record = {}  # one metrics row per step, evaluation included
             if step % config.log_every == 0 or step == config.total_steps:
                 scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
                 if config.data.get("on_corrupt") == "skip":
                     scalars["data/records_replaced"] = distributed.process_sum(records_replaced)
                     records_replaced = 0
-                writer.write(step, {**scalars, "patch_size": variant.patch_size,
-                                    **throughput.update(step, config.global_batch_size)})
+                record.update(scalars, patch_size=variant.patch_size,
+                              **throughput.update(step, config.global_batch_size))
             if evaluate is not None and (step % config.eval.every_steps == 0 or step == config.total_steps):
-                writer.write(step, evaluate(state))
+                record.update(evaluate(state))
+            if record:
+                writer.write(step, record)
             if nonfinite_streak == 0:  # never checkpoint inside a non-finite streak: keep the last good one
                 ckpt.save(step, state, data_iterator, meta, force=step == config.total_steps)
         ckpt.close()

@@ -16,6 +16,7 @@ PACKAGES = ("flexict_jax", "configs", "data_prep")
 # dotted name or the longest listed package prefix.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("flexict_jax", "flexict_jax.errors", "flexict_jax.ops", "flexict_jax.resize", "flexict_jax.progress",
+              "flexict_jax.parallel",
               "flexict_jax.sharding", "flexict_jax.distributed", "flexict_jax.variants", "flexict_jax.schedules",
               "flexict_jax.optim", "flexict_jax.checkpointing", "flexict_jax.metric_io")),
     ("config", ("configs",)),

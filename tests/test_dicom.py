@@ -150,3 +150,100 @@ def test_ingest_refuses_a_broken_series_and_writes_the_rest(series_files, dicom_
     labels = vs.open_volume(tmp_path / "out" / entry["label_path"]).read().result()
     liver, spleen = np.argwhere(labels == 5)[:, 2].mean(), np.argwhere(labels == 1)[:, 2].mean()
     assert liver < spleen  # x grows toward patient left: the liver (patient right) has the smaller x
+
+
+# --- the transfer syntaxes PACS exports use, gantry tilt, enhanced CT, parallel discovery ----------------------
+
+def _reencode(files, folder, syntax) -> None:
+    """The series re-encoded (imagecodecs' encoders) with `syntax`: JPEG Lossless SV1 and JPEG-LS keep every
+    12-bit value; JPEG baseline is 8-bit, so it stores value >> 4 with RescaleSlope 16."""
+    imagecodecs = pytest.importorskip("imagecodecs", reason="imagecodecs encodes the test series")
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless
+
+    encode = {JPEGLosslessSV1: lambda a: imagecodecs.jpeg8_encode(a, lossless=True, predictor=1, bitspersample=12),
+              JPEGLSLossless: lambda a: imagecodecs.jpegls_encode(a, level=0),
+              JPEGBaseline8Bit: lambda a: imagecodecs.jpeg8_encode((a >> 4).astype(np.uint8), level=95)}[syntax]
+
+    def edit(i, ds):
+        pixels = ds.pixel_array
+        ds.PixelData = encapsulate([encode(pixels)])
+        ds.file_meta.TransferSyntaxUID = syntax
+        if syntax == JPEGBaseline8Bit:
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+            ds.RescaleSlope = 16
+
+    _copy_series(files, folder, edit)
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.50"],
+                         ids=["jpeg-lossless-sv1", "jpeg-ls", "jpeg-baseline"])
+def test_jpeg_series_decode_like_the_original(series_files, dicom_dir, tmp_path, syntax):
+    _reencode(series_files, tmp_path / "jpeg", syntax)
+    assert str(pydicom.dcmread(next((tmp_path / "jpeg").iterdir())).file_meta.TransferSyntaxUID) == syntax
+    original = dicom.read_series(_series(dicom_dir / "ts_torso_20"))
+    decoded = dicom.read_series(_series(tmp_path / "jpeg"))
+    np.testing.assert_array_equal(decoded.affine, original.affine)
+    if syntax == "1.2.840.10008.1.2.4.50":  # lossy, 8 bits: within a few quantisation steps of 16 HU
+        error = np.abs(decoded.array - original.array)
+        assert error.mean() < 16 and error.max() <= 16 * 16
+    else:  # lossless: voxel for voxel
+        np.testing.assert_array_equal(decoded.array, original.array)
+
+
+def test_gantry_tilt_resampled_onto_the_orthogonal_grid(series_files, dicom_dir, tmp_path):
+    """Each slice 1 pixel further posterior than the one below (a 26° tilt at 2 mm steps): the sheared affine
+    maps every slice's first voxel to its ImagePositionPatient, and on an LPS grid aligned with the first slice
+    output voxel (z, y, x) is source voxel (z, y - z, x) exactly."""
+    original = dicom.read_series(_series(dicom_dir / "ts_torso_20"))
+    pixel = float(original.affine[1, 1])  # IOP 1,0,0,0,1,0: rows advance toward P
+
+    def tilt(i, ds):
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + pixel * i, z]
+
+    _copy_series(series_files, tmp_path / "tilt", tilt)
+    assert "--gantry-tilt=resample" in _refusal(tmp_path / "tilt")
+    tilted = dicom.read_series(_series(tmp_path / "tilt"), gantry_tilt="resample")
+    for k, path in enumerate(series_files):
+        np.testing.assert_allclose(tilted.affine @ [k, 0, 0, 1],
+                                   [*map(float, pydicom.dcmread(tmp_path / "tilt" / path.name).ImagePositionPatient), 1])
+    first = tilted.affine[:3, 3]
+    grid = geometry.Grid(shape=(20, 531, 512), spacing=(2.0, pixel, pixel), origin_lps=tuple(first))
+    out = geometry.resample(tilted.array, tilted.affine, grid, order=1, fill=-1024)
+    for z in (0, 7, 19):
+        np.testing.assert_allclose(out[z, z:z + 512], original.array[z], atol=1e-3)
+        assert (out[z, :z] == -1024).all()
+
+
+def test_ingest_resamples_a_tilted_series_when_asked(series_files, tmp_path, capsys):
+    def tilt(i, ds):
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + 0.5 * i, z]
+
+    _copy_series(series_files, tmp_path / "raw" / "tilt", tilt)
+    argv = ["--input", str(tmp_path / "raw"), "--output", str(tmp_path / "out"), "--spacing", "4"]
+    assert ingest.main(argv) == ingest.EXIT_FATAL and "gantry tilt" in capsys.readouterr().err
+    assert ingest.main(argv + ["--gantry-tilt", "resample"]) == 0
+    (entry,) = vs.read_manifest(tmp_path / "out")
+    assert entry["spacing"] == [4.0, 4.0, 4.0] and entry["shape"][0] == 10
+
+
+def test_enhanced_multiframe_ct_is_refused_with_the_reason(series_files, tmp_path):
+    def enhanced(i, ds):
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage
+        ds.NumberOfFrames = 2
+        del ds.ImagePositionPatient  # per-frame functional groups hold the positions
+
+    copies = _copy_series(series_files[:1], tmp_path / "enhanced", enhanced)
+    series, damaged, others = dicom.find_series(copies)
+    assert not series and not others
+    assert damaged[0][0] == copies[0] and "enhanced multi-frame CT (2 frames" in damaged[0][1]
+
+
+def test_discovery_in_worker_processes_matches_one_process(series_files, tmp_path, monkeypatch):
+    copies = _copy_series(series_files, tmp_path / "series")
+    (tmp_path / "series" / "notes.txt").write_text("not DICOM")
+    files = copies + [tmp_path / "series" / "notes.txt"]
+    monkeypatch.setattr(dicom, "HEADERS_PER_TASK", 4)  # 6 tasks over 2 workers
+    assert dicom.find_series(files, workers=2, progress=True) == dicom.find_series(files)

@@ -28,6 +28,7 @@ from run_utils import QWEN3_TINY, last_bf16_bit_flipped  # noqa: E402
 pytestmark = pytest.mark.slow  # end to end: trains real runs (the fast loop is `pytest -m "not slow"`)
 
 TINY_ARCH = dict(dim=48, depth=2, num_heads=2)
+PHANTOM_LICENCE = "CC0-1.0 (synthetic phantoms)"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,8 @@ def run(tmp_path_factory) -> pathlib.Path:
     """A stage-1 workdir with checkpoints at steps 1 and 2."""
     root = tmp_path_factory.mktemp("stage1_phantoms")
     synthetic.write_phantoms(root / "raw", count=2, seed=3, shape=(16, 48, 48), progress=False)
-    assert ingest.main(["--input", str(root / "raw"), "--output", str(root / "dataset"), "--spacing", "native"]) == 0
+    assert ingest.main(["--input", str(root / "raw"), "--output", str(root / "dataset"), "--spacing", "native",
+                        "--licence", PHANTOM_LICENCE]) == 0
     assert slices.main(["--dataset", str(root / "dataset"), "--output", str(root / "slices"), "--size", "64"]) == 0
     config = stage1.get_config("tiny")
     config.data.dir = str(root / "slices")
@@ -135,7 +137,7 @@ def test_safetensors_export_config_and_parity(run, tmp_path):
     out = tmp_path / "flexict_tiny_3d"
     assert run_cli(export.main, ["--workdir", str(run), "--kind", "3d", "--format", "safetensors",
                                  "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flexict_tiny_3d"]  # no temporary left
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == torch_format.Architecture(**TINY_ARCH).to_config()
@@ -153,6 +155,51 @@ def test_safetensors_export_config_and_parity(run, tmp_path):
     ours = _cls_and_patch(embed.load_backbone(out).model, x, patch_size=16)
     for a, b in zip(ours, (out_t["cls_token"].numpy(), out_t["patch_tokens"].numpy())):
         _assert_close(a, b)
+
+
+def test_from_pretrained_loads_the_export_strictly_and_the_card_names_the_licences(run, tmp_path):
+    out = tmp_path / "export"
+    assert run_cli(export.main, ["--workdir", str(run), "--kind", "3d", "--format", "safetensors",
+                                 "--out", str(out)]) == 0
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {
+        "README.md": 0o644, "config.json": 0o644, "model.safetensors": 0o644}
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "flexict" and config["architectures"] == ["FlexiCTModel"]
+    card = (out / "README.md").read_text()
+    for text in ("stage 1 (2D axial SSL", "step 2", "width 48, depth 2, 2 heads", "2 CT volumes",
+                 f"licence {PHANTOM_LICENCE}: 2 volume(s)", "orientation LPS", "HU clamped to [-1000, 1000]",
+                 "ras.permute(2, 1, 0).flip(1, 2)", "not a medical device"):
+        assert text in card, text
+    model = torch_reference.FlexiCTModel.from_pretrained(out)  # strict load_state_dict inside
+    plain, _ = torch_reference.load_safetensors(out)
+    assert not model.training and model.config == config and model.model_card == card
+    x = torch.from_numpy(np.random.default_rng(2).normal(size=(1, 1, 16, 16, 16)).astype(np.float32))
+    with torch.no_grad():
+        np.testing.assert_array_equal(model(x)["cls_token"].numpy(), plain(x)["cls_token"].numpy())
+    model.save_pretrained(tmp_path / "copy")
+    again = torch_reference.FlexiCTModel.from_pretrained(tmp_path / "copy")
+    assert again.config == config and again.model_card == card
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        torch_reference.FlexiCTModel.from_pretrained("ricklisz/FlexiCT")
+
+
+def test_pth_export_has_its_card_beside_it(pth):
+    card = export.card_path(pth)
+    assert card.name == "FlexiCT_tiny.README.md" and f"licence {PHANTOM_LICENCE}" in card.read_text()
+    assert pth.stat().st_mode & 0o777 == card.stat().st_mode & 0o777 == 0o644
+
+
+def test_torch_reference_imports_without_jax():
+    """The file stays copyable into a torch-only project: it imports no jax or flax."""
+    import subprocess
+    import sys
+    code = ("import sys, importlib.util; sys.modules['jax'] = sys.modules['flax'] = None\n"
+            f"spec = importlib.util.spec_from_file_location('torch_reference', {torch_reference.__file__!r})\n"
+            "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+            "module.FlexiCTModel(dim=32, depth=1, num_heads=2)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 # --- options and errors ---------------------------------------------------------------------------------------
@@ -183,7 +230,7 @@ def test_existing_output_is_kept_unless_overwrite(run, tmp_path, capsys):
     assert "exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == b"user data"
     assert run_cli(export.main, argv + ["--overwrite"]) == 0
     assert "teacher" in torch.load(out, weights_only=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.README.md", "model.pth"]  # no temporary left
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -14,10 +14,17 @@ import time
 
 import numpy as np
 import pytest
+from run_utils import (
+    REPO,
+    assert_trees_close,
+    checkpoint_steps,
+    config_with,
+    metrics,
+    saved_state,
+)
 
 from configs import stage1
 from flexict_jax import checkpointing, trainer
-from run_utils import REPO, assert_trees_close, checkpoint_steps, config_with, metrics, saved_state
 
 pytestmark = pytest.mark.slow  # end to end: trains real runs (the fast loop is `pytest -m "not slow"`)
 
@@ -138,3 +145,20 @@ def test_sigterm_saves_current_step_and_exits_zero(ct_slices, tmp_path):
     # The run then resumes from that step.
     assert trainer.train(tiny_config(ct_slices, total_steps=last_logged + 2), str(tmp_path)) == 0
     assert metrics(tmp_path)[-1]["step"] == last_logged + 2
+
+
+def test_resume_after_crash_logs_each_step_once(six_steps, ct_slices, tmp_path):
+    """A run that logged steps 4-6 but died before its step-6 checkpoint resumes from 3: metrics.jsonl and
+    TensorBoard then hold steps 1-6 once each, the later values superseding the lost attempt's."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    shutil.copytree(six_steps, tmp_path, dirs_exist_ok=True)
+    shutil.rmtree(tmp_path / "checkpoints" / "6")
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 7, "loss"')  # cut short by the kill
+    assert trainer.train(tiny_config(ct_slices), str(tmp_path)) == 0
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]

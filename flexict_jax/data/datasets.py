@@ -1,6 +1,8 @@
 """The one place that maps `config.data.kind` to a Grain pipeline, so the trainer is stage-agnostic."""
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 
 import grain
@@ -9,6 +11,7 @@ from absl import logging
 from etils import epath
 
 from flexict_jax import variants
+from flexict_jax.data import volume_store
 from flexict_jax.errors import ConfigError
 
 
@@ -67,6 +70,16 @@ def build_dataset(config: mlc.ConfigDict, *, process_index: int, process_count: 
     return BUILDERS[config.data.kind](
         config, seed=config.seed, batch_size=config.global_batch_size // process_count,
         patch_sizes=config.patch_sizes, process_index=process_index, process_count=process_count)
+
+
+def provenance(config: mlc.ConfigDict) -> dict | None:
+    """The training data's volume count, sources and licences (`volume_store.provenance`) as recorded by
+    data preparation in the index of `config.data.dir` (the manifest itself for volumes); None when the index
+    predates that record."""
+    if config.data.kind == "volumes3d":
+        return volume_store.provenance(volume_store.read_manifest(config.data.dir))
+    with open(os.path.join(config.data.dir, "index.json")) as f:  # slices and reports dirs alike
+        return json.load(f).get("provenance")
 
 
 def _resolution_probs(config: mlc.ConfigDict) -> tuple[float, ...]:

@@ -238,6 +238,17 @@ def read_attributes(path: Path | str) -> dict:
     return open_volume(path).spec().to_json()["metadata"].get("attributes", {})
 
 
+def provenance(entries: list[dict]) -> dict[str, Any]:
+    """What a model card says about the training data of these manifest entries: how many volumes, from where
+    (the directories of their sources) and under which licences (ingest `--licence`; "unrecorded" without one).
+    It travels from the manifest through the slices / reports index into the checkpoint metadata."""
+    def counts(values: list[str]) -> dict[str, int]:
+        return {v: values.count(v) for v in sorted(set(values))}
+    return {"volumes": len(entries),
+            "sources": counts([os.path.dirname(str(e["source"]).rstrip("/")) or "." for e in entries]),
+            "licences": counts([str(e.get("licence") or "unrecorded") for e in entries])}
+
+
 def read_manifest(dataset_dir: Path | str) -> list[dict]:
     """All manifest entries of a dataset, in the order they were appended."""
     manifest = Path(dataset_dir) / MANIFEST_NAME
