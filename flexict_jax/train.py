@@ -37,12 +37,13 @@ class _LibraryInfoFilter(py_logging.Filter):
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from flexict_jax import trainer  # after flag parsing, so --help stays fast
+    from flexict_jax import checkpointing, trainer  # after flag parsing, so --help stays fast
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
     try:
         code = trainer.train(_CONFIG.value, _WORKDIR.value)
-    except (trainer.ConfigError, FileNotFoundError, ValueError) as e:
+    except (trainer.ConfigError, FileNotFoundError, ValueError, checkpointing.IncompatibleCheckpointError,
+            checkpointing.NoRestorableCheckpointError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -53,7 +53,9 @@ def validate_config(config: mlc.ConfigDict) -> None:
     batch, devices, processes = config.global_batch_size, jax.device_count(), jax.process_count()
     if batch % devices or batch % processes:
         raise ConfigError(f"config.global_batch_size={batch} must be divisible by the device count ({devices}) "
-                          f"and the process count ({processes})")
+                          f"and the process count ({processes}): every device takes an equal share of each global "
+                          f"batch. A resume keeps the global batch (the data order depends on it): run on a device "
+                          f"count that divides it")
     for key in ("loss.koleo_group_size", "model.drop_path_group_size"):
         section, name = key.split(".")
         group = config[section].get(name)
@@ -210,8 +212,7 @@ def adopt_rope_periods(config: mlc.ConfigDict, workdir: epath.Path) -> None:
         source, step = config.init.from_workdir, config.init.step
     else:
         return
-    _, _, meta = checkpointing.read_subtree(source, "step", step)
-    model = meta.get("config", {}).get("model", {})
+    model = checkpointing.read_run_meta(source, step).get("config", {}).get("model", {})
     for key in ROPE_PERIODS_KEYS:
         theirs, ours = model.get(key), config.model.get(key)
         if theirs is None:
@@ -334,17 +335,20 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
         for name in report["large_replicated"]:
             logging.warning("large parameter %s is replicated on every device; check config.sharding_rules", name)
 
-        dataset = datasets.build_dataset(config, process_index=jax.process_index(),
-                                         process_count=jax.process_count())
-        data_iterator = iter(dataset)
         ckpt = checkpointing.Checkpointer(workdir / "checkpoints", **config.ckpt.to_dict())
-        meta = {"stage": config.stage, "config": json.loads(config.to_json_best_effort())}
-        latest = ckpt.latest_step()
-        if latest is not None:  # our own checkpoint always wins: a resume never re-applies the hand-off
-            logging.info("resuming from %s", workdir / "checkpoints" / str(latest))
-            state = ckpt.restore(latest, program.abstract_state, data_iterator)
-            saved_meta = ckpt.read_meta(latest)
-            meta.update({k: saved_meta[k] for k in ("init", "gram") if k in saved_meta})
+        meta = {"stage": config.stage, "config": json.loads(config.to_json_best_effort()),
+                "topology": checkpointing.topology(mesh)}
+        # Our own checkpoint always wins (a resume never re-applies the hand-off); on any process count or mesh.
+        latest = ckpt.restore_latest(program.abstract_state, global_batch_size=config.global_batch_size,
+                                     topology=meta["topology"])
+        data_iterator = datasets.global_batches(config, process_index=jax.process_index(),
+                                                process_count=jax.process_count(),
+                                                position=latest.data_position if latest else 0)
+        if latest is not None:
+            logging.info("resumed from %s (global batch %d next)", workdir / "checkpoints" / str(latest.step),
+                         latest.data_position)
+            state = latest.state
+            meta.update({k: latest.meta[k] for k in ("init", "gram", "topology_changes") if k in latest.meta})
         else:
             if config.init.from_workdir:
                 state, meta["init"] = handoff_state(config, program)

@@ -7,10 +7,13 @@ import ml_collections as mlc
 from flexict_jax import variants
 
 
-def build_dataset(config: mlc.ConfigDict, *, process_index: int, process_count: int) -> grain.IterDataset:
+def build_dataset(config: mlc.ConfigDict, *, process_index: int, process_count: int,
+                  first_batch: int = 0) -> grain.IterDataset:
+    """This process's rows of global batches first_batch, first_batch + 1, ... of the stage's stream."""
     data, kind = config.data, config.data.kind
     common = dict(seed=config.seed, batch_size=config.global_batch_size // process_count,
-                  patch_sizes=config.patch_sizes, process_index=process_index, process_count=process_count)
+                  patch_sizes=config.patch_sizes, process_index=process_index, process_count=process_count,
+                  first_batch=first_batch)
     if kind == "slices2d":
         from flexict_jax.data import pipeline
         return pipeline.build_stage1_dataset(data, **common)
@@ -26,6 +29,33 @@ def build_dataset(config: mlc.ConfigDict, *, process_index: int, process_count: 
         from flexict_jax.data import pipeline_align
         return pipeline_align.build_align_dataset(data, config.text, **common)
     raise ValueError(f"config.data.kind={kind!r} is not one of: slices2d, slices2d_hires, volumes3d, reports3d")
+
+
+class GlobalBatches:
+    """This process's rows of successive global batches of `dataset` (built with `first_batch=position`).
+
+    `position` is the index of the next global batch: the same on every host, it is what a checkpoint saves,
+    so a resume on any process count starts each host at its rows of that batch.
+    """
+
+    def __init__(self, dataset: grain.IterDataset, position: int):
+        self._iterator = iter(dataset)
+        self.position = position
+
+    def __iter__(self) -> GlobalBatches:
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._iterator)
+        self.position += 1
+        return batch
+
+
+def global_batches(config: mlc.ConfigDict, *, process_index: int, process_count: int,
+                   position: int = 0) -> GlobalBatches:
+    """This process's part of the stage's global batches `position`, `position` + 1, ..."""
+    dataset = build_dataset(config, process_index=process_index, process_count=process_count, first_batch=position)
+    return GlobalBatches(dataset, position)
 
 
 def _resolution_probs(config: mlc.ConfigDict) -> tuple[float, ...]:

@@ -119,7 +119,7 @@ def _one_resolution_per_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndar
 
 def build_stage1_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_size: int,
                          patch_sizes: Sequence[int], process_index: int = 0,
-                         process_count: int = 1) -> grain.IterDataset:
+                         process_count: int = 1, first_batch: int = 0) -> grain.IterDataset:
     """The infinite stage-1 stream of this process's batches (config `data`, recipe §5).
 
     batch_size is the per-process batch (global // process_count). Each element is a dict of numpy arrays:
@@ -129,13 +129,15 @@ def build_stage1_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_si
     """
     return grain_common.batched_stream(
         _slices(data), stage1_transform(data, seed=seed, patch_sizes=patch_sizes), data, seed=seed,
-        batch_size=batch_size, process_index=process_index, process_count=process_count)
+        batch_size=batch_size, process_index=process_index, process_count=process_count,
+        first_batch=first_batch)
 
 
 def build_stage1_hires_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_size: int,
                                patch_sizes: Sequence[int], patch_size_probs: Sequence[float],
                                resolutions: Sequence[Sequence[int]], resolution_probs: Sequence[float],
-                               process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                               process_index: int = 0, process_count: int = 1,
+                               first_batch: int = 0) -> grain.IterDataset:
     """The infinite stage-1.1 stream of this process's batches (recipe §6), batch t at the resolution of step t.
 
     resolutions: (global, local, Gram) crop sizes (config data.resolutions); they replace data.global_crop_size
@@ -164,7 +166,7 @@ def build_stage1_hires_dataset(data: ml_collections.ConfigDict, *, seed: int, ba
                                      global_batch_size=batch_size * process_count)
     return grain_common.batched_stream(
         _slices(data), transform, data, seed=seed, batch_size=batch_size, process_index=process_index,
-        process_count=process_count, per_batch=_one_resolution_per_batch)
+        process_count=process_count, first_batch=first_batch, per_batch=_one_resolution_per_batch)
 
 
 def _slices(data: ml_collections.ConfigDict) -> grain.sources.ArrayRecordDataSource:

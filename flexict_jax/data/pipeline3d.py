@@ -82,7 +82,7 @@ class VolumeViewsTransform(grain.transforms.MapWithIndex):
 
 def build_stage2_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_size: int,
                          patch_sizes: Sequence[int], process_index: int = 0,
-                         process_count: int = 1) -> grain.IterDataset:
+                         process_count: int = 1, first_batch: int = 0) -> grain.IterDataset:
     """The infinite stage-2 stream of this process's batches (config `data`, recipe §7).
 
     batch_size is the per-process batch (global // process_count). Each element is a dict of numpy arrays:
@@ -95,7 +95,8 @@ def build_stage2_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_si
     transform = volume_views_transform(data, seed=seed, patch_sizes=patch_sizes)
     source = VolumeSource(config_value(data, "dir"), transform.hu_window)
     return grain_common.batched_stream(source, transform, data, seed=seed, batch_size=batch_size,
-                                       process_index=process_index, process_count=process_count)
+                                       process_index=process_index, process_count=process_count,
+                                       first_batch=first_batch)
 
 
 def volume_views_transform(data: Mapping[str, Any], *, seed: int,

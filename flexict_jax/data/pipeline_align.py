@@ -146,7 +146,7 @@ def _text_lengths(text: Mapping[str, Any]) -> tuple[int, int, int]:
 
 def build_align_dataset(data: ml_collections.ConfigDict, text: ml_collections.ConfigDict, *, seed: int,
                         batch_size: int, patch_sizes: Sequence[int], process_index: int = 0,
-                        process_count: int = 1) -> grain.IterDataset:
+                        process_count: int = 1, first_batch: int = 0) -> grain.IterDataset:
     """The infinite stage-3 stream of this process's batches (config `data` and `text`, recipe §8).
 
     batch_size is the per-process batch (global // process_count). Each element is a dict of numpy arrays:
@@ -165,7 +165,8 @@ def build_align_dataset(data: ml_collections.ConfigDict, text: ml_collections.Co
                                positive_pool=reports.read_positive_pool(reports_dir, split),
                                caption_len=caption_len, osl_len=osl_len, osl_pairs=osl_pairs)
     return grain_common.batched_stream(source, transform, data, seed=seed, batch_size=batch_size,
-                                       process_index=process_index, process_count=process_count)
+                                       process_index=process_index, process_count=process_count,
+                                       first_batch=first_batch)
 
 
 class EvalTransform(grain.transforms.Map):
