@@ -30,6 +30,7 @@ from etils import epath
 
 from flexict_jax import distributed
 
+COMMIT_MARKER = "commit_success.txt"
 CORRUPT_DIR = "corrupt"  # where steps that do not restore are moved, under the checkpoint directory
 _LEGACY_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 
@@ -132,6 +133,9 @@ class Checkpointer:
         return None
 
     def _restore(self, step: int, abstract_state: Any, global_batch_size: int) -> Restored:
+        # Orbax writes it last, locally and on object stores (where it is the only sign of a finished save).
+        if not (self.directory / str(step) / COMMIT_MARKER).exists():
+            raise FileNotFoundError(f"the save did not finish: no {COMMIT_MARKER}")
         meta = self.read_meta(step)
         if not isinstance(meta, dict):
             raise ValueError(f"{self.directory / str(step) / 'meta'} holds no metadata")

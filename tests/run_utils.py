@@ -91,3 +91,22 @@ def assert_resumes(build, skip: int, n: int = 2):
     fresh = iter(build())
     fresh.set_state(state)
     assert_batches_equal(take(fresh, n), expected)
+
+
+def restore_latest(workdir, config):
+    """`Checkpointer.restore_latest` of a run's checkpoints onto `config`'s mesh and abstract state, without
+    training (no step compiled); returns checkpointing.Restored or None."""
+    from flexict_jax import checkpointing, sharding, trainer
+    mesh = sharding.make_mesh(config.mesh)
+    with sharding.activate(mesh, config.sharding_rules):
+        program = trainer.build_program(config, mesh)
+        ckpt = checkpointing.Checkpointer(pathlib.Path(workdir) / "checkpoints", **config.ckpt.to_dict())
+        try:
+            return ckpt.restore_latest(program.abstract_state, global_batch_size=config.global_batch_size,
+                                       topology=checkpointing.topology(mesh))
+        finally:
+            ckpt.close()
+
+
+def read_meta(workdir, step) -> dict:
+    return json.loads((pathlib.Path(workdir) / "checkpoints" / str(step) / "meta" / "metadata").read_text())
