@@ -23,6 +23,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -92,7 +93,10 @@ class Checkpointer:
         `data_iterator.position` is the index of the next global batch (datasets.GlobalBatches)."""
         if step in self._manager.all_steps():
             return False  # resuming right after a save: the step is already on disk
-        meta = dict(meta, param_shapes=_shapes(state["params"]), data={"position": int(data_iterator.position)})
+        if not (force or self._manager.should_save(step)):
+            return False
+        meta = dict(meta, param_shapes=_shapes(state["params"]), data={"position": int(data_iterator.position)},
+                    fingerprints=fingerprints(state))
         return self._manager.save(step, force=force, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
@@ -158,6 +162,12 @@ class Checkpointer:
         position = _data_position(self.directory / str(step), meta)
         state = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))["state"]
+        if "fingerprints" in meta:  # older checkpoints have none
+            found = fingerprints(state)
+            bad = [k for k, v in meta["fingerprints"].items() if found.get(k) != v]
+            if bad:
+                raise ValueError(f"{len(bad)} array(s) differ from what was saved (fingerprint mismatch): "
+                                 f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
         return Restored(step, state, position, meta)
 
     def _with_topology(self, restored: Restored, now: dict) -> Restored:
@@ -190,7 +200,10 @@ class Checkpointer:
     def _set_aside_unfinished(self) -> None:
         """A save killed mid-write leaves `<step>.orbax-checkpoint-tmp...` (or, on object stores, a step without
         its commit marker). Orbax never lists it; a later save of the same step could collide with it."""
-        for name in sorted(ocp.step.tmp_checkpoints(self.directory)):
+        names = sorted(ocp.step.tmp_checkpoints(self.directory))
+        # The primary host's list on every host: a host that looks after the primary moved them would see none.
+        names = json.loads(distributed.all_gather_text(f"unfinished/{self.directory}", json.dumps(names))[0])
+        for name in names:
             self._set_aside(name, "an unfinished save")
 
     def wait(self) -> None:
@@ -199,6 +212,26 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+@jax.jit
+def _fingerprint_arrays(tree: Any) -> Any:
+    def one(x: jax.Array) -> jax.Array:
+        bits = (x.astype(jnp.uint8) if x.dtype == jnp.bool_ else
+                jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]))
+        weights = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape) * 2 + 1
+        return jnp.sum(bits.astype(jnp.uint32) * weights, dtype=jnp.uint32)
+    return jax.tree.map(one, tree)
+
+
+def fingerprints(state: Any) -> dict[str, int]:
+    """Per array, the position-weighted sum of its bit patterns modulo 2**32. Integer addition is associative,
+    so the number is exact and the same on any mesh or process count: a restore onto another topology checks
+    every array against the one saved, which catches damaged array data that still decodes (Orbax and
+    TensorStore do not checksum the bytes)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(_fingerprint_arrays(state))
+    # Replicated scalars: every process holds the value (device_get would refuse a multi-process array).
+    return {jax.tree_util.keystr(path): int(np.asarray(leaf.addressable_data(0))) for path, leaf in flat}
 
 
 def _one_line(error: Exception) -> str:
