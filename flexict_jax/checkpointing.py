@@ -85,9 +85,6 @@ class Checkpointer:
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
-
     def save(self, step: int, state: Any, data_iterator: Any, meta: dict, *, force: bool = False) -> bool:
         """Saves when the interval policy says so, or always with `force` (end of run, preemption).
         `data_iterator.position` is the index of the next global batch (datasets.GlobalBatches)."""
@@ -176,8 +173,8 @@ class Checkpointer:
         if before == now:
             return restored
         batch = restored.meta.get("config", {}).get("global_batch_size")
-        per_device = (f"; per-device batch {batch // before['devices'] if before else '?'} -> {batch // now['devices']}"
-                      if batch else "")
+        per_device = "" if not batch else (
+            f"; per-device batch {batch // before['devices'] if before else '?'} -> {batch // now['devices']}")
         logging.warning("elastic resume from step %d: written by %s, continuing on %s%s", restored.step,
                         _describe(before), _describe(now), per_device)
         change = {"step": restored.step, "from": before, "to": now}
@@ -198,8 +195,8 @@ class Checkpointer:
         distributed.barrier(f"set aside {source}")
 
     def _set_aside_unfinished(self) -> None:
-        """A save killed mid-write leaves `<step>.orbax-checkpoint-tmp...` (or, on object stores, a step without
-        its commit marker). Orbax never lists it; a later save of the same step could collide with it."""
+        """A save killed mid-write leaves `<step>.orbax-checkpoint-tmp` (on object stores: a step without its
+        commit marker, which `_restore` refuses). Orbax never lists it; a later save of the step would collide."""
         names = sorted(ocp.step.tmp_checkpoints(self.directory))
         # The primary host's list on every host: a host that looks after the primary moved them would see none.
         names = json.loads(distributed.all_gather_text(f"unfinished/{self.directory}", json.dumps(names))[0])

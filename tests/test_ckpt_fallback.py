@@ -4,6 +4,8 @@ step is restored; only when none restores does the run stop, with one clear line
 """
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 import shutil
 import signal
@@ -166,3 +168,21 @@ def test_kill_during_async_save_then_resume(real_ct_slices, tmp_path):
     assert checkpoint_steps(tmp_path)[-1] == finished[-1] + 2
     assert not list(checkpoints.glob("*.orbax-checkpoint-tmp*"))
     assert list((checkpoints / "corrupt").glob("*.orbax-checkpoint-tmp*"))
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_the_fallback_step(six_steps, real_ct_slices, tmp_path):
+    """2 processes x 4 devices: a newest step whose arrays are damaged is moved aside once, both restore step 3."""
+    workdir = shutil.copytree(six_steps, tmp_path / "run")
+    truncate_arrays(workdir / "checkpoints" / "6")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "tests"),
+                                                                     os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "--cpu-devices=4", "--module=restore_worker",
+                           "--", str(real_ct_slices), str(workdir), str(tmp_path / "restored")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    for i in (0, 1):
+        assert json.loads((tmp_path / f"restored.{i}.json").read_text()) == {"step": 3, "position": 3}
+    assert checkpoint_steps(workdir) == [3]
+    assert sorted(p.name for p in (workdir / "checkpoints" / "corrupt").iterdir()) == ["6"]
+    assert (proc.stdout + proc.stderr).count("checkpoint step 6 does not restore") == 1
