@@ -125,7 +125,7 @@ def build_stage1_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_si
     batch_size is the per-process batch (global // process_count). Each element is a dict of numpy arrays:
     global_crops float32 [b, n_global, G, G, 1], local_crops float32 [b, n_local, L, L, 1],
     masks_p{p} bool [b, n_global, (G//p)**2] for p in patch_sizes, index int64 [b].
-    `iter(ds)` supports get_state()/set_state() for checkpointing.
+    The stream starts at global batch `first_batch` (a resume, on any process count).
     """
     return grain_common.batched_stream(
         _slices(data), stage1_transform(data, seed=seed, patch_sizes=patch_sizes), data, seed=seed,
@@ -149,7 +149,7 @@ def build_stage1_hires_dataset(data: ml_collections.ConfigDict, *, seed: int, ba
     global_crops float32 [b, n_global, G, G, 1], gram_crops float32 [b, n_global, Gg, Gg, 1] (the same field
     of view as global_crops), local_crops float32 [b, n_local, L, L, 1], masks_p{p} bool [b, n_global, (G//p)**2]
     for p in patch_sizes, index int64 [b], and resolution_index int32 scalar r.
-    `iter(ds)` supports get_state()/set_state() for checkpointing.
+    The stream starts at global batch `first_batch` (a resume, on any process count).
     """
     if (len(patch_size_probs) != len(patch_sizes) or min(patch_size_probs) < 0
             or abs(sum(patch_size_probs) - 1.0) > 1e-6):

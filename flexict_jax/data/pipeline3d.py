@@ -88,7 +88,7 @@ def build_stage2_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_si
     batch_size is the per-process batch (global // process_count). Each element is a dict of numpy arrays:
     global_crops float32 [b, n_global, G, G, G, 1], local_crops float32 [b, n_local, L, L, L, 1],
     masks_p{p} bool [b, n_global, (G//p)**3] for p in patch_sizes, index int64 [b], volume_row int64 [b].
-    `iter(ds)` supports get_state()/set_state() for checkpointing. data.dir is a dataset from
+    The stream starts at global batch `first_batch` (a resume, on any process count). data.dir is a dataset from
     `python -m data_prep.ingest --spacing 2,2,2` with `python -m data_prep.volume_stats` run on it.
     """
     grain_common.check_stream_args(seed, batch_size, process_index, process_count)

@@ -153,7 +153,7 @@ def build_align_dataset(data: ml_collections.ConfigDict, text: ml_collections.Co
     global_crops float32 [b, 1, G, G, G, 1], local_crops float32 [b, n_local, L, L, L, 1], masks_p{p} bool
     [b, 1, (G//p)**3] for p in patch_sizes, index int64 [b], volume_row int64 [b], caption_tokens int32 /
     caption_mask bool [b, caption_len], osl_{pos,neg}_tokens int32 / osl_{pos,neg}_mask bool
-    [b, osl_pairs, osl_len], osl_labels int32 [b, osl_pairs]. `iter(ds)` supports get_state()/set_state().
+    [b, osl_pairs, osl_len], osl_labels int32 [b, osl_pairs]. The stream starts at global batch `first_batch`.
     """
     grain_common.check_stream_args(seed, batch_size, process_index, process_count)
     caption_len, osl_len, osl_pairs = _text_lengths(text)
