@@ -175,7 +175,7 @@ def test_two_processes_agree_on_the_fallback_step(six_steps, real_ct_slices, tmp
     """2 processes x 4 devices: a newest step whose arrays are damaged is moved aside once, both restore step 3."""
     workdir = shutil.copytree(six_steps, tmp_path / "run")
     truncate_arrays(workdir / "checkpoints" / "6")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "tests"),
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "tests"),
                                                                      os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "--cpu-devices=4", "--module=restore_worker",
                            "--", str(real_ct_slices), str(workdir), str(tmp_path / "restored")],

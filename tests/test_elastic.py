@@ -129,7 +129,8 @@ def start_processes(count: int, devices: int, workdir: pathlib.Path, data_dir: p
     args += [f"--config.{k}={v}".replace(" ", "") for k, v in {**OVERRIDES, **overrides}.items()]
     with open(log, "w") as out:
         return subprocess.run(["bash", "launch/local_multiprocess.sh", str(count), f"--cpu-devices={devices}",
-                               "--", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=900)
+                               "--", *args], cwd=REPO, env=dict(os.environ, PYTHON=sys.executable), stdout=out,
+                              stderr=subprocess.STDOUT, timeout=900)
 
 
 @pytest.mark.slow
