@@ -150,7 +150,8 @@ def test_1x8_then_2x4_then_1x8_equals_uninterrupted(two_steps, real_ct_slices, t
     # Export and hand-offs (init.from, gram.from_workdir) read a step written by 2 processes in 1.
     teacher, _, _ = checkpointing.read_subtree(workdir, "teacher", 3)
     assert_trees_close(teacher, checkpointing.read_subtree(reference, "teacher", 3)[0], atol=1e-5)
-    assert export.export(workdir, kind="2d", fmt="flexict", out=tmp_path / "step3.pth", step=3).stat().st_size > 0
+    exported = export.export(workdir, kind="2d", fmt="safetensors", out=tmp_path / "step3", step=3)
+    assert (exported / "model.safetensors").stat().st_size > 0
 
     assert trainer.train(tiny_config(real_ct_slices, total_steps=4, mesh=(1, 2, 4)), str(workdir)) == 0
 
