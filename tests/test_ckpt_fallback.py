@@ -143,10 +143,11 @@ def test_kill_during_async_save_then_resume(real_ct_slices, tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline, unfinished = time.monotonic() + 600, []
-        while not unfinished:  # a save directory not yet renamed into place: kill now
+        while not unfinished:  # a save not yet renamed into place, after a finished one: kill now
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             assert time.monotonic() < deadline, "no async save caught in progress"
-            unfinished = [p for p in checkpoints.glob("*.orbax-checkpoint-tmp*")] if checkpoints.exists() else []
+            if checkpoints.exists() and checkpoint_steps(tmp_path):
+                unfinished = list(checkpoints.glob("*.orbax-checkpoint-tmp*"))
             if not unfinished:
                 time.sleep(0.002)
         proc.send_signal(signal.SIGKILL)
