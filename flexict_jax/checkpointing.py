@@ -1,25 +1,60 @@
-"""Orbax checkpoints of the train state, the Grain iterator position and run metadata.
+"""Orbax checkpoints of the train state, the data position and run metadata; elastic, self-healing restore.
 
-Layout: `WORKDIR/checkpoints/<step>/{state,data,meta}`. `state` is a pure pytree (nested dicts of arrays: no
-framework objects, so export and stage hand-off can read it without building the trainer); `data` is one JSON
-per process with its Grain iterator state; `meta` holds the resolved config and the parameter shapes, so a
-resume that would change shapes is refused before anything is loaded.
+Layout: `WORKDIR/checkpoints/<step>/{state,meta}`. `state` is a pure pytree (nested dicts of arrays: no
+framework objects, so export and stage hand-off can read it without building the trainer); `meta` (one JSON,
+written by the primary host) holds the resolved config, the parameter shapes (a resume that would change them
+is refused before anything is loaded), the topology that wrote it and the data position: the index of the next
+GLOBAL batch. Global batch t is the same examples on any number of hosts (data/grain_common.py), so that one
+number puts every host of any process count at the right place: a run saved on N hosts resumes on M
+(`restore_latest`: parameters, optimizer and teachers restored onto the new mesh's shardings). Checkpoints
+written before the position moved into meta hold one Grain iterator state per process in `<step>/data/`; they
+are still read, whatever the process count now.
+
+`restore_latest` also falls back: a step that does not restore (truncated or corrupt arrays, missing meta or
+data position, an unfinished save) is moved to `checkpoints/corrupt/<step>` (never deleted) with one warning,
+and the next newest is tried; every process restores the same step.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 from typing import Any
 
-import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+
+from flexict_jax import distributed
+
+COMMIT_MARKER = "commit_success.txt"
+CORRUPT_DIR = "corrupt"  # where steps that do not restore are moved, under the checkpoint directory
+_LEGACY_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 
 
 class IncompatibleCheckpointError(RuntimeError):
-    pass
+    """The checkpoint is fine but the config does not fit it (shapes, global batch): refused, nothing moved."""
+
+
+class NoRestorableCheckpointError(RuntimeError):
+    """Checkpoints exist but none of them restores."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    step: int
+    state: Any
+    data_position: int  # the index of the next global batch
+    meta: dict  # the saved meta; "topology_changes" has this resume's change appended when the topology changed
+
+
+def topology(mesh: jax.sharding.Mesh) -> dict:
+    """What ran a step: process and device counts and the mesh axes (recorded in every checkpoint's meta)."""
+    return {"processes": jax.process_count(), "devices": jax.device_count(), "mesh": dict(mesh.shape)}
 
 
 def absolute(path: epath.PathLike) -> epath.Path:
@@ -48,28 +83,64 @@ class Checkpointer:
         self.directory = absolute(directory)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()})
-
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     def save(self, step: int, state: Any, data_iterator: Any, meta: dict, *, force: bool = False) -> bool:
-        """Saves when the interval policy says so, or always with `force` (end of run, preemption)."""
+        """Saves when the interval policy says so, or always with `force` (end of run, preemption).
+        `data_iterator.position` is the index of the next global batch (datasets.GlobalBatches)."""
         if step in self._manager.all_steps():
             return False  # resuming right after a save: the step is already on disk
-        meta = dict(meta, param_shapes=_shapes(state["params"]))
+        if not (force or self._manager.should_save(step)):
+            return False
+        meta = dict(meta, param_shapes=_shapes(state["params"]), data={"position": int(data_iterator.position)},
+                    fingerprints=fingerprints(state))
         return self._manager.save(step, force=force, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
-            meta=ocp.args.JsonSave(meta)))
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
     def read_meta(self, step: int) -> dict:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
-        """Restores into `abstract_state`'s shapes and shardings (the current mesh, which may differ from the
-        one that saved) and moves `data_iterator` to the saved position."""
-        saved = self.read_meta(step).get("param_shapes", {})
+    def restore_latest(self, abstract_state: Any, *, global_batch_size: int, topology: dict) -> Restored | None:
+        """The newest step that restores, onto `abstract_state`'s shapes and shardings (the current mesh, which
+        may differ from the one that saved), with its data position; None when there is no checkpoint.
+
+        Steps newer than the one restored, which failed on some process, are moved to `corrupt/` with a warning
+        naming the step and the reason; so is an unfinished save. When none restores nothing is moved and
+        NoRestorableCheckpointError lists every step's reason. A config that does not fit a checkpoint
+        (IncompatibleCheckpointError) is refused as it is: that is not damage, and the older steps would not
+        fit either. Call on every process: they agree on each step through `distributed.all_gather_text`.
+        """
+        self._set_aside_unfinished()
+        failed: list[tuple[int, str]] = []
+        for step in sorted(self._manager.all_steps(read=True), reverse=True):
+            restored, reason = None, ""
+            try:
+                restored = self._restore(step, abstract_state, global_batch_size)
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 — any failure to read a step is a reason to try the previous one
+                reason = _one_line(e)
+            reasons = [r for r in distributed.all_gather_text(f"restore/{self.directory}/{step}", reason) if r]
+            if not reasons:
+                for bad, why in failed:
+                    self._set_aside(bad, why)
+                self._manager.reload()
+                return self._with_topology(restored, topology)
+            failed.append((step, reasons[0]))
+        if failed:
+            raise NoRestorableCheckpointError(
+                f"no checkpoint under {self.directory} restores (nothing was moved): "
+                + "; ".join(f"step {step}: {why}" for step, why in failed))
+        return None
+
+    def _restore(self, step: int, abstract_state: Any, global_batch_size: int) -> Restored:
+        # Orbax writes it last, locally and on object stores (where it is the only sign of a finished save).
+        if not (self.directory / str(step) / COMMIT_MARKER).exists():
+            raise FileNotFoundError(f"the save did not finish: no {COMMIT_MARKER}")
+        meta = self.read_meta(step)
+        if not isinstance(meta, dict):
+            raise ValueError(f"{self.directory / str(step) / 'meta'} holds no metadata")
+        saved = meta.get("param_shapes", {})
         wanted = _shapes(abstract_state["params"])
         if saved != wanted:
             diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
@@ -78,9 +149,59 @@ class Checkpointer:
                 f"refusing to resume from {self.directory / str(step)}: the config changes {len(diff)} parameter "
                 f"shape(s) ({details}{' ...' if len(diff) > 8 else ''}). Use a new --workdir for a different model, "
                 f"or restore the original config.")
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
-        return restored["state"]
+        saved_batch = meta.get("config", {}).get("global_batch_size")
+        if saved_batch is not None and saved_batch != global_batch_size:
+            raise IncompatibleCheckpointError(
+                f"refusing to resume from {self.directory / str(step)}: config.global_batch_size={global_batch_size} "
+                f"but the run was trained with {saved_batch}, and the data order (global batch t = examples "
+                f"[t*B, (t+1)*B)) depends on it. Keep --config.global_batch_size={saved_batch} on any number of "
+                f"devices that divides it (the per-device batch changes instead), or start a new --workdir.")
+        position = _data_position(self.directory / str(step), meta)
+        state = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))["state"]
+        if "fingerprints" in meta:  # older checkpoints have none
+            found = fingerprints(state)
+            bad = [k for k, v in meta["fingerprints"].items() if found.get(k) != v]
+            if bad:
+                raise ValueError(f"{len(bad)} array(s) differ from what was saved (fingerprint mismatch): "
+                                 f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
+        return Restored(step, state, position, meta)
+
+    def _with_topology(self, restored: Restored, now: dict) -> Restored:
+        """Logs (once, here) and records in the meta a change of processes, devices or mesh since the save."""
+        before = restored.meta.get("topology")
+        if before == now:
+            return restored
+        batch = restored.meta.get("config", {}).get("global_batch_size")
+        per_device = "" if not batch else (
+            f"; per-device batch {batch // before['devices'] if before else '?'} -> {batch // now['devices']}")
+        logging.warning("elastic resume from step %d: written by %s, continuing on %s%s", restored.step,
+                        _describe(before), _describe(now), per_device)
+        change = {"step": restored.step, "from": before, "to": now}
+        meta = dict(restored.meta, topology_changes=[*restored.meta.get("topology_changes", []), change])
+        return dataclasses.replace(restored, meta=meta)
+
+    def _set_aside(self, step: int | str, reason: str) -> None:
+        """Moves `<step>` (or an unfinished save's directory) to `corrupt/`, never deleting; the primary host
+        moves, the others wait for it."""
+        source = self.directory / str(step)
+        target = self.directory / CORRUPT_DIR / str(step)
+        if jax.process_index() == 0:
+            logging.warning("checkpoint step %s does not restore (%s): moving it to %s", step, reason, target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():  # the same step failed before: keep both
+                target = target.parent / f"{step}.{len(list(target.parent.glob(f'{step}*')))}"
+            source.rename(target)
+        distributed.barrier(f"set aside {source}")
+
+    def _set_aside_unfinished(self) -> None:
+        """A save killed mid-write leaves `<step>.orbax-checkpoint-tmp` (on object stores: a step without its
+        commit marker, which `_restore` refuses). Orbax never lists it; a later save of the step would collide."""
+        names = sorted(ocp.step.tmp_checkpoints(self.directory))
+        # The primary host's list on every host: a host that looks after the primary moved them would see none.
+        names = json.loads(distributed.all_gather_text(f"unfinished/{self.directory}", json.dumps(names))[0])
+        for name in names:
+            self._set_aside(name, "an unfinished save")
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -90,10 +211,93 @@ class Checkpointer:
         self._manager.close()
 
 
+@jax.jit
+def _fingerprint_arrays(tree: Any) -> Any:
+    def one(x: jax.Array) -> jax.Array:
+        bits = (x.astype(jnp.uint8) if x.dtype == jnp.bool_ else
+                jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]))
+        weights = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape) * 2 + 1
+        return jnp.sum(bits.astype(jnp.uint32) * weights, dtype=jnp.uint32)
+    return jax.tree.map(one, tree)
+
+
+def fingerprints(state: Any) -> dict[str, int]:
+    """Per array, the position-weighted sum of its bit patterns modulo 2**32. Integer addition is associative,
+    so the number is exact and the same on any mesh or process count: a restore onto another topology checks
+    every array against the one saved, which catches damaged array data that still decodes (Orbax and
+    TensorStore do not checksum the bytes)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(_fingerprint_arrays(state))
+    # Replicated scalars: every process holds the value (device_get would refuse a multi-process array).
+    return {jax.tree_util.keystr(path): int(np.asarray(leaf.addressable_data(0))) for path, leaf in flat}
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:400] if text else ''}"
+
+
+def _describe(topo: dict | None) -> str:
+    if not topo:
+        return "an unrecorded topology"
+    return f"{topo['processes']} process(es) x {topo['devices'] // topo['processes']} devices, mesh {topo['mesh']}"
+
+
+def _data_position(step_dir: epath.Path, meta: dict) -> int:
+    """The index of the next global batch saved with `step_dir`: meta["data"]["position"], or for a checkpoint
+    from before that, the Grain iterator states in `data/` (each process's count of batches consumed, which is
+    the global batch count since every process takes one per step); all of them must be there and agree."""
+    if "data" in meta:
+        return int(meta["data"]["position"])
+    data_dir = step_dir / "data"
+    files = {m.groups(): p for p in (data_dir.iterdir() if data_dir.exists() else [])
+             if (m := _LEGACY_DATA_FILE.fullmatch(p.name))}
+    if not files:
+        raise FileNotFoundError(f"{step_dir}: no data position (meta has no 'data' entry and {data_dir} holds no "
+                                "iterator states)")
+    counts = {int(count) for _, count in files}
+    if len(counts) != 1:
+        raise ValueError(f"{data_dir}: iterator states of different process counts {sorted(counts)}")
+    count = counts.pop()
+    missing = [f"process_{i}-of-{count}.json" for i in range(count) if (str(i), str(count)) not in files]
+    if missing:
+        raise FileNotFoundError(
+            f"{data_dir}: the iterator states of {len(missing)} of the {count} processes that wrote it are missing "
+            f"({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}), so the data position is unknown")
+    positions = {_grain_position(json.loads(p.read_text())) for p in files.values()}
+    if len(positions) != 1:
+        raise ValueError(f"{data_dir}: the processes' iterator states disagree (positions {sorted(positions)})")
+    return positions.pop()
+
+
+def _grain_position(state: dict) -> int:
+    """Batches a Grain iterator has returned: a plain iterator's `next_index`, or with worker processes the sum
+    over workers (each worker's `next_index` counts its round-robin share)."""
+    if "next_index" in state:
+        return int(state["next_index"])
+    return sum(int(s["next_index"]) for s in state["iterators_in_use_states"])
+
+
 def latest_step(workdir: epath.PathLike) -> int | None:
+    """The newest finished step under `workdir/checkpoints` (unfinished saves and `corrupt/` are not steps)."""
     directory = epath.Path(workdir) / "checkpoints"
     steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
     return max(steps) if steps else None
+
+
+def read_run_meta(workdir: epath.PathLike, step: int | None = None) -> dict:
+    """The meta JSON of checkpoint `step` of a run, or by default of its newest step that has a readable one —
+    no arrays read (a damaged newest step is `restore_latest`'s business)."""
+    directory = absolute(workdir) / "checkpoints"
+    steps = [step] if step is not None else sorted(
+        (int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else [], reverse=True)
+    for candidate in steps:
+        path = directory / str(candidate) / "meta" / "metadata"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            if step is not None:
+                raise
+    return {}
 
 
 def read_subtree(workdir: epath.PathLike, name: str, step: int | None = None) -> tuple[Any, int, dict]:

@@ -23,7 +23,9 @@ def validate(config: mlc.ConfigDict) -> None:
     batch, devices, processes = config.global_batch_size, jax.device_count(), jax.process_count()
     if batch % devices or batch % processes:
         raise ConfigError(f"config.global_batch_size={batch} must be divisible by the device count ({devices}) "
-                          f"and the process count ({processes})")
+                          f"and the process count ({processes}): every device takes an equal share of each global "
+                          f"batch. A resume keeps the global batch (the data order depends on it): run on a device "
+                          f"count that divides it")
     for key in ("loss.koleo_group_size", "model.drop_path_group_size"):
         section, name = key.split(".")
         group = config[section].get(name)

@@ -60,3 +60,18 @@ def process_sum(value: int) -> int:
         return int(value)
     from jax.experimental import multihost_utils
     return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
+
+
+def all_gather_text(name: str, text: str, *, timeout_s: int = BARRIER_TIMEOUT_S) -> list[str]:
+    """`text` from every process, in process order; `[text]` in a single process. `name` must be unique per call.
+
+    Through the coordination service's key-value store rather than a device collective, so a process that got
+    here late (e.g. after an Orbax restore that failed on another host and left this one waiting in Orbax's own
+    barrier) is still heard instead of tripping the 30 s CPU collective rendezvous.
+    """
+    if jax.process_count() == 1:
+        return [text]
+    client = ocp.multihost.get_jax_distributed_client()
+    client.key_value_set(f"flexict/{name}/{jax.process_index()}", text)
+    return [client.blocking_key_value_get(f"flexict/{name}/{i}", timeout_s * 1000)
+            for i in range(jax.process_count())]

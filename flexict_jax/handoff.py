@@ -54,8 +54,7 @@ def adopt_rope_periods(config: mlc.ConfigDict, workdir: epath.Path) -> None:
         source, step = config.init.from_workdir, config.init.step
     else:
         return
-    _, _, meta = checkpointing.read_subtree(source, "step", step)
-    model = meta.get("config", {}).get("model", {})
+    model = checkpointing.read_run_meta(source, step).get("config", {}).get("model", {})
     for key in ROPE_PERIODS_KEYS:
         theirs, ours = model.get(key), config.model.get(key)
         if theirs is None:

@@ -110,7 +110,7 @@ def fault_message(error: BaseException, workdir: str) -> str | None:
         return (f"cannot write {where} ({next((t for t in _NOT_WRITABLE_TEXT if t in text), 'permission denied')}):"
                 f" make the workdir writable or pass another --workdir")
     for e in chain:
-        if isinstance(e, checkpointing.IncompatibleCheckpointError):
+        if isinstance(e, (checkpointing.IncompatibleCheckpointError, checkpointing.NoRestorableCheckpointError)):
             return str(e)
         if isinstance(e, records.CorruptRecordError):
             return (f"{e}. Rebuild or restore that shard (`python -m data_prep.verify --slices DIR` lists every "

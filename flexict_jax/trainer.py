@@ -79,18 +79,21 @@ def train(config: mlc.ConfigDict, workdir: str, *, evaluator: EvaluatorFactory |
         for name in report["large_replicated"]:
             logging.warning("large parameter %s is replicated on every device; check config.sharding_rules", name)
 
-        dataset = datasets.build_dataset(config, process_index=jax.process_index(),
-                                         process_count=jax.process_count())
-        data_iterator = iter(dataset)
         ckpt = checkpointing.Checkpointer(workdir / "checkpoints", **config.ckpt.to_dict())
         meta = {"stage": config.stage, "config": json.loads(config.to_json_best_effort()),
-                "data": datasets.provenance(config)}  # for the model card of an export
-        latest = ckpt.latest_step()
-        if latest is not None:  # our own checkpoint always wins: a resume never re-applies the hand-off
-            logging.info("resuming from %s", workdir / "checkpoints" / str(latest))
-            state = ckpt.restore(latest, program.abstract_state, data_iterator)
-            saved_meta = ckpt.read_meta(latest)
-            meta.update({k: saved_meta[k] for k in ("init", "gram") if k in saved_meta})
+                "data": datasets.provenance(config),  # for the model card of an export
+                "topology": checkpointing.topology(mesh)}
+        # Our own checkpoint always wins (a resume never re-applies the hand-off); on any process count or mesh.
+        latest = ckpt.restore_latest(program.abstract_state, global_batch_size=config.global_batch_size,
+                                     topology=meta["topology"])
+        data_iterator = datasets.global_batches(config, process_index=jax.process_index(),
+                                                process_count=jax.process_count(),
+                                                position=latest.data_position if latest else 0)
+        if latest is not None:
+            logging.info("resumed from %s (global batch %d next)", workdir / "checkpoints" / str(latest.step),
+                         latest.data_position)
+            state = latest.state
+            meta.update({k: latest.meta[k] for k in ("init", "gram", "topology_changes") if k in latest.meta})
         else:
             state, records = handoff.first_state(config, program)
             meta.update(records)

@@ -182,3 +182,22 @@ def ingest_split(raw: pathlib.Path, dataset: pathlib.Path, split: str) -> None:
     from data_prep import ingest
     assert run_cli(ingest.main, ["--input", str(raw), "--output", str(dataset), "--spacing", "6,6,6",
                                  "--split", split]) == 0
+
+
+def restore_latest(workdir, config):
+    """`Checkpointer.restore_latest` of a run's checkpoints onto `config`'s mesh and abstract state, without
+    training (no step compiled); returns checkpointing.Restored or None."""
+    from flexict_jax import checkpointing, sharding, train_step
+    mesh = sharding.make_mesh(config.mesh)
+    with sharding.activate(mesh, config.sharding_rules):
+        program = train_step.build_program(config, mesh)
+        ckpt = checkpointing.Checkpointer(pathlib.Path(workdir) / "checkpoints", **config.ckpt.to_dict())
+        try:
+            return ckpt.restore_latest(program.abstract_state, global_batch_size=config.global_batch_size,
+                                       topology=checkpointing.topology(mesh))
+        finally:
+            ckpt.close()
+
+
+def read_meta(workdir, step) -> dict:
+    return json.loads((pathlib.Path(workdir) / "checkpoints" / str(step) / "meta" / "metadata").read_text())

@@ -20,7 +20,7 @@ import pytest
 
 from configs import stage1
 from flexict_jax import trainer
-from run_utils import REPO, checkpoint_steps
+from run_utils import REPO, checkpoint_steps, read_meta
 
 pytestmark = pytest.mark.slow  # end to end: trains real runs (the fast loop is `pytest -m "not slow"`)
 
@@ -87,13 +87,12 @@ def test_two_processes_match_one_then_preempt_and_resume(real_ct_slices, tmp_pat
             np.testing.assert_allclose(b[key], a[key], atol=1e-5, rtol=0, err_msg=f"step {a['step']} {key}")
         np.testing.assert_allclose(b["koleo"], a["koleo"], rtol=1e-3, err_msg=f"step {a['step']} koleo")
 
-    # Both hosts stopped at the same step and wrote one checkpoint of it together, each its data position.
+    # Both hosts stopped at the same step and wrote one checkpoint of it together, with the global data position.
     stopped = two[-1]["step"]
     for i in (0, 1):
         assert f"stopping at step {stopped} on request" in (tmp_path / "launcher" / f"process_{i}.log").read_text()
     assert checkpoint_steps(run_dir) == [stopped]
-    assert sorted(p.name for p in (run_dir / "checkpoints" / str(stopped) / "data").glob("process_*.json")) == [
-        "process_0-of-2.json", "process_1-of-2.json"]
+    assert read_meta(run_dir, stopped)["data"] == {"position": stopped}
 
     # The run resumes from that step on both hosts and finishes.
     log = tmp_path / "resume.log"

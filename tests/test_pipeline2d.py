@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from flexict_jax.data import pipeline2d, slice_source
+from flexict_jax.data import pipeline2d, records, slice_source
 from flexict_jax.data.crops2d import resized_crop
 from flexict_jax.data.intensity import normalize_hu
 from run_utils import SLICE_GLOBAL as G

@@ -63,13 +63,16 @@ BUILDERS: dict[str, Callable[..., grain.IterDataset]] = {
 KINDS = tuple(BUILDERS)
 
 
-def build_dataset(config: mlc.ConfigDict, *, process_index: int, process_count: int) -> grain.IterDataset:
-    """The training stream of `config.data.kind`: global batch t is examples [t·B, (t+1)·B), this process's rows."""
+def build_dataset(config: mlc.ConfigDict, *, process_index: int, process_count: int,
+                  first_batch: int = 0) -> grain.IterDataset:
+    """The training stream of `config.data.kind`: global batch t is examples [t·B, (t+1)·B); this process's rows
+    of global batches first_batch, first_batch + 1, ..."""
     if config.data.kind not in BUILDERS:
         raise ConfigError(f"config.data.kind={config.data.kind!r} is not one of {KINDS}")
     return BUILDERS[config.data.kind](
         config, seed=config.seed, batch_size=config.global_batch_size // process_count,
-        patch_sizes=config.patch_sizes, process_index=process_index, process_count=process_count)
+        patch_sizes=config.patch_sizes, process_index=process_index, process_count=process_count,
+        first_batch=first_batch)
 
 
 def provenance(config: mlc.ConfigDict) -> dict | None:
@@ -80,6 +83,33 @@ def provenance(config: mlc.ConfigDict) -> dict | None:
         return volume_store.provenance(volume_store.read_manifest(config.data.dir))
     with open(os.path.join(config.data.dir, "index.json")) as f:  # slices and reports dirs alike
         return json.load(f).get("provenance")
+
+
+class GlobalBatches:
+    """This process's rows of successive global batches of `dataset` (built with `first_batch=position`).
+
+    `position` is the index of the next global batch: the same on every host, it is what a checkpoint saves,
+    so a resume on any process count starts each host at its rows of that batch.
+    """
+
+    def __init__(self, dataset: grain.IterDataset, position: int):
+        self._iterator = iter(dataset)
+        self.position = position
+
+    def __iter__(self) -> GlobalBatches:
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._iterator)
+        self.position += 1
+        return batch
+
+
+def global_batches(config: mlc.ConfigDict, *, process_index: int, process_count: int,
+                   position: int = 0) -> GlobalBatches:
+    """This process's part of the stage's global batches `position`, `position` + 1, ..."""
+    dataset = build_dataset(config, process_index=process_index, process_count=process_count, first_batch=position)
+    return GlobalBatches(dataset, position)
 
 
 def _resolution_probs(config: mlc.ConfigDict) -> tuple[float, ...]:

@@ -8,7 +8,9 @@ Graph (recipe §13 #6/#7):
 
 Example i of the infinite shuffled stream depends only on (seed, i), and global batch t is examples
 [t·B, (t+1)·B) of that stream whatever the number of hosts or Grain workers. So the assembled global batch
-is the same for any process count, and resuming from a saved iterator state continues the same stream.
+is the same for any process count, and a stream started at global batch t (`first_batch`, what a resume
+passes: the trainer saves the number of global batches consumed, not a per-host iterator state) continues it on
+any number of hosts.
 """
 from __future__ import annotations
 
@@ -76,9 +78,10 @@ class HostBatchShard(grain.MapDataset):
 
 
 def batched_stream(source: Any, transform: grain.transforms.MapWithIndex, data: Mapping[str, Any], *, seed: int,
-                   batch_size: int, process_index: int, process_count: int,
+                   batch_size: int, process_index: int, process_count: int, first_batch: int = 0,
                    per_batch: Callable[[dict], dict] | None = None) -> grain.IterDataset:
-    """The graph of the module docstring over a random-access `source` (`__len__`, `__getitem__`, picklable).
+    """The graph of the module docstring over a random-access `source` (`__len__`, `__getitem__`, picklable),
+    from global batch `first_batch` on.
 
     Reads data.read_threads, data.prefetch_buffer_size, data.num_workers and data.worker_buffer_size.
     """
@@ -87,6 +90,10 @@ def batched_stream(source: Any, transform: grain.transforms.MapWithIndex, data: 
     ds = ds.map_with_index(transform)  # before host sharding, so the index is the global example index
     ds = HostBatchShard(ds, batch_size=batch_size, process_index=process_index, process_count=process_count)
     ds = ds.batch(batch_size, drop_remainder=True)
+    if first_batch:
+        if first_batch < 0:
+            raise ValueError(f"first_batch must be non-negative, got {first_batch}")
+        ds = ds[first_batch:]  # a lazy index shift: element t of the slice is global batch first_batch + t
     if per_batch is not None:
         ds = ds.map(per_batch)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(config_value(data, "read_threads")),

@@ -126,24 +126,26 @@ def _one_resolution_per_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndar
 
 def build_stage1_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_size: int,
                          patch_sizes: Sequence[int], process_index: int = 0,
-                         process_count: int = 1) -> grain.IterDataset:
+                         process_count: int = 1, first_batch: int = 0) -> grain.IterDataset:
     """The infinite stage-1 stream of this process's batches (config `data`, recipe §5).
 
     batch_size is the per-process batch (global // process_count). Each element is a dict of numpy arrays:
     global_crops float32 [b, n_global, G, G, 1], local_crops float32 [b, n_local, L, L, 1],
     masks_p{p} bool [b, n_global, (G//p)**2] for p in patch_sizes, index int64 [b], and with
     data.on_corrupt=skip records_replaced int32 [b] (1 where a corrupt record's stand-in was used).
-    `iter(ds)` supports get_state()/set_state() for checkpointing.
+    The stream starts at global batch `first_batch` (a resume, on any process count).
     """
     return grain_common.batched_stream(
         _slices(data), stage1_transform(data, seed=seed, patch_sizes=patch_sizes), data, seed=seed,
-        batch_size=batch_size, process_index=process_index, process_count=process_count)
+        batch_size=batch_size, process_index=process_index, process_count=process_count,
+        first_batch=first_batch)
 
 
 def build_stage1_hires_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_size: int,
                                patch_sizes: Sequence[int], patch_size_probs: Sequence[float],
                                resolutions: Sequence[Sequence[int]], resolution_probs: Sequence[float],
-                               process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                               process_index: int = 0, process_count: int = 1,
+                               first_batch: int = 0) -> grain.IterDataset:
     """The infinite stage-1.1 stream of this process's batches (recipe §6), batch t at the resolution of step t.
 
     resolutions: (global, local, Gram) crop sizes (config data.resolutions); they replace data.global_crop_size
@@ -155,7 +157,7 @@ def build_stage1_hires_dataset(data: ml_collections.ConfigDict, *, seed: int, ba
     global_crops float32 [b, n_global, G, G, 1], gram_crops float32 [b, n_global, Gg, Gg, 1] (the same field
     of view as global_crops), local_crops float32 [b, n_local, L, L, 1], masks_p{p} bool [b, n_global, (G//p)**2]
     for p in patch_sizes, index int64 [b], and resolution_index int32 scalar r.
-    `iter(ds)` supports get_state()/set_state() for checkpointing.
+    The stream starts at global batch `first_batch` (a resume, on any process count).
     """
     if (len(patch_size_probs) != len(patch_sizes) or min(patch_size_probs) < 0
             or abs(sum(patch_size_probs) - 1.0) > 1e-6):
@@ -172,7 +174,7 @@ def build_stage1_hires_dataset(data: ml_collections.ConfigDict, *, seed: int, ba
                                      global_batch_size=batch_size * process_count)
     return grain_common.batched_stream(
         _slices(data), transform, data, seed=seed, batch_size=batch_size, process_index=process_index,
-        process_count=process_count, per_batch=_one_resolution_per_batch)
+        process_count=process_count, first_batch=first_batch, per_batch=_one_resolution_per_batch)
 
 
 def _slices(data: ml_collections.ConfigDict) -> records.ShardedRecords | slice_source.SkipCorrupt:

@@ -78,20 +78,21 @@ class VolumeViewsTransform(grain.transforms.MapWithIndex):
 
 def build_stage2_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_size: int,
                          patch_sizes: Sequence[int], process_index: int = 0,
-                         process_count: int = 1) -> grain.IterDataset:
+                         process_count: int = 1, first_batch: int = 0) -> grain.IterDataset:
     """The infinite stage-2 stream of this process's batches (config `data`, recipe §7).
 
     batch_size is the per-process batch (global // process_count). Each element is a dict of numpy arrays:
     global_crops float32 [b, n_global, G, G, G, 1], local_crops float32 [b, n_local, L, L, L, 1],
     masks_p{p} bool [b, n_global, (G//p)**3] for p in patch_sizes, index int64 [b], volume_row int64 [b].
-    `iter(ds)` supports get_state()/set_state() for checkpointing. data.dir is a dataset from
+    The stream starts at global batch `first_batch` (a resume, on any process count). data.dir is a dataset from
     `python -m data_prep.ingest --spacing 2,2,2` with `python -m data_prep.volume_stats` run on it.
     """
     grain_common.check_stream_args(seed, batch_size, process_index, process_count)
     transform = volume_views_transform(data, seed=seed, patch_sizes=patch_sizes)
     source = VolumeSource(config_value(data, "dir"), transform.hu_window)
     return grain_common.batched_stream(source, transform, data, seed=seed, batch_size=batch_size,
-                                       process_index=process_index, process_count=process_count)
+                                       process_index=process_index, process_count=process_count,
+                                       first_batch=first_batch)
 
 
 def volume_views_transform(data: Mapping[str, Any], *, seed: int,

@@ -147,14 +147,14 @@ def _text_lengths(text: Mapping[str, Any]) -> tuple[int, int, int]:
 
 def build_align_dataset(data: ml_collections.ConfigDict, text: ml_collections.ConfigDict, *, seed: int,
                         batch_size: int, patch_sizes: Sequence[int], process_index: int = 0,
-                        process_count: int = 1) -> grain.IterDataset:
+                        process_count: int = 1, first_batch: int = 0) -> grain.IterDataset:
     """The infinite stage-3 stream of this process's batches (config `data` and `text`, recipe §8).
 
     batch_size is the per-process batch (global // process_count). Each element is a dict of numpy arrays:
     global_crops float32 [b, 1, G, G, G, 1], local_crops float32 [b, n_local, L, L, L, 1], masks_p{p} bool
     [b, 1, (G//p)**3] for p in patch_sizes, index int64 [b], volume_row int64 [b], caption_tokens int32 /
     caption_mask bool [b, caption_len], osl_{pos,neg}_tokens int32 / osl_{pos,neg}_mask bool
-    [b, osl_pairs, osl_len], osl_labels int32 [b, osl_pairs]. `iter(ds)` supports get_state()/set_state().
+    [b, osl_pairs, osl_len], osl_labels int32 [b, osl_pairs]. The stream starts at global batch `first_batch`.
     """
     grain_common.check_stream_args(seed, batch_size, process_index, process_count)
     caption_len, osl_len, osl_pairs = _text_lengths(text)
@@ -166,7 +166,8 @@ def build_align_dataset(data: ml_collections.ConfigDict, text: ml_collections.Co
                                positive_pool=report_records.read_positive_pool(reports_dir, split),
                                caption_len=caption_len, osl_len=osl_len, osl_pairs=osl_pairs)
     return grain_common.batched_stream(source, transform, data, seed=seed, batch_size=batch_size,
-                                       process_index=process_index, process_count=process_count)
+                                       process_index=process_index, process_count=process_count,
+                                       first_batch=first_batch)
 
 
 class EvalTransform(grain.transforms.Map):
