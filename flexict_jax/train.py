@@ -70,9 +70,12 @@ def _verbose(argv: list[str]) -> bool:
 
 def _fail(message: str, argv: list[str]) -> None:
     """Exit 1 with one line on stderr; with --verbosity=1 the traceback of the exception being handled first."""
-    if _verbose(argv):
+    verbose = _verbose(argv)
+    if verbose:
         traceback.print_exc()
     print(f"error: {message}", file=sys.stderr)
+    if not verbose:  # the line stays last: asyncio reports Orbax's failed save futures again at shutdown
+        py_logging.disable(py_logging.CRITICAL)
     sys.exit(1)
 
 
