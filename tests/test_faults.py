@@ -20,7 +20,7 @@ import tensorstore as ts
 
 from configs import stage1
 from data_prep import ingest, slices, verify as verify_cli, volume_stats
-from flexict_jax import checkpointing, train, trainer
+from flexict_jax import checkpointing, faults, trainer
 from flexict_jax.data import datasets, records, slice_source, volume_source, volume_store
 from run_utils import REPO, config_with, metrics, run_cli, take
 
@@ -176,7 +176,7 @@ def test_corrupt_record_names_shard_and_record(corrupt_slices):
     shard = slice_source.read_slice_index(directory)["shards"][0]
     assert shard in message and any(f"record {i} " in message for i in bad)
     # What the train CLI prints for it: the line, and the two ways on.
-    line = train.fault_message(raised.value, "runs/x")
+    line = faults.one_line(raised.value, "runs/x")
     assert shard in line and "data_prep.verify" in line and "on_corrupt=skip" in line
 
 
