@@ -14,7 +14,6 @@ denied, disk full) is one line on stderr, "error: ...", naming the file or key a
 """
 from __future__ import annotations
 
-import errno
 import logging as py_logging
 import os
 import sys
@@ -52,13 +51,6 @@ class _LibraryInfoFilter(py_logging.Filter):
         return record.levelno >= py_logging.WARNING or not library
 
 
-# Disk and permission faults, by errno and by the text TensorStore and Orbax's save threads wrap them in.
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
-_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "[OS error 28")
-_NOT_WRITABLE_TEXT = ("Permission denied", "Read-only file system", "Operation not permitted")
-
-
 def _verbose(argv: list[str]) -> bool:
     """--verbosity=N / -v N with N >= 1, read from argv so it works before (and when) flag parsing fails."""
     for i, arg in enumerate(argv):
@@ -71,65 +63,25 @@ def _verbose(argv: list[str]) -> bool:
 
 def _fail(message: str, argv: list[str]) -> None:
     """Exit 1 with one line on stderr; with --verbosity=1 the traceback of the exception being handled first."""
-    if _verbose(argv):
+    verbose = _verbose(argv)
+    if verbose:
         traceback.print_exc()
     print(f"error: {message}", file=sys.stderr)
+    if not verbose:  # the line stays last: asyncio reports Orbax's failed save futures again at shutdown
+        py_logging.disable(py_logging.CRITICAL)
     sys.exit(1)
-
-
-def _chain(error: BaseException) -> list[BaseException]:
-    """`error`, its causes and contexts, and the members of exception groups (Orbax's save threads)."""
-    seen, todo = [], [error]
-    while todo:
-        e = todo.pop(0)
-        if e is None or any(e is s for s in seen):
-            continue
-        seen.append(e)
-        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
-    return seen
-
-
-def _filename(chain: list[BaseException]) -> str:
-    return next((str(e.filename) for e in chain if isinstance(e, OSError) and e.filename), "")
-
-
-def fault_message(error: BaseException, workdir: str) -> str | None:
-    """The one-line message for a known fault (see the module docstring), or None for anything else."""
-    from flexict_jax import checkpointing
-    from flexict_jax.data import records
-    from flexict_jax.errors import ConfigError
-
-    chain = _chain(error)
-    codes = {e.errno for e in chain if isinstance(e, OSError)}
-    text = " ".join(str(e) for e in chain)
-    where = _filename(chain) or workdir
-    if codes & set(_DISK_FULL) or any(t in text for t in _DISK_FULL_TEXT):
-        return (f"no space left on the device holding {where}: free space there (or move the run to a larger "
-                f"disk) and run the same command again; it resumes from the last complete checkpoint")
-    if codes & set(_NOT_WRITABLE) or any(t in text for t in _NOT_WRITABLE_TEXT):
-        return (f"cannot write {where} ({next((t for t in _NOT_WRITABLE_TEXT if t in text), 'permission denied')}):"
-                f" make the workdir writable or pass another --workdir")
-    for e in chain:
-        if isinstance(e, (checkpointing.IncompatibleCheckpointError, checkpointing.NoRestorableCheckpointError)):
-            return str(e)
-        if isinstance(e, records.CorruptRecordError):
-            return (f"{e}. Rebuild or restore that shard (`python -m data_prep.verify --slices DIR` lists every "
-                    f"broken one), or pass --config.data.on_corrupt=skip to replace corrupt records and go on")
-    if isinstance(error, (ConfigError, FileNotFoundError, ValueError, KeyError)):
-        return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-    return None
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from flexict_jax import evals, trainer  # after flag parsing, so --help stays fast
+    from flexict_jax import evals, faults, trainer  # after flag parsing, so --help stays fast
     logging.set_verbosity(max(logging.INFO, flags.FLAGS.verbosity))
     logging.get_absl_handler().addFilter(_LibraryInfoFilter(tracebacks=_verbose(sys.argv)))
     try:
         code = trainer.train(_CONFIG.value, _WORKDIR.value, evaluator=evals.build_evaluator)
     except Exception as e:  # known faults become one line; anything else keeps its traceback
-        message = fault_message(e, _WORKDIR.value)
+        message = faults.one_line(e, _WORKDIR.value)
         if message is None:
             raise
         _fail(message, sys.argv)

@@ -20,7 +20,7 @@ import tensorstore as ts
 
 from configs import stage1
 from data_prep import ingest, slices, verify as verify_cli, volume_stats
-from flexict_jax import checkpointing, train, trainer
+from flexict_jax import checkpointing, faults, trainer
 from flexict_jax.data import datasets, records, slice_source, volume_source, volume_store
 from run_utils import REPO, config_with, metrics, run_cli, take
 
@@ -176,7 +176,7 @@ def test_corrupt_record_names_shard_and_record(corrupt_slices):
     shard = slice_source.read_slice_index(directory)["shards"][0]
     assert shard in message and any(f"record {i} " in message for i in bad)
     # What the train CLI prints for it: the line, and the two ways on.
-    line = train.fault_message(raised.value, "runs/x")
+    line = faults.one_line(raised.value, "runs/x")
     assert shard in line and "data_prep.verify" in line and "on_corrupt=skip" in line
 
 
@@ -312,18 +312,21 @@ def test_read_only_workdir_is_one_line(real_ct_slices, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not unshare_works(), reason="unprivileged user namespaces (unshare) are not available")
 def test_disk_full_during_a_save_is_one_line_and_the_rerun_recovers(real_ct_slices, tmp_path):
-    """The workdir on a 600 KiB tmpfs: config and metrics fit, the step-3 checkpoint (1.8 MB) does not. Then the
-    disk grows and the same command runs again: the partial save left behind does not stop it."""
+    """The workdir on a 600 KiB tmpfs: config and metrics fit, the step-3 checkpoint (1.8 MB) does not; saved
+    asynchronously (the default of real runs), so the error comes from Orbax's save threads. Then the disk grows
+    and the same command runs again: the partial save left behind does not stop it."""
     disk = tmp_path / "disk"
     disk.mkdir()
     script = (f"mount -t tmpfs -o size=600k tmpfs {disk} && \"$@\"; echo '--- rerun' >&2; "
               f"mount -o remount,size=50m {disk} && \"$@\" && ls {disk}/run/checkpoints >&2")
     proc = cli("--config=configs/stage1.py:tiny", f"--workdir={disk}/run", f"--config.data.dir={real_ct_slices}",
                "--config.patch_sizes=(16,)", "--config.patch_size_probs=(1.0,)", "--config.total_steps=3",
+               "--config.ckpt.async_save=True",
                prefix=("unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh"))
     full, rerun = proc.stderr.split("--- rerun")
     assert "Traceback" not in full, full[-3000:]
     [line] = error_lines(full)
     assert line.startswith(f"error: no space left on the device holding {disk}/run") and "resumes" in line
+    assert full.strip().splitlines()[-1] == line  # last: nothing logged at shutdown buries it
     assert proc.returncode == 0, rerun[-3000:]
     assert rerun.split()[-1] == "3"  # the rerun's checkpoint, the partial one gone

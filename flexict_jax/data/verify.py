@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,9 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from flexict_jax.data import records, slice_source, volume_store
+from flexict_jax.imaging.readers import file_sha256
 from flexict_jax.progress import Progress
-
-_HASH_BLOCK = 1 << 22  # bytes read at a time when hashing a shard file
 
 
 @dataclasses.dataclass
@@ -38,14 +36,6 @@ class Report:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_HASH_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _array_problems(dataset_dir: Path, entry: dict, key: str, sha_key: str, dtype: np.dtype) -> list[str]:
