@@ -136,7 +136,7 @@ class TensorBoardWriter(_ScalarsAndText):
 
     def _add(self, step: int, values: list) -> None:
         self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                                     summary=summary_pb2.Summary(value=values)))
+                                               summary=summary_pb2.Summary(value=values)))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()
