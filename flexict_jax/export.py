@@ -16,7 +16,8 @@ trainer, optimizer or data pipeline) and the architecture from the checkpoint's 
     --allow-custom-architecture (then only `flexict_jax.torch_reference` or custom code can load the file).
   * --format=safetensors: `--out` is a directory with model.safetensors (the backbone state_dict, upstream
     names), config.json (`model_type`, architecture, base/runtime patch sizes, RoPE settings, preprocessing,
-    source) and README.md. Any size. `flexict_jax.torch_reference.FlexiCTModel.from_pretrained(out)` loads it. The periods are stored in the precision the model was trained with (config.json "rope").
+    source) and README.md. Any size; `flexict_jax.torch_reference.FlexiCTModel.from_pretrained(out)` loads
+    it. The periods are stored in the precision the model was trained with (config.json "rope").
   * --kind=vlm (a stage-3 checkpoint): the upstream `{"model": {...}}` payload of torch-format §3.2 —
     `logit_scale` (1,), `vision_model.<backbone>`, `vlm_vision_projection.weight`, `text_model.backbone.<Qwen3
     key>`: 531 keys at the released size, loadable with `Flexi_CT_VLM_Module.load_state_dict(strict=True)`.
@@ -28,8 +29,9 @@ The two patch embeddings are always both exported (every FlexiCT checkpoint carr
 --kind picks the preprocessing recorded and which upstream wrapper the file is meant for. Every export writes a
 model card (README.md in the directory; `NAME.README.md` beside a .pth): architecture, stage and step, the
 training data's volume count, sources and licences (ingest `--licence`, carried through the slices / reports
-index into the checkpoint metadata), preprocessing with a torch/MONAI snippet, intended use and limits. Files are written to
-a temporary name and renamed into place; an existing --out is replaced only with --overwrite.
+index into the checkpoint metadata), preprocessing with a torch/MONAI snippet, intended use and limits. Files
+(mode 0644) are written to a temporary name and renamed into place; an existing --out is replaced only with
+--overwrite.
 Exit status 0 on success, 1 on any error.
 """
 from __future__ import annotations
@@ -141,7 +143,8 @@ def model_card(*, arch: torch_format.Architecture, kind: str, fmt: str, step: in
     else:
         loading = ["from flexict_jax.torch_reference import load_pth       # or upstream's Flexi_CT_2D / Flexi_CT_3D",
                    "model = load_pth(\"this_file.pth\")                     # strict load, eval mode"]
-    licences = sorted({*(meta.get("data") or {}).get("licences", {}), *(init.get("from_data") or {}).get("licences", {})})
+    licences = sorted({*(meta.get("data") or {}).get("licences", {}),
+                       *(init.get("from_data") or {}).get("licences", {})})
     lines = [
         "---",
         "library_name: flexict_jax",

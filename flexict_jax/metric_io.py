@@ -25,6 +25,9 @@ from typing import Any
 
 from absl import logging
 from etils import epath
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.plugins.text import summary_v2 as text_summary
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 
 def _clu_metric_writers() -> types.ModuleType:
@@ -123,9 +126,6 @@ class TensorBoardWriter(_ScalarsAndText):
     """TensorBoard event files written with the `tensorboard` package alone (no TensorFlow, no torch)."""
 
     def __init__(self, logdir: epath.Path, start_step: int):
-        from tensorboard.compat.proto import event_pb2
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-        self._event_pb2 = event_pb2
         logdir.mkdir(parents=True, exist_ok=True)
         self._writer = EventFileWriter(str(logdir))
         self._first_step = start_step + 1
@@ -135,26 +135,23 @@ class TensorBoardWriter(_ScalarsAndText):
                                                session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
     def _add(self, step: int, values: list) -> None:
-        from tensorboard.compat.proto import summary_pb2
-        self._writer.add_event(self._event_pb2.Event(wall_time=time.time(), step=int(step),
-                                                     summary=summary_pb2.Summary(value=values)))
+        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                               summary=summary_pb2.Summary(value=values)))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        from tensorboard.compat.proto import summary_pb2
         values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if values:
             self._add(step, values)
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
-        from tensorboard.plugins.text import (
-            summary_v2,  # the text plugin's own summary proto
-        )
-        self._add(step, [value for key, text in texts.items() for value in summary_v2.text_pb(key, text).value])
+        # the text plugin's own summary proto
+        self._add(step, [value for key, text in texts.items() for value in text_summary.text_pb(key, text).value])
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         # at the first new step, so that a later resume before it purges this copy as well
-        self.write_texts(self._first_step, {"config": "```\n" + json.dumps(dict(hparams), indent=2, default=str) + "\n```"})
+        config = json.dumps(dict(hparams), indent=2, default=str)
+        self.write_texts(self._first_step, {"config": f"```\n{config}\n```"})
 
     def flush(self) -> None:
         self._writer.flush()

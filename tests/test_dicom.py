@@ -206,8 +206,8 @@ def test_gantry_tilt_resampled_onto_the_orthogonal_grid(series_files, dicom_dir,
     assert "--gantry-tilt=resample" in _refusal(tmp_path / "tilt")
     tilted = dicom.read_series(_series(tmp_path / "tilt"), gantry_tilt="resample")
     for k, path in enumerate(series_files):
-        np.testing.assert_allclose(tilted.affine @ [k, 0, 0, 1],
-                                   [*map(float, pydicom.dcmread(tmp_path / "tilt" / path.name).ImagePositionPatient), 1])
+        position = pydicom.dcmread(tmp_path / "tilt" / path.name).ImagePositionPatient
+        np.testing.assert_allclose(tilted.affine @ [k, 0, 0, 1], [*map(float, position), 1])
     first = tilted.affine[:3, 3]
     grid = geometry.Grid(shape=(20, 531, 512), spacing=(2.0, pixel, pixel), origin_lps=tuple(first))
     out = geometry.resample(tilted.array, tilted.affine, grid, order=1, fill=-1024)

@@ -55,8 +55,9 @@ def test_tensorboard_events_without_tensorflow(tmp_path):
     code = f"""
 import sys
 sys.modules['tensorflow'] = None  # as if not installed: import fails, find_spec gives None
+import ml_collections as mlc
 from flexict_jax import metric_io
-writer = metric_io.MetricWriter({str(tmp_path)!r})
+writer = metric_io.MetricWriter({str(tmp_path)!r}, config=mlc.ConfigDict(dict(stage='stage1')))
 writer.write(1, {{'loss': 0.5, 'lr': 1e-3}})
 writer.write(2, {{'loss': float('nan'), 'lr': 2e-3}})
 writer.close()
@@ -65,6 +66,11 @@ assert not [m for m, module in sys.modules.items() if module and m.startswith(('
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
     assert scalar_events(tmp_path / "tensorboard", "lr") == [(1, pytest.approx(1e-3)), (2, pytest.approx(2e-3))]
     assert scalar_events(tmp_path / "tensorboard", "loss") == [(1, 0.5)]  # NaN stays in metrics.jsonl only
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = EventAccumulator(str(tmp_path / "tensorboard"))
+    accumulator.Reload()
+    (config,) = accumulator.Tensors("config")  # the run's config, for the text dashboard
+    assert b"stage1" in config.tensor_proto.string_val[0]
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])["loss"] == "nan"
 
 
