@@ -77,7 +77,11 @@ def _xla(q, k, v, *, scale, key_mask, is_causal):
     kv_heads = k.shape[2]
     # Query head h reads kv head h // group (transformers' repeat_kv order).
     q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
+    # bf16 operands, float32 logits; the explicit algorithm keeps the backward dots (float32 cotangents) bf16 too,
+    # as jax's own version does (jax-ml/jax#24047).
+    algorithm = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, precision=algorithm,
+                        preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
     logits = logits * jnp.float32(scale)
     allowed = None if key_mask is None else key_mask[:, None, None, None, :]
     if is_causal:
