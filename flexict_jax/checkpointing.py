@@ -105,12 +105,12 @@ class Checkpointer:
         may differ from the one that saved), with its data position; None when there is no checkpoint.
 
         Steps newer than the one restored, which failed on some process, are moved to `corrupt/` with a warning
-        naming the step and the reason; so is an unfinished save. When none restores nothing is moved and
+        naming the step and the reason; so are unfinished saves. When none restores nothing is moved and
         NoRestorableCheckpointError lists every step's reason. A config that does not fit a checkpoint
         (IncompatibleCheckpointError) is refused as it is: that is not damage, and the older steps would not
         fit either. Call on every process: they agree on each step through `distributed.all_gather_text`.
         """
-        self._set_aside_unfinished()
+        unfinished = self._unfinished_saves()
         failed: list[tuple[int, str]] = []
         for step in sorted(self._manager.all_steps(read=True), reverse=True):
             restored, reason = None, ""
@@ -121,8 +121,8 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 — any failure to read a step is a reason to try the previous one
                 reason = _one_line(e)
             reasons = [r for r in distributed.all_gather_text(f"restore/{self.directory}/{step}", reason) if r]
-            if not reasons:
-                for bad, why in failed:
+            if not reasons:  # only now is anything moved: a refused start leaves the checkpoints as they were
+                for bad, why in [*((name, "an unfinished save") for name in unfinished), *failed]:
                     self._set_aside(bad, why)
                 self._manager.reload()
                 return self._with_topology(restored, topology)
@@ -131,6 +131,8 @@ class Checkpointer:
             raise NoRestorableCheckpointError(
                 f"no checkpoint under {self.directory} restores (nothing was moved): "
                 + "; ".join(f"step {step}: {why}" for step, why in failed))
+        for name in unfinished:  # a first save that never finished: the run starts from scratch
+            self._set_aside(name, "an unfinished save")
         return None
 
     def _restore(self, step: int, abstract_state: Any, global_batch_size: int) -> Restored:
@@ -194,14 +196,13 @@ class Checkpointer:
             source.rename(target)
         distributed.barrier(f"set aside {source}")
 
-    def _set_aside_unfinished(self) -> None:
+    def _unfinished_saves(self) -> list[str]:
         """A save killed mid-write leaves `<step>.orbax-checkpoint-tmp` (on object stores: a step without its
-        commit marker, which `_restore` refuses). Orbax never lists it; a later save of the step would collide."""
+        commit marker, which `_restore` refuses). Orbax never lists it; a later save of the step would collide,
+        so `restore_latest` sets it aside too."""
         names = sorted(ocp.step.tmp_checkpoints(self.directory))
         # The primary host's list on every host: a host that looks after the primary moved them would see none.
-        names = json.loads(distributed.all_gather_text(f"unfinished/{self.directory}", json.dumps(names))[0])
-        for name in names:
-            self._set_aside(name, "an unfinished save")
+        return json.loads(distributed.all_gather_text(f"unfinished/{self.directory}", json.dumps(names))[0])
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
