@@ -54,6 +54,10 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def due(self, step: int) -> bool:
+        """Whether `save` without force would write `step` (the interval policy)."""
+        return self._manager.should_save(step)
+
     def save(self, step: int, state: Any, data_iterator: Any, meta: dict, *, force: bool = False) -> bool:
         """Saves when the interval policy says so, or always with `force` (end of run, preemption)."""
         if step in self._manager.all_steps():

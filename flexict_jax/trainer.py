@@ -373,10 +373,35 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
         compiled: dict[Variant, Callable] = {}
         throughput = metric_io.Throughput(step, config.total_steps)
         nonfinite_streak, exit_code = 0, 0
+        pending = None  # (step, variant, metrics) of the last dispatched step whose metrics are not read yet
+
+        def settle(done: int, variant: Variant, metrics: dict) -> bool:
+            """Reads step `done`'s metrics (waiting for that step, not for any queued behind it): the non-finite
+            streak and the log. True when the streak says stop."""
+            nonlocal nonfinite_streak
+            if not bool(metrics["finite"]):
+                nonfinite_streak += 1
+                logging.error("step %d: non-finite loss %s or gradient norm %s; update skipped (%d in a row)", done,
+                              float(metrics["loss"]), float(metrics["grad_norm"]), nonfinite_streak)
+                if nonfinite_streak >= config.max_consecutive_nonfinite:
+                    logging.error("stopping: %d consecutive non-finite losses; the last good checkpoint is kept",
+                                  nonfinite_streak)
+                    return True
+            else:
+                nonfinite_streak = 0
+            if done % config.log_every == 0 or done == config.total_steps:
+                scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
+                writer.write(done, {**scalars, "patch_size": variant.patch_size,
+                                    **throughput.update(done, config.global_batch_size)})
+            return False
+
         logging.info("training %s from step %d to %d on a %s mesh", config.stage, step, config.total_steps,
                      dict(mesh.shape))
         while step < config.total_steps:
             if stop(step):
+                if pending is not None and settle(*pending):
+                    exit_code = 1
+                    break
                 logging.warning("stopping at step %d on request; saving", step)
                 ckpt.save(step, state, data_iterator, meta, force=True)
                 break
@@ -389,25 +414,24 @@ def train(config: mlc.ConfigDict, workdir: str) -> int:
                 distributed.barrier(f"step {step}: compiled {variant}")
             state, metrics = compiled[variant](state, batch)
             step += 1
-            if not bool(metrics["finite"]):
-                nonfinite_streak += 1
-                logging.error("step %d: non-finite loss %s or gradient norm %s; update skipped (%d in a row)", step,
-                              float(metrics["loss"]), float(metrics["grad_norm"]), nonfinite_streak)
-                if nonfinite_streak >= config.max_consecutive_nonfinite:
-                    logging.error("stopping: %d consecutive non-finite losses; the last good checkpoint is kept",
-                                  nonfinite_streak)
+            # The previous step's metrics are read only now, with this step queued behind it: the host never
+            # waits for the step it has just dispatched, and fetches the next batch while it runs.
+            if pending is not None and settle(*pending):
+                exit_code = 1
+                break
+            pending = (step, variant, metrics)
+            evaluating = evaluate is not None and (step % config.eval.every_steps == 0
+                                                   or step == config.total_steps)
+            if evaluating or ckpt.due(step) or step == config.total_steps:
+                # A checkpoint must know this step's flag before the next step consumes (donates) its state.
+                if settle(*pending):
                     exit_code = 1
                     break
-            else:
-                nonfinite_streak = 0
-            if step % config.log_every == 0 or step == config.total_steps:
-                scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
-                writer.write(step, {**scalars, "patch_size": variant.patch_size,
-                                    **throughput.update(step, config.global_batch_size)})
-            if evaluate is not None and (step % config.eval.every_steps == 0 or step == config.total_steps):
-                writer.write(step, evaluate(state))
-            if nonfinite_streak == 0:  # never checkpoint inside a non-finite streak: keep the last good one
-                ckpt.save(step, state, data_iterator, meta, force=step == config.total_steps)
+                pending = None
+                if evaluating:
+                    writer.write(step, evaluate(state))
+                if nonfinite_streak == 0:  # never checkpoint inside a non-finite streak: keep the last good one
+                    ckpt.save(step, state, data_iterator, meta, force=step == config.total_steps)
         ckpt.close()
         writer.close()
     return exit_code
