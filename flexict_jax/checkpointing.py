@@ -85,6 +85,10 @@ class Checkpointer:
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
+    def due(self, step: int) -> bool:
+        """Whether `save` without force would write `step` (the interval policy)."""
+        return self._manager.should_save(step)
+
     def save(self, step: int, state: Any, data_iterator: Any, meta: dict, *, force: bool = False) -> bool:
         """Saves when the interval policy says so, or always with `force` (end of run, preemption).
         `data_iterator.position` is the index of the next global batch (datasets.GlobalBatches)."""

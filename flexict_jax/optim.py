@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from flexict_jax.errors import ConfigError
@@ -181,8 +182,8 @@ def scale_by_param_groups(groups: Any, lr_table: jax.Array, wd_table: jax.Array,
     its multiplier: the decay is scaled by the leaf's own LR (multiplier included) and is 0 while the last
     layer's LR is 0. Here update = −lr·lr_mult·(adam + wd·wd_mult·p). Idle leaves get a zero update.
     """
-    lr_table = jnp.asarray(lr_table, dtype=jnp.float32)
-    wd_table = jnp.asarray(wd_table, dtype=jnp.float32)
+    lr_table = np.asarray(lr_table, dtype=np.float32)  # host tables: see schedules.table_from_config
+    wd_table = np.asarray(wd_table, dtype=np.float32)
     for name, table in (("lr_table", lr_table), ("wd_table", wd_table)):
         if table.ndim != 1 or table.shape[0] == 0:
             raise ValueError(f"{name} must be a non-empty 1-D table of per-step values, got shape {table.shape}")

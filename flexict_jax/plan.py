@@ -2,13 +2,23 @@ r"""Pre-flight planner: compile every step variant of a config without running i
 FLOPs and compile time — and whether the config fits the device memory.
 
     python -m flexict_jax.plan --config=configs/stage1.py[:variant] [--mesh=1,-1,1] [--devices=N] \
-        [--device-memory-gb=G] [--out=plan.json] [--config.KEY=VALUE ...]
+        [--topology=v5p:2x2x1 [--num-slices=K]] [--device-memory-gb=G] [--out=plan.json] [--config.KEY=VALUE ...]
 
 On an accelerator host it compiles for the real devices. `--devices=N` instead plans for N devices on the CPU
 (N fake CPU devices, the same mesh and shardings as N chips), which shows how the state and activations split
 over a pod from a laptop; CPU and TPU/GPU compilers fuse and lay out buffers differently, so treat those numbers
-as an estimate and re-plan on the target when it is close. Nothing is allocated: the state and the batch are
-abstract (`jax.ShapeDtypeStruct`) and the step is only lowered and compiled.
+as an estimate and re-plan on the target when it is close. `--topology=NAME` compiles for a Cloud TPU slice on any
+host, ahead of time, with the TPU compiler itself (libtpu, the `tpu` extra; no TPU needed): NAME as
+`jax.experimental.topologies` spells it, `v4:2x2x1`, `v5p:2x2x1`, `v5e:4x4`, `v6e:2x4`, ...; `--num-slices=K`
+for K such slices joined by the data-centre network (the mesh's data axis must then be a multiple of K). Nothing
+is allocated: the state and the batch are abstract (`jax.ShapeDtypeStruct`) and the step is only lowered and
+compiled.
+
+On TPU the plan also gives the TPU cost model's step time (`cost_analysis()["optimal_seconds"]`) and from it
+samples/s and the model FLOP utilisation against the chip's bf16 peak (`TPU_CHIPS`). The cost model prices a
+loop body once whatever its trip count (measured: a 16-step `lax.scan` of a matmul is priced as one step), so
+with `model.scan_blocks` the estimate comes from the same step compiled with the blocks unrolled. It is a model
+of the chip, not a measurement: it leaves out the input pipeline and host overheads.
 
 Per-device peak = arguments + outputs − aliased (the donated state is reused for the new one) + temporaries,
 from XLA's buffer assignment (`compiled.memory_analysis()`); tests/test_plan.py checks it against the measured
@@ -16,7 +26,9 @@ peak of a real step on the CPU. Exit status: 0, or 1 on a bad config and when a 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -38,6 +50,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.
                                           lock_config=True)
 _MESH = flags.DEFINE_string("mesh", None, "Mesh (data,fsdp,tensor) to plan for, e.g. 1,-1,1; default config.mesh")
 _DEVICES = flags.DEFINE_integer("devices", None, "Plan for this many fake CPU devices instead of the local devices")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "Compile for this Cloud TPU slice instead of the local devices, "
+                                "e.g. v5p:2x2x1, v6e:2x4, v5e:4x4, v4:2x2x1 (needs libtpu: pip install '.[tpu]')")
+_NUM_SLICES = flags.DEFINE_integer("num-slices", 1, "With --topology: this many slices (multi-slice, DCN)")
 _MEMORY = flags.DEFINE_float("device-memory-gb", None, "Memory per device in GiB; default: what the device "
                              "reports (accelerators), none on CPU")
 _HEADROOM = flags.DEFINE_float("headroom", 0.1, "Fraction of device memory kept free for the runtime, "
@@ -46,6 +61,55 @@ _OUT = flags.DEFINE_string("out", None, "Also write the plan as JSON to this fil
 flags.mark_flags_as_required(["config"])
 
 GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    hbm_bytes: int  # HBM per chip, as the vendor's page states it (read as GiB; the runtime keeps a little)
+    bf16_flops: float  # peak dense bf16 FLOP/s per chip
+    source: str
+
+
+# Keyed by `device.device_kind`. v4 and v5p chips have two TensorCores run as one device (megacore).
+TPU_CHIPS = {
+    "TPU v4": Chip(32 * GIB, 275e12, "https://cloud.google.com/tpu/docs/v4 (32 GiB HBM2, 275 TFLOP/s bf16)"),
+    "TPU v5 lite": Chip(16 * GIB, 197e12, "https://cloud.google.com/tpu/docs/v5e (16 GB HBM2, 197 TFLOP/s bf16)"),
+    "TPU v5": Chip(95 * GIB, 459e12, "https://cloud.google.com/tpu/docs/v5p (95 GB HBM2e, 459 TFLOP/s bf16)"),
+    "TPU v6 lite": Chip(32 * GIB, 918e12, "https://cloud.google.com/tpu/docs/v6e (32 GB HBM, 918 TFLOP/s bf16)"),
+}
+TPU_CHIPS["TPU v5p"] = TPU_CHIPS["TPU v5"]
+# Topology prefixes whose chips are megacore (one device per chip, not one per TensorCore).
+_MEGACORE = ("v4", "v5p", "v5")
+# A TPU host holds up to 2x2x1 chips; a smaller slice is one host of its own size.
+_HOST_BOUNDS = (2, 2, 1)
+
+
+def topology_devices(name: str, num_slices: int = 1) -> list[Any]:
+    """The compile-only TPU devices of `num_slices` slices of topology `name` (e.g. "v5p:2x2x1"); needs libtpu,
+    not a TPU."""
+    import importlib.util
+
+    from jax.experimental import topologies
+    kind, _, shape = name.partition(":")
+    try:
+        dims = tuple(int(d) for d in shape.split("x"))
+    except ValueError:
+        dims = ()
+    if not kind or len(dims) not in (2, 3) or min(dims) < 1:
+        raise ValueError(f"--topology={name!r}: expected VERSION:AxB or VERSION:AxBxC, e.g. v5p:2x2x1 or v6e:4x4")
+    if num_slices < 1:
+        raise ValueError(f"--num-slices must be positive, got {num_slices}")
+    if importlib.util.find_spec("libtpu") is None:
+        raise ValueError(f"--topology={name} compiles with the TPU compiler, libtpu, which is not installed: "
+                         f"pip install 'flexict_jax[tpu]'")
+    bounds = tuple(min(d, b) for d, b in zip(dims + (1,) * (3 - len(dims)), _HOST_BOUNDS))
+    try:
+        topology = topologies.get_topology_desc(
+            platform="tpu", topology_name=name, num_slices=num_slices, chips_per_host_bounds=bounds,
+            chip_config_name="megacore" if kind in _MEGACORE else "default")
+    except RuntimeError as e:  # libtpu's own message names what it did not accept
+        raise ValueError(f"--topology={name}: {str(e).splitlines()[0]}") from e
+    return list(topology.devices)
 
 
 def abstract_batch(config: mlc.ConfigDict, variant: Variant) -> dict[str, Any]:
@@ -86,13 +150,20 @@ def model_flops(config: mlc.ConfigDict, program: Program, variant: Variant, batc
     cost analysis of the step lowered, not compiled, with the blocks unrolled and no rematerialisation: the
     analysis counts a loop body once and counts recomputed work, and per-device compiled costs count replicated
     work once per device."""
-    from flexict_jax import train_step
+    import jax
+    from flexict_jax import sharding, train_step
     if config.model.scan_blocks or config.model.remat_policy != "none":
         config = config.copy_and_resolve_references()
         config.model.update(scan_blocks=False, remat_policy="none")
         program = train_step.build_program(config, program.mesh)
     cost = program.train_step(config, variant, batch).lower(program.abstract_state, batch).cost_analysis()
     cost = (cost[0] if isinstance(cost, list) else cost) or {}
+    if "flops" not in cost and program.mesh.devices.flat[0].platform != "cpu":
+        # Compile-only TPU devices (--topology) have no backend to analyse with; the global program's FLOPs do
+        # not depend on where it runs, so count them on one CPU device.
+        mesh = sharding.make_mesh((1, 1, 1), jax.devices("cpu")[:1])
+        with sharding.activate(mesh, config.sharding_rules):
+            return model_flops(config, train_step.build_program(config, mesh), variant, batch)
     return float(cost.get("flops", float("nan")))
 
 
@@ -121,25 +192,64 @@ def compile_variant(config: mlc.ConfigDict, program: Program, variant: Variant) 
     return row, compiled
 
 
+def step_estimate(config: mlc.ConfigDict, program: Program, variant: Variant, compiled: Any,
+                  row: dict[str, Any], chip: Chip | None) -> dict[str, Any]:
+    """The TPU cost model's time for one step of `variant` and what follows from it: samples/s and model FLOP
+    utilisation against the chip's bf16 peak. None where the compiler has no cost model (CPU, GPU) or cannot
+    price an operation of the step (it then answers a negative time)."""
+    from flexict_jax import train_step
+    out = {"estimated_step_s": None, "estimated_samples_per_s": None, "estimated_mfu": None}
+    if program.mesh.devices.flat[0].platform != "tpu":
+        return out
+    if config.model.scan_blocks:  # the cost model prices the scan's body once: time the unrolled blocks
+        config = config.copy_and_resolve_references()
+        config.model.scan_blocks = False
+        program = train_step.build_program(config, program.mesh)
+        batch = abstract_batch(config, variant)
+        start = time.perf_counter()
+        compiled = program.train_step(config, variant, batch).lower(program.abstract_state, batch).compile()
+        out["estimate_compile_s"] = round(time.perf_counter() - start, 2)
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}
+    seconds = float(cost.get("optimal_seconds", -1.0))
+    if seconds > 0:
+        out["estimated_step_s"] = seconds
+        out["estimated_samples_per_s"] = config.global_batch_size / seconds
+        if chip:
+            out["estimated_mfu"] = row["flops_per_device"] / (seconds * chip.bf16_flops)
+    return out
+
+
 def device_memory_bytes(device: Any) -> int | None:
-    """What an accelerator reports as its memory limit; None on the CPU (host memory, shared by all fake
-    devices)."""
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+    """What an accelerator reports as its memory limit (a compile-only TPU device: its chip's HBM from
+    `TPU_CHIPS`); None on the CPU (host memory, shared by all fake devices)."""
+    if device.platform == "cpu":
+        return None
+    try:
+        stats = device.memory_stats()
+    except RuntimeError:  # compile-only devices (--topology) have no runtime to ask
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    chip = TPU_CHIPS.get(device.device_kind)
+    return chip.hbm_bytes if chip else None
 
 
 def plan(config: mlc.ConfigDict, mesh_shape: tuple[int, ...], *, device_memory: int | None = None,
-         headroom: float = 0.1) -> dict[str, Any]:
-    """Compiles every step variant of `config` on a `mesh_shape` mesh of the local devices; the plan as a dict."""
+         headroom: float = 0.1, devices: list[Any] | None = None) -> dict[str, Any]:
+    """Compiles every step variant of `config` on a `mesh_shape` mesh of `devices` (default: the local devices;
+    `topology_devices` for a TPU slice without one); the plan as a dict."""
     import jax
     from flexict_jax import sharding, train_step
     from flexict_jax.data import datasets
 
-    mesh = sharding.make_mesh(mesh_shape)
+    devices = devices or jax.devices()
+    mesh = sharding.make_mesh(mesh_shape, devices)
     if config.global_batch_size % mesh.size:
         raise ConfigError(f"config.global_batch_size={config.global_batch_size} is not divisible by the "
                          f"{mesh.size} devices of mesh {dict(mesh.shape)}")
-    device = jax.devices()[0]
+    device = devices[0]
+    chip = TPU_CHIPS.get(device.device_kind) if device.platform == "tpu" else None
     device_memory = device_memory if device_memory is not None else device_memory_bytes(device)
     with sharding.activate(mesh, config.sharding_rules):
         start = time.perf_counter()
@@ -149,12 +259,17 @@ def plan(config: mlc.ConfigDict, mesh_shape: tuple[int, ...], *, device_memory: 
         state_bytes = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(program.abstract_state))
         rows = []
         for variant in datasets.step_variants(config):
-            row, _ = compile_variant(config, program, variant)
+            row, compiled = compile_variant(config, program, variant)
+            row.update(step_estimate(config, program, variant, compiled, row, chip))
             if device_memory:
                 row["fits"] = row["memory_per_device"]["peak"] <= (1 - headroom) * device_memory
             rows.append(row)
     return {"stage": config.stage, "mesh": dict(mesh.shape), "device_kind": device.device_kind,
-            "platform": device.platform, "num_devices": mesh.size, "global_batch_size": config.global_batch_size,
+            "platform": device.platform, "num_devices": mesh.size,
+            "num_slices": len({getattr(d, "slice_index", None) or 0 for d in devices}),
+            "compute_dtype": config.model.get("compute_dtype", "float32"),
+            "chip": dataclasses.asdict(chip) if chip else None,
+            "global_batch_size": config.global_batch_size,
             "device_memory_bytes": device_memory, "headroom": headroom, "build_s": round(build_s, 2),
             "params": {"total_bytes": report["total_bytes"], "bytes_per_device": report["bytes_per_device"],
                        "replicated_fraction": report["replicated_fraction"], "groups": report["groups"],
@@ -170,7 +285,9 @@ def format_plan(result: dict[str, Any]) -> str:
     """The plan as the human-readable text the CLI prints."""
     params = result["params"]
     lines = [f"{result['stage']}: mesh {result['mesh']} on {result['num_devices']} x {result['device_kind']} "
-             f"({result['platform']}), global batch {result['global_batch_size']}",
+             f"({result['platform']}"
+             + (f", {result['num_slices']} slices" if result["num_slices"] > 1 else "")
+             + f"), global batch {result['global_batch_size']}, compute dtype {result['compute_dtype']}",
              f"parameters {_size(params['total_bytes'])}, {_size(params['bytes_per_device'])} per device "
              f"({100 * params['replicated_fraction']:.1f}% of the bytes replicated); train state (student, "
              f"teacher, optimizer) {_size(result['state_bytes'])} in all"]
@@ -190,6 +307,12 @@ def format_plan(result: dict[str, Any]) -> str:
                   f"{_size(m['alias'])}, temporaries {_size(m['temp'])}, code {_size(m['generated_code'])}",
                   f"  peak per device {_size(m['peak'])}"
                   + (f" of {_size(limit)}" if limit else " (no device memory given: --device-memory-gb)")]
+        if row.get("estimated_step_s"):
+            lines.append(f"  TPU cost model: {1e3 * row['estimated_step_s']:,.3g} ms per step, "
+                         f"{row['estimated_samples_per_s']:,.1f} samples/s"
+                         + (f", MFU {100 * row['estimated_mfu']:.1f}% of the bf16 peak" if row["estimated_mfu"] else ""))
+        elif result["platform"] == "tpu":
+            lines.append("  TPU cost model: no estimate (an operation of the step has no cost)")
         if "fits" in row:
             usable = (1 - result["headroom"]) * limit
             lines.append("  fits" if row["fits"] else
@@ -212,6 +335,13 @@ def _mesh_flag(value: str | None, default) -> tuple[int, ...]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _DEVICES.value is not None and _TOPOLOGY.value:
+        raise app.UsageError("--devices and --topology exclude each other")
+    if _TOPOLOGY.value:
+        # Compiling needs libtpu but no TPU: leave a TPU on this host (and its lock file, which a training job
+        # may hold) alone, and skip the metadata-server queries that only answer on a Cloud TPU VM.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     import jax
     if _DEVICES.value is not None:
         if _DEVICES.value < 1:
@@ -219,11 +349,16 @@ def main(argv: list[str]) -> None:
         # Before the first backend use: N fake CPU devices stand in for N chips.
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", _DEVICES.value)
+    if _TOPOLOGY.value:
+        jax.config.update("jax_platforms", "cpu")
     config = _CONFIG.value
     memory = int(_MEMORY.value * GIB) if _MEMORY.value is not None else None
     try:
+        devices = topology_devices(_TOPOLOGY.value, _NUM_SLICES.value) if _TOPOLOGY.value else None
         result = plan(config, _mesh_flag(_MESH.value, config.mesh), device_memory=memory,
-                      headroom=_HEADROOM.value)
+                      headroom=_HEADROOM.value, devices=devices)
+        if _TOPOLOGY.value:
+            result.update(topology=_TOPOLOGY.value)
     except (ValueError, KeyError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)

@@ -47,8 +47,8 @@ def linear_warmup_cosine_decay(*, start: float, peak: float, end: float, warmup_
     return np.concatenate([warmup, cosine, constant]).astype(np.float64)[:total_steps]
 
 
-def table_from_config(section: ml_collections.ConfigDict, total_steps: int, *, name: str = "schedule") -> jax.Array:
-    """A float32 device table from a config section with keys start, peak, end, warmup_steps, cosine_steps.
+def table_from_config(section: ml_collections.ConfigDict, total_steps: int, *, name: str = "schedule") -> np.ndarray:
+    """A float32 host table from a config section with keys start, peak, end, warmup_steps, cosine_steps.
 
     `cosine_steps` may be None for "the rest of training". `name` is the section's config path (e.g.
     "schedules.lr"), used in error messages.
@@ -63,7 +63,9 @@ def table_from_config(section: ml_collections.ConfigDict, total_steps: int, *, n
             cosine_steps=None if section.cosine_steps is None else int(section.cosine_steps))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config {name}: {e}") from None
-    return jnp.asarray(table, dtype=jnp.float32)
+    # numpy, not a device array: a jitted step embeds it as a constant either way, and creating a device array
+    # would fail while a compile-only mesh (`plan --topology`, TPU devices without a TPU) is active.
+    return table.astype(np.float32)
 
 
 def validate(schedules_config: ml_collections.ConfigDict, total_steps: int) -> None:
@@ -75,6 +77,6 @@ def validate(schedules_config: ml_collections.ConfigDict, total_steps: int) -> N
         table_from_config(schedules_config[name], total_steps, name=f"schedules.{name}")
 
 
-def value_at(table: jax.Array, step: jax.Array | int) -> jax.Array:
+def value_at(table: np.ndarray | jax.Array, step: jax.Array | int) -> jax.Array:
     """The table's value at `step`; steps past the end keep the last value (jit-friendly)."""
-    return table[jnp.clip(step, 0, table.shape[0] - 1)]
+    return jnp.asarray(table)[jnp.clip(step, 0, table.shape[0] - 1)]

@@ -51,7 +51,8 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
                              f"must be a multiple of {num_slices}, e.g. config.mesh=({num_slices},-1,1)")
         device_array = mesh_utils.create_hybrid_device_mesh(
             (shape[0] // num_slices, *shape[1:]), (num_slices, 1, 1), devices=devices)
-    elif jax.process_count() == 1 and devices == jax.devices():
+    elif (jax.process_count() == 1 and devices == jax.devices()) or devices[0].platform == "tpu":
+        # TPU devices (also compile-only ones of `plan --topology`) are laid out along the physical torus.
         device_array = mesh_utils.create_device_mesh(shape, devices=devices)
     else:
         device_array = np.asarray(devices).reshape(shape)

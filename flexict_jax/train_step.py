@@ -35,9 +35,17 @@ def uses_gram(config: mlc.ConfigDict) -> bool:
 def _state_shardings(mesh, abstract_state: dict, param_specs: Any, tx: optax.GradientTransformation) -> Any:
     replicated = NamedSharding(mesh, P())
     param_shardings = sharding.named_sharding_tree(mesh, param_specs)
-    opt_shardings = optax.tree_utils.tree_map_params(
-        tx, lambda _, s: s, abstract_state["opt_state"], param_shardings,
-        transform_non_params=lambda _: replicated)
+    opt = {}
+
+    def map_opt_state() -> None:
+        opt["shardings"] = optax.tree_utils.tree_map_params(
+            tx, lambda _, s: s, abstract_state["opt_state"], param_shardings,
+            transform_non_params=lambda _: replicated)
+
+    # Traced, not run: tree_map_params calls tx.init, whose step counters would otherwise become arrays on the
+    # active mesh's devices, which compile-only TPU devices (`plan --topology`) cannot hold.
+    jax.eval_shape(map_opt_state)
+    opt_shardings = opt["shardings"]
     shardings = {"step": replicated, "params": param_shardings,
                  "teacher": {k: param_shardings[k] for k in abstract_state["teacher"]}, "opt_state": opt_shardings}
     if "gram_teacher" in abstract_state:
@@ -52,7 +60,7 @@ class Program:
     graphdef: nnx.GraphDef
     abstract_params: nnx.State
     param_specs: Any
-    tables: dict[str, jax.Array]
+    tables: dict[str, np.ndarray]  # per-step schedule values, host arrays (schedules.table_from_config)
     tx: optax.GradientTransformation
     init_state: Callable[[], dict]
     abstract_state: Any  # ShapeDtypeStructs carrying the state shardings

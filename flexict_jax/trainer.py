@@ -113,16 +113,48 @@ def train(config: mlc.ConfigDict, workdir: str, *, evaluator: EvaluatorFactory |
         writer = metric_io.MetricWriter(workdir, start_step=step, config=config, enabled=is_chief)
         nonfinite_streak, exit_code = 0, 0
         records_replaced = 0  # stand-ins for corrupt records (data.on_corrupt=skip) since the last metrics row
+        pending = None  # (step, variant, metrics, records replaced) of the last dispatched step, metrics unread
+
+        def settle(done: int, variant: Variant, metrics: dict, replaced: int, evaluation: dict | None = None) -> bool:
+            """Reads step `done`'s metrics (waiting for that step, not for any queued behind it): the non-finite
+            streak and one metrics row (training and evaluation values together). True when the streak says stop."""
+            nonlocal nonfinite_streak, records_replaced
+            records_replaced += replaced
+            if not bool(metrics["finite"]):
+                nonfinite_streak += 1
+                logging.error("step %d: non-finite loss %s or gradient norm %s; update skipped (%d in a row)", done,
+                              float(metrics["loss"]), float(metrics["grad_norm"]), nonfinite_streak)
+                if nonfinite_streak >= config.max_consecutive_nonfinite:
+                    logging.error("stopping: %d consecutive non-finite losses; the last good checkpoint is kept",
+                                  nonfinite_streak)
+                    return True
+            else:
+                nonfinite_streak = 0
+            record = dict(evaluation or {})
+            if done % config.log_every == 0 or done == config.total_steps:
+                scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
+                if config.data.get("on_corrupt") == "skip":
+                    scalars["data/records_replaced"] = distributed.process_sum(records_replaced)
+                    records_replaced = 0
+                record.update(scalars, patch_size=variant.patch_size,
+                              **throughput.update(done, config.global_batch_size))
+            if record:
+                writer.write(done, record)
+            return False
+
         logging.info("training %s from step %d to %d on a %s mesh", config.stage, step, config.total_steps,
                      dict(mesh.shape))
         while step < config.total_steps:
             if stop(step):
+                if pending is not None and settle(*pending):
+                    exit_code = 1
+                    break
                 logging.warning("stopping at step %d on request; saving", step)
                 ckpt.save(step, state, data_iterator, meta, force=True)
                 break
             variant = datasets.variant_for_step(config, step)
             host_batch = next(data_iterator)
-            records_replaced += int(np.sum(host_batch.get("records_replaced", 0)))
+            replaced = int(np.sum(host_batch.get("records_replaced", 0)))
             local = tasks.get(config).step_batch(host_batch, variant)
             batch = sharding.global_batch(mesh, local)
             if variant not in compiled:  # one compiled step per variant, built on first use
@@ -131,31 +163,22 @@ def train(config: mlc.ConfigDict, workdir: str, *, evaluator: EvaluatorFactory |
                 distributed.barrier(f"step {step}: compiled {variant}")
             state, metrics = compiled[variant](state, batch)
             step += 1
-            if not bool(metrics["finite"]):
-                nonfinite_streak += 1
-                logging.error("step %d: non-finite loss %s or gradient norm %s; update skipped (%d in a row)", step,
-                              float(metrics["loss"]), float(metrics["grad_norm"]), nonfinite_streak)
-                if nonfinite_streak >= config.max_consecutive_nonfinite:
-                    logging.error("stopping: %d consecutive non-finite losses; the last good checkpoint is kept",
-                                  nonfinite_streak)
+            # The previous step's metrics are read only now, with this step queued behind it: the host never
+            # waits for the step it has just dispatched, and fetches the next batch while it runs.
+            if pending is not None and settle(*pending):
+                exit_code = 1
+                break
+            pending = (step, variant, metrics, replaced)
+            evaluating = evaluate is not None and (step % config.eval.every_steps == 0
+                                                   or step == config.total_steps)
+            if evaluating or ckpt.due(step) or step == config.total_steps:
+                # A checkpoint must know this step's flag before the next step consumes (donates) its state.
+                if settle(*pending, evaluation=evaluate(state) if evaluating else None):
                     exit_code = 1
                     break
-            else:
-                nonfinite_streak = 0
-            record = {}  # one metrics row per step, evaluation included
-            if step % config.log_every == 0 or step == config.total_steps:
-                scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
-                if config.data.get("on_corrupt") == "skip":
-                    scalars["data/records_replaced"] = distributed.process_sum(records_replaced)
-                    records_replaced = 0
-                record.update(scalars, patch_size=variant.patch_size,
-                              **throughput.update(step, config.global_batch_size))
-            if evaluate is not None and (step % config.eval.every_steps == 0 or step == config.total_steps):
-                record.update(evaluate(state))
-            if record:
-                writer.write(step, record)
-            if nonfinite_streak == 0:  # never checkpoint inside a non-finite streak: keep the last good one
-                ckpt.save(step, state, data_iterator, meta, force=step == config.total_steps)
+                pending = None
+                if nonfinite_streak == 0:  # never checkpoint inside a non-finite streak: keep the last good one
+                    ckpt.save(step, state, data_iterator, meta, force=step == config.total_steps)
         ckpt.close()
         writer.close()
     return exit_code

@@ -173,6 +173,18 @@ def test_gather_masked_capacity():
     np.testing.assert_allclose(weights, [0.5, 0.5])
 
 
+def test_gather_masked_matches_flatnonzero():
+    """The running-count search finds exactly numpy's masked positions, padded with 0 or cut at the buffer."""
+    rng = np.random.default_rng(3)
+    gather = jax.jit(gather_masked, static_argnums=1)
+    for density, buffer in ((0.0, 4), (0.1, 64), (0.5, 64), (0.9, 32), (1.0, 16)):
+        masks = rng.random((6, 20)) < density
+        indices, valid, _ = gather(masks, buffer)
+        expected = np.flatnonzero(masks)[:buffer]
+        np.testing.assert_array_equal(indices, np.pad(expected, (0, buffer - expected.size)))
+        np.testing.assert_array_equal(valid, np.arange(buffer) < expected.size)
+
+
 def _token_cross_entropy(student: np.ndarray, teacher: np.ndarray) -> np.ndarray:
     return -(teacher * jax.nn.log_softmax(student / 0.1, axis=-1)).sum(-1)
 

@@ -6,10 +6,13 @@
 - The planner's abstract batch matches what the real data pipelines deliver.
 - The planner's per-device peak estimate is within 20% of the peak measured while a real step runs on the CPU.
 - The CLI prints per-device memory, FLOPs and compile time, and says (exit 1) when a config does not fit.
+- With libtpu (the `tpu` extra), `--topology` compiles for a TPU slice on this CPU host and reports per-chip
+  memory against the chip's HBM and the TPU cost model's step time and MFU.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
@@ -26,6 +29,8 @@ from flexict_jax.variants import Variant
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MIB = 2**20
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu not installed (pip install '.[tpu]'): no TPU compiler to plan with")
 
 
 def real_size_report(rules) -> dict:
@@ -194,3 +199,60 @@ def test_model_flops_are_the_same_scanned_unrolled_and_rematerialised():
             variant = Variant(16)
             flops.append(plan.model_flops(config, program, variant, plan.abstract_batch(config, variant)))
     assert flops[0] > 0 and flops == [flops[0]] * 3, flops
+
+
+@pytest.fixture
+def compile_only_libtpu(monkeypatch):
+    """libtpu loaded for compiling only: no lock file (another process may hold it), no metadata queries."""
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")
+
+
+@needs_libtpu
+def test_topology_devices_of_tpu_slices(compile_only_libtpu):
+    v5p = plan.topology_devices("v5p:2x2x1")
+    assert len(v5p) == 4 and v5p[0].platform == "tpu" and v5p[0].device_kind in plan.TPU_CHIPS
+    assert len(plan.topology_devices("v4:2x2x1")) == 4  # megacore: one device per chip, not per TensorCore
+    assert len(plan.topology_devices("v5e:1x1")) == 1  # a slice smaller than a host
+    two_slices = plan.topology_devices("v6e:2x2", num_slices=2)
+    mesh = sharding.make_mesh((2, -1, 1), two_slices)
+    slices = np.vectorize(lambda chip: chip.slice_index)(mesh.devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert (slices[0] == 0).all() and (slices[1] == 1).all()
+    with pytest.raises(ValueError, match="expected VERSION:AxB"):
+        plan.topology_devices("v5p")
+    with pytest.raises(ValueError, match="v9x:2x2"):
+        plan.topology_devices("v9x:2x2")
+
+
+def test_topology_without_libtpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(ValueError, match=r"libtpu, which is not installed: pip install 'flexict_jax\[tpu\]'"):
+        plan.topology_devices("v5p:2x2x1")
+
+
+@needs_libtpu
+def test_cli_plans_a_tpu_slice_ahead_of_time(tmp_path):
+    """The tiny stage-1 step compiled by the TPU compiler for a v5p slice on this CPU host: per-chip memory
+    against the chip's HBM, and the cost model's step time, samples/s and MFU."""
+    out = tmp_path / "plan.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flexict_jax.plan", "--config=configs/stage1.py:tiny", "--topology=v5p:2x2x1",
+         f"--out={out}", "--config.patch_sizes=(16,)", "--config.patch_size_probs=(1.0,)",
+         "--config.model.scan_blocks=False"],  # one compile: a scanned step compiles again unrolled for the time
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TPU cost model:" in proc.stdout and "MFU" in proc.stdout and "fits" in proc.stdout, proc.stdout
+    result = json.loads(out.read_text())
+    assert (result["platform"], result["device_kind"], result["num_devices"]) == ("tpu", "TPU v5", 4)
+    assert result["topology"] == "v5p:2x2x1" and result["compute_dtype"] == "float32"
+    assert result["device_memory_bytes"] == plan.TPU_CHIPS["TPU v5"].hbm_bytes
+    assert result["chip"]["bf16_flops"] == 459e12
+    row, = result["variants"]
+    assert row["fits"] is True and 0 < row["memory_per_device"]["peak"] < 1 << 30
+    assert row["compile_s"] > 0 and row["flops_per_step"] > 0
+    assert row["estimated_step_s"] > 0
+    assert row["estimated_samples_per_s"] == pytest.approx(8 / row["estimated_step_s"])
+    assert row["estimated_mfu"] == pytest.approx(
+        row["flops_per_device"] / (row["estimated_step_s"] * 459e12))
+    assert 0 < row["estimated_mfu"] < 1

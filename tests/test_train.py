@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from run_utils import (
 )
 
 from configs import stage1
-from flexict_jax import checkpointing, trainer
+from flexict_jax import checkpointing, train_step, trainer
 
 pytestmark = pytest.mark.slow  # end to end: trains real runs (the fast loop is `pytest -m "not slow"`)
 
@@ -116,6 +117,47 @@ def test_nonfinite_loss_skips_updates_and_stops(ct_slices, tmp_path):
     poisoned.loss.student_temperature = 0.0  # logits / 0 → non-finite loss
     assert trainer.train(poisoned, str(tmp_path)) == 1
     assert checkpoint_steps(tmp_path)[-1] == 3  # the last good checkpoint is kept, nothing saved during the streak
+
+
+class _Flag:
+    """A step's `finite` metric that records when the host reads it."""
+
+    def __init__(self, value, step: int, events: list):
+        self.value, self.step, self.events = value, step, events
+
+    def __bool__(self) -> bool:
+        self.events.append(("read", self.step))
+        return bool(self.value)
+
+
+def test_host_dispatches_next_step_before_reading_metrics(ct_slices, tmp_path, monkeypatch):
+    """The loop reads step n's finite flag only after it has dispatched step n+1 (the host never waits for the
+    step it just queued), except where a checkpoint needs the flag first: here only the last step."""
+    events = []
+    real_train_step = train_step.Program.train_step
+
+    def counted(compiled):
+        def run(state, batch):
+            step = sum(kind == "dispatch" for kind, _ in events) + 1
+            events.append(("dispatch", step))
+            state, metrics = compiled(state, batch)
+            return state, {**metrics, "finite": _Flag(metrics["finite"], step, events)}
+        return run
+
+    def counted_train_step(self, config, variant, batch_example):
+        jitted = real_train_step(self, config, variant, batch_example)
+        return SimpleNamespace(lower=lambda *args: SimpleNamespace(
+            compile=lambda: counted(jitted.lower(*args).compile())))
+
+    monkeypatch.setattr(train_step.Program, "train_step", counted_train_step)
+    config = tiny_config(ct_slices, **{"ckpt.every_steps": 1000})
+    assert trainer.train(config, str(tmp_path)) == 0
+    expected = [("dispatch", 1)]
+    for step in range(2, 7):
+        expected += [("dispatch", step), ("read", step - 1)]
+    assert events == expected + [("read", 6)]
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert checkpoint_steps(tmp_path) == [6]
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):

@@ -39,9 +39,13 @@ def gather_masked(masks: jax.Array | np.ndarray, max_tokens: int) -> tuple[jax.A
             raise ValueError(f"gather_masked: {n_total} masked tokens do not fit the buffer of {max_tokens}")
     masks = jnp.asarray(masks, dtype=bool)
     n_tokens = masks.shape[1]
-    (indices,) = jnp.nonzero(masks.reshape(-1), size=max_tokens, fill_value=0)
+    # The k-th masked token sits where the running count of masked tokens first reaches k: the indices
+    # jnp.nonzero(size=M, fill_value=0) gives, found without its integer scatter-add (bincount), which the
+    # TPU cost model cannot price (`plan --topology` would get no step-time estimate).
+    running = jnp.cumsum(masks.reshape(-1), dtype=jnp.int32)
     n_masked = jnp.sum(masks, axis=1)
-    valid = jnp.arange(max_tokens) < jnp.sum(n_masked)
+    valid = jnp.arange(max_tokens) < running[-1]
+    indices = jnp.where(valid, jnp.searchsorted(running, jnp.arange(1, max_tokens + 1), side="left"), 0)
     image_weight = 1.0 / jnp.maximum(n_masked, 1).astype(jnp.float32)
     weights = jnp.where(valid, image_weight[indices // n_tokens], 0.0)
     return indices.astype(jnp.int32), valid, weights

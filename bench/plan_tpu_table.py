@@ -1,0 +1,149 @@
+"""TPU plan table: the recipe's stages compiled ahead of time for v5p and v6e slices, on any host (libtpu, no TPU).
+
+    python bench/plan_tpu_table.py [--stages stage1,stage1_hires,stage2] [--patch-sizes 16,8] [--chips v5p,v6e] \
+        [--remat none,full] [--max-chips 64] [--compute-dtype bfloat16] [--out-dir bench/results]
+
+For each stage, patch size and chip kind it walks the slices from the smallest up, keeping the recipe's global
+batch (per-chip batch = global batch / chips; slices that do not divide it are skipped), and at each slice the
+remat policies in order; the first (slice, remat) whose step fits 90% of the chip's HBM ends the walk. Each
+attempt is `flexict_jax.plan.plan` on the slice's compile-only devices (`plan.topology_devices`), the result
+kept as bench/results/plan_tpu_<stage>_p<patch>_<topology>_<remat>_<dtype>.json; a markdown table of the fits
+(and of the last attempt where nothing fit) is printed at the end.
+
+Stage 1.1 is planned at its largest resolution only (512² global, 224² local, 768² Gram crops: the memory
+bound of its five). Stage 3 needs its text tower's config: pass --stage3-hf-folder (a local Qwen3 folder with
+config.json and the tokenizer; no weights are read), else it is skipped. Drop-path groups are cut to the
+per-chip batch where the recipe's per-GPU group is larger, so a group never spans chips (docs/scaling.md §4).
+`--compute-dtype` sets config.model.compute_dtype where the model has it (float32 otherwise; the plan records
+what was used). Compiling ViT-B steps takes minutes each on a small host: the walk prints an ETA.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+# Compile-only: leave any TPU on this host alone and skip the Cloud TPU metadata queries (see flexict_jax.plan).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from configs import stage1, stage1_hires, stage2, stage3  # noqa: E402
+from flexict_jax import plan  # noqa: E402
+from flexict_jax.progress import Progress  # noqa: E402
+
+STAGES = {"stage1": stage1, "stage1_hires": stage1_hires, "stage2": stage2, "stage3": stage3}
+# Slices in order of chip count (topology names as jax.experimental.topologies spells them).
+SLICES = {
+    "v5p": ["v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v5p:2x4x4", "v5p:4x4x4", "v5p:4x4x8", "v5p:4x8x8"],
+    "v6e": ["v6e:2x2", "v6e:2x4", "v6e:4x4", "v6e:4x8", "v6e:8x8", "v6e:8x16", "v6e:16x16"],
+}
+
+
+def chips_of(topology: str) -> int:
+    return math.prod(int(d) for d in topology.split(":")[1].split("x"))
+
+
+def stage_config(stage: str, patch_size: int, chips: int, remat: str, compute_dtype: str, hf_folder: str | None):
+    config = STAGES[stage].get_config("base")
+    config.patch_sizes, config.patch_size_probs = (patch_size,), (1.0,)
+    config.model.remat_policy = remat
+    if "compute_dtype" in config.model:
+        config.model.compute_dtype = compute_dtype
+    if stage == "stage1_hires":
+        config.data.resolutions = (max(config.data.resolutions),)
+        config.data.resolution_probs = (1.0,)
+    if stage == "stage3":
+        config.text.hf_folder = hf_folder
+    per_chip = config.global_batch_size // chips
+    group = config.model.drop_path_group_size
+    if group and group > per_chip:
+        config.model.drop_path_group_size = math.gcd(group, per_chip)
+    return config
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [("| stage | patch | chip | slice (chips) | per-chip batch | remat | fits | peak per chip | HBM | "
+              "est. step | samples/s | MFU | compute dtype | compile |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        step = f"{1e3 * r['estimated_step_s']:,.0f} ms" if r["estimated_step_s"] else "n/a"
+        samples = f"{r['samples_per_s']:,.0f}" if r["samples_per_s"] else "n/a"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+        lines.append(
+            f"| {r['stage']} | {r['patch_size']} | {r['chip']} | {r['topology']} ({r['chips']}) | {r['per_chip_batch']} "
+            f"| {r['remat']} | {'yes' if r['fits'] else 'no'} | {r['peak_gib']:.1f} GiB | {r['hbm_gib']:.0f} GiB "
+            f"| {step} | {samples} | {mfu} | {r['compute_dtype']} | {r['compile_s']:.0f} s |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--stages", default="stage1,stage1_hires,stage2,stage3")
+    parser.add_argument("--patch-sizes", default="16,8")
+    parser.add_argument("--chips", default="v5p,v6e")
+    parser.add_argument("--remat", default="none,full", help="policies tried at each slice, in order")
+    parser.add_argument("--max-chips", type=int, default=64, help="largest slice tried")
+    parser.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--stage3-hf-folder", help="local Qwen3 folder (config.json, tokenizer) for stage 3")
+    parser.add_argument("--out-dir", default="bench/results")
+    args = parser.parse_args(argv)
+    stages = args.stages.split(",")
+    unknown = sorted(set(stages) - set(STAGES)) + sorted(set(args.chips.split(",")) - set(SLICES))
+    if unknown:
+        parser.error(f"unknown stage or chip {unknown}; stages {sorted(STAGES)}, chips {sorted(SLICES)}")
+    if "stage3" in stages and not args.stage3_hf_folder:
+        print("stage3 skipped: pass --stage3-hf-folder (its Qwen3 text tower's config.json and tokenizer)")
+        stages.remove("stage3")
+    out_dir = pathlib.Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases = [(s, int(p), c) for s in stages for p in args.patch_sizes.split(",") for c in args.chips.split(",")]
+    progress = Progress(len(cases), "cases")
+    rows, failures = [], 0
+    for stage, patch_size, chip in cases:
+        last = None
+        batch = STAGES[stage].get_config("base").global_batch_size
+        for topology in (t for t in SLICES[chip] if chips_of(t) <= args.max_chips and batch % chips_of(t) == 0):
+            for remat in args.remat.split(","):
+                chips = chips_of(topology)
+                config = stage_config(stage, patch_size, chips, remat, args.compute_dtype, args.stage3_hf_folder)
+                start = time.perf_counter()
+                try:
+                    result = plan.plan(config, (1, -1, 1), devices=plan.topology_devices(topology))
+                except Exception as e:  # noqa: BLE001 - a case that fails to compile is reported, the walk goes on
+                    print(f"{stage} p{patch_size} {topology} remat={remat}: FAILED {type(e).__name__}: {e}")
+                    failures += 1
+                    continue
+                result.update(topology=topology, wall_s=round(time.perf_counter() - start, 1))
+                name = f"plan_tpu_{stage}_p{patch_size}_{topology.replace(':', '_')}_{remat}_{result['compute_dtype']}"
+                (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
+                variant = max(result["variants"], key=lambda v: v["memory_per_device"]["peak"])
+                last = {"stage": stage, "patch_size": patch_size, "chip": chip, "topology": topology, "chips": chips,
+                        "per_chip_batch": batch // chips, "remat": remat, "fits": variant["fits"],
+                        "peak_gib": variant["memory_per_device"]["peak"] / plan.GIB,
+                        "hbm_gib": result["device_memory_bytes"] / plan.GIB,
+                        "estimated_step_s": variant["estimated_step_s"],
+                        "samples_per_s": variant["estimated_samples_per_s"], "mfu": variant["estimated_mfu"],
+                        "compute_dtype": result["compute_dtype"],
+                        "compile_s": variant["compile_s"] + variant.get("estimate_compile_s", 0.0)}
+                print(json.dumps(last), flush=True)
+                if last["fits"]:
+                    break
+            if last and last["fits"]:
+                break
+        if last:
+            rows.append(last)
+        progress.advance(note=f"{stage} p{patch_size} {chip}")
+    progress.close()
+    print(markdown(rows))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
