@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from flexict_jax.data import masking
@@ -165,7 +166,23 @@ def initial_params(config: mlc.ConfigDict, params: Params) -> Params:
     return params
 
 
-def evaluator(config: mlc.ConfigDict, program: Any) -> None:
-    """Stages 1-2 have no in-training evaluation."""
-    del config, program
-    return None
+def evaluator(config: mlc.ConfigDict, program: Any) -> Any:
+    """The organ kNN monitor of `flexict_jax.evals.monitor` when config.eval.every_steps > 0 and a labelled
+    dataset is named (or the training data's own dataset has label maps); None otherwise."""
+    eval_cfg = config.get("eval")
+    if eval_cfg is None or not eval_cfg.get("every_steps"):
+        return None
+    from flexict_jax.evals import features, monitor
+    dataset = monitor.eval_dataset(config)
+    if not eval_cfg.get("dataset"):  # the training data's own: a monitor only when it has label maps
+        reason = None if dataset else "the training data names no ingested dataset"
+        if dataset:
+            try:
+                features.labelled_entries(dataset)
+            except (features.ProbeDataError, FileNotFoundError) as e:
+                reason = str(e)
+        if reason:
+            logging.warning("config.eval: no organ monitor (%s); set --config.eval.dataset=DIR (with label maps) "
+                            "or --config.eval.every_steps=0", reason)
+            return None
+    return monitor.OrganMonitor(config, program, dataset)
