@@ -272,7 +272,7 @@ def write_curves(workdir: str | pathlib.Path, out: pathlib.Path) -> pathlib.Path
 def retrieval_examples(evaluator, images: np.ndarray, reports: np.ndarray, out: pathlib.Path, *,
                        count: int = 4) -> list[pathlib.Path]:
     """retrieval_<i>.png for the first `count` examples of a `Stage3Evaluator`: mid-slices of the image's
-    evaluation crop and its 3 most similar reports, the true one marked."""
+    evaluation crop and its 3 most similar reports, the true one marked (and added below when it ranks lower)."""
     from flexict_jax.data.pipeline_align import report_text
 
     unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
@@ -297,8 +297,10 @@ def retrieval_examples(evaluator, images: np.ndarray, reports: np.ndarray, out: 
         ax.axis("off")
         rank = int(np.flatnonzero(ranking == i)[0]) + 1
         lines = [f"example {i}: true report ranked {rank} of {len(ranking)}", ""]
-        for r, j in enumerate(ranking[:3], start=1):
-            mark = "✔ TRUE" if j == i else "✘"
+        shown = list(ranking[:3]) + ([i] if rank > 3 else [])  # the true report, wherever it ranks
+        for j in shown:
+            r = int(np.flatnonzero(ranking == j)[0]) + 1
+            mark = ">> TRUE REPORT" if j == i else "wrong"
             text = textwrap.shorten(report_text(evaluator.records[j]), 300)
             lines += [f"{r}. [{mark}] cos {scores[i, j]:.3f}", *textwrap.wrap(text, 70), ""]
         ax.text(0, 1, "\n".join(lines), va="top", ha="left", fontsize=8, family="monospace", transform=ax.transAxes)

@@ -85,8 +85,8 @@ class OrganMonitor:
                                                   abstract_state=program.abstract_params, patch_size=self.patch_size),
                                 out_shardings=NamedSharding(self.mesh, P()))
         self._compiled = None
-        logging.info("organ monitor: %d inputs, %d labelled tokens, %d classes; %s", n, int(used.sum()),
-                     len(self.names), self.split.description)
+        logging.info("organ monitor: %d inputs, %d labelled tokens of %d label values; %s", n, int(used.sum()),
+                     len(np.unique(self.organ.token_labels[used])), self.split.description)
 
     def _global(self, start: int) -> jax.Array:
         """Rows [start, start + batch) as one batch-sharded array, each process supplying its own slice."""
