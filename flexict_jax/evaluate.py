@@ -60,7 +60,8 @@ def run_organs(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.dataset is None:
         raise ValueError("--task=organs needs --dataset (an ingested dataset with label maps)")
-    loaded = features.load_encoder(args.checkpoint, args.step, args.kind, random_init=args.random_init)
+    loaded = features.load_encoder(args.checkpoint, args.step, args.kind, random_init=args.random_init,
+                                     seed=args.seed)
     patch_size = args.patch_size or loaded.arch.base_patch_size
     organ = features.organ_inputs(args.dataset, args.kind, patch_size, crop=args.crop,
                                   include_background=args.include_background, min_purity=args.min_purity,
@@ -127,7 +128,8 @@ def run_classify(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.labels is None:
         raise ValueError("--task=classify needs --labels=CSV (volume id or path, label[, split])")
-    loaded = features.load_encoder(args.checkpoint, args.step, args.kind, random_init=args.random_init)
+    loaded = features.load_encoder(args.checkpoint, args.step, args.kind, random_init=args.random_init,
+                                     seed=args.seed)
     patch_size = args.patch_size or loaded.arch.base_patch_size
     rows = read_label_csv(args.labels)
     class_of = {name: i for i, name in enumerate(sorted({label for _, label, _ in rows}))}
