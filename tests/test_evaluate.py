@@ -176,7 +176,7 @@ def test_classify_sweeps_training_fractions(phantoms, export_3d, tmp_path, capsy
                            "--patch-size", "16"], capsys)
     # The test side holds one class only: the probe cannot be scored, and says so.
     assert code == 1 and "nothing to probe" in err
-    labels.write_text("volume,label\n" + "\n".join(f"{e['id']},x" for e in entries) + "\nnope,y\n")
+    labels.write_text("volume,label\nnope,y\n" + "\n".join(f"{e['id']},x" for e in entries) + "\n")
     code, err = _evaluate(["--checkpoint", str(export_3d), "--task", "classify", "--labels", str(labels),
                            "--dataset", str(phantoms), "--out", str(out)], capsys)
     assert code == 1 and "'nope' is neither an image file" in err
