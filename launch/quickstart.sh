@@ -3,14 +3,15 @@
 #   phantoms → ingest (LPS, int16 zarr3) → stage 1: axial slices + 2D SSL (demo ViT)
 #            → stage 2: 2 mm volumes + 3D SSL, starting from the stage-1 EMA teacher inflated to 3D
 #            → stage 3: 4 mm volumes + pseudo-reports from the label maps + a sentencepiece tokenizer,
-#              report-guided alignment (CLIP + OSL) continuing the stage-2 teacher, image→report Recall@K.
+#              report-guided alignment (CLIP + OSL) continuing the stage-2 teacher, image→report Recall@K
+#            → pictures: feature PCA / similarity maps (stages 1, 2), curves, retrieval examples (stage 3).
 #
 #   bash launch/quickstart.sh [RUN_DIR] [extra --config.KEY=VALUE flags for the stage-1 trainer]
 #
 # Re-running resumes: finished data steps are skipped and each stage continues from its last checkpoint.
 set -euo pipefail
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 RUN_DIR="${1:-runs/quickstart}"
