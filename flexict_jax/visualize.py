@@ -187,7 +187,8 @@ def write_feature_pictures(loaded, path: pathlib.Path, kind: str, out: pathlib.P
         point_axial = ((x_voxel + 0.5) * spacing[2], (y_voxel + 0.5) * spacing[1])
         for ax in axes[:2]:
             ax.plot(*point_axial, marker="+", color="cyan", markersize=14, markeredgewidth=2)
-        axes[2].plot(point_axial[0], image.shape[0] * spacing[0] - (z_voxel + 0.5) * spacing[0], marker="+",
+        # The coronal plane is drawn superior up over an extent whose height is z (mm) from the first slice.
+        axes[2].plot(point_axial[0], (z_voxel + 0.5) * spacing[0], marker="+",
                      color="cyan", markersize=14, markeredgewidth=2)
         axes[0].set_title(f"query (z, y, x) = {(z_voxel, y_voxel, x_voxel)} voxels")
         axes[1].set_title("cosine similarity, axial")
