@@ -92,8 +92,26 @@ def ssl_config(stage: str, variant: str, *, global_batch_size: int, total_steps:
         clip_grad=3.0, unclipped=[], betas=(0.9, 0.999), eps=1e-8, layer_decay=0.9, patch_embed_lr_mult=0.2,
         freeze_last_layer_steps=3000, idle_patterns=[]))
     c.init = init_section()
+    # The demo's monitor embeds 4 slices per volume: 8 phantoms x 4 slices of 256 tokens are already ~10 demo
+    # training steps of compute (32k tokens at 16 slices per volume made each evaluation take 45-80 s on 2 cores).
+    c.eval = organ_monitor_section(c, every_steps=100 if variant == "demo" else 0,
+                                   max_slices=4 if variant == "demo" else 16)
     mesh_and_checkpoint(c)
     return c
+
+
+def organ_monitor_section(c: mlc.ConfigDict, every_steps: int, max_slices: int = 16) -> mlc.ConfigDict:
+    """Stages 1-2's in-training organ kNN monitor (flexict_jax.evals.monitor): every `every_steps` steps (0 = off)
+    the EMA teacher's patch tokens of a labelled dataset are classified by a kNN across subjects, logged as
+    eval/knn_balanced_accuracy."""
+    return mlc.ConfigDict(dict(
+        every_steps=every_steps,
+        dataset=mlc.config_dict.placeholder(str),  # ingested, with label maps; None = the training data's own
+        classes=mlc.config_dict.placeholder(str),  # CSV "index,name" of the label values (None: labels.json)
+        patch_size=16, batch_size=c.get_ref("global_batch_size"),  # global; a multiple of the device count
+        max_slices=max_slices,  # 2-D: labelled axial slices per volume (evenly spaced)
+        crop=64,  # 3-D: cube size the volumes are tiled into
+        knn_k=20, knn_temperature=0.07))  # DINO's kNN eval
 
 
 def cpu_sized(c: mlc.ConfigDict, variant: str) -> None:

@@ -41,8 +41,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from data_prep import beam, ingest, outputs, slices
-from flexict_jax.imaging.readers import NIFTI_SUFFIXES, file_sha256
 from flexict_jax.data import pseudo_reports, report_records, report_rules, volume_store
+from flexict_jax.imaging.readers import NIFTI_SUFFIXES, file_sha256
 from flexict_jax.progress import Progress
 
 EXIT_OK, EXIT_FATAL, EXIT_SKIPPED = 0, 1, 2
@@ -160,34 +160,11 @@ def resolve_columns(args: argparse.Namespace, columns: list[str], rows: list[tup
 
 
 def read_label_names(path: pathlib.Path) -> dict[int, str]:
-    """Label value -> structure name, from JSON {value: name} or a CSV "value,name[,...]" (header optional)."""
+    """`pseudo_reports.read_label_names`, its refusal a FatalError (a bad names file stops the run)."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise FatalError(f"{path}: cannot read the label names ({e})") from e
-    names: dict[int, str] = {}
-    if path.suffix.lower() == ".json":
-        try:
-            mapping = json.loads(text)
-            names = {int(k): str(v) for k, v in mapping.items()}
-        except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
-            raise FatalError(f"{path}: expected a JSON object {{label value: name}} ({e})") from e
-        return names
-    for line_no, row in enumerate(csv.reader(text.splitlines()), start=1):
-        if not row or not "".join(row).strip():
-            continue
-        try:
-            value = int(row[0])
-        except ValueError:
-            if line_no == 1:
-                continue  # header
-            raise FatalError(f"{path}:{line_no}: expected 'label value,name', got {row}") from None
-        if len(row) < 2 or not row[1].strip():
-            raise FatalError(f"{path}:{line_no}: label value {value} has no name")
-        names[value] = row[1].strip()
-    if not names:
-        raise FatalError(f"{path}: no label names found")
-    return names
+        return pseudo_reports.read_label_names(path)
+    except ValueError as e:
+        raise FatalError(str(e)) from e
 
 
 def volume_key(name: str) -> str:

@@ -101,11 +101,35 @@ class LoadedBackbone:
     rope_bf16: bool
     preprocessing: Preprocessing | None  # what the export recorded; None = the preset of the kind
     source: str
+    # The kind the weights were trained or exported as ("2d", "3d", "vlm"), None when the file does not say
+    # (a .pth carries both patch embeddings, torch-format §7.5); step: the checkpoint step when known.
+    kind: str | None = None
+    step: int | None = None
+
+
+# Stages whose EMA teacher was trained on 2-D slices: their 3-D patch embedding never received an update.
+STAGE_KIND = {"stage1": "2d", "stage1_hires": "2d", "stage2": "3d", "stage3": "vlm"}
+
+
+def _load_pth(path: pathlib.Path) -> LoadedBackbone:
+    """The backbone of a FlexiCT `.pth` (released, or `export --format=flexict`), through import_torch's reader."""
+    from flexict_jax import import_torch
+
+    payload = import_torch.load_payload(path)
+    kind = "vlm" if "model" in payload and "teacher" not in payload else "3d"  # 2d/3d files share one layout
+    params, config = import_torch.convert(payload, path, kind)
+    arch = torch_format.Architecture.from_config(config["model"])
+    step = payload.get("iteration") if isinstance(payload.get("iteration"), int) else None
+    return LoadedBackbone(backbone_module(arch, params["backbone"], rope_bf16=True), arch, True, None, str(path),
+                          "vlm" if kind == "vlm" else None, step)
 
 
 def load_backbone(checkpoint: str | os.PathLike, step: int | None = None) -> LoadedBackbone:
-    """The backbone of a safetensors export directory, or the EMA teacher of a workdir's checkpoint."""
+    """The backbone of a safetensors export directory, a FlexiCT `.pth` file, or the EMA teacher of a workdir's
+    (training or imported) checkpoint."""
     directory = pathlib.Path(checkpoint)
+    if directory.suffix == ".pth":
+        return _load_pth(directory)
     if (directory / "config.json").is_file() and (directory / "model.safetensors").is_file():
         from safetensors.numpy import load_file
 
@@ -128,7 +152,7 @@ def load_backbone(checkpoint: str | os.PathLike, step: int | None = None) -> Loa
             raise ValueError(f"{directory / 'model.safetensors'}: weights imply {found}, config.json says {arch}")
         # The periods are the weights' own buffers, as torch_reference.load_safetensors loads them.
         return LoadedBackbone(backbone_module(found, backbone, rope_bf16=rope_bf16), found, rope_bf16, preprocessing,
-                              str(directory))
+                              str(directory), config.get("kind"), config.get("source", {}).get("step"))
     if not (directory / "checkpoints").is_dir():
         raise FileNotFoundError(f"{directory}: neither a safetensors export (config.json + model.safetensors) "
                                 f"nor a workdir with checkpoints/")
@@ -138,8 +162,9 @@ def load_backbone(checkpoint: str | os.PathLike, step: int | None = None) -> Loa
         raise ValueError(f"{directory}/checkpoints/{step}/meta has no config.model: cannot build the backbone")
     arch = torch_format.Architecture.from_config(model_config)
     rope_bf16 = bool(model_config.get("rope_bf16", False))
+    kind = meta.get("kind") if meta.get("stage") == "imported" else STAGE_KIND.get(meta.get("stage"))
     return LoadedBackbone(backbone_module(arch, teacher["backbone"], rope_bf16=rope_bf16), arch, rope_bf16, None,
-                          f"{directory} step {step}")
+                          f"{directory} step {step}", kind, step)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -184,7 +209,7 @@ def read_source(path: pathlib.Path) -> readers.SourceVolume:
     return dicom.read_series(series[0])
 
 
-def _centred_pad(array: np.ndarray, shape: Sequence[int], value: float) -> tuple[np.ndarray, list[int]]:
+def centred_pad(array: np.ndarray, shape: Sequence[int], value: float) -> tuple[np.ndarray, list[int]]:
     """`array` padded symmetrically (extra voxel after) to at least `shape`; returns the padding before."""
     before = [max(0, (s - n) // 2) for n, s in zip(array.shape, shape)]
     widths = [(b, max(0, s - n) - b) for b, n, s in zip(before, array.shape, shape)]
@@ -199,12 +224,13 @@ def _shifted(affine: np.ndarray, voxels: Sequence[float]) -> np.ndarray:
 
 
 def slices_2d(hu: np.ndarray, grid_affine: np.ndarray, preprocessing: Preprocessing, patch_size: int,
-              z_indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Model inputs [N, H, W] of the axial slices `z_indices`, and the zyx->LPS affine of their grid."""
-    padded_shape = [-(-n // patch_size) * patch_size for n in hu.shape[1:]]
+              z_indices: Sequence[int], shape: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Model inputs [N, H, W] of the axial slices `z_indices`, and the zyx->LPS affine of their grid; `shape`
+    (a multiple of the patch size, at least the slice's) pads every slice to one common size."""
+    padded_shape = list(shape) if shape is not None else [-(-n // patch_size) * patch_size for n in hu.shape[1:]]
     inputs, before = [], [0, 0]
     for z in z_indices:
-        padded, before = _centred_pad(hu[z], padded_shape, AIR_HU)
+        padded, before = centred_pad(hu[z], padded_shape, AIR_HU)
         inputs.append(normalize_hu(padded, preprocessing.hu_window))
     return np.stack(inputs), _shifted(grid_affine, [0, -before[0], -before[1]])
 
@@ -215,7 +241,7 @@ def volume_3d(hu: np.ndarray, grid_affine: np.ndarray, preprocessing: Preprocess
     volume = normalize_hu(hu, preprocessing.hu_window)
     target = ([preprocessing.crop] * 3 if preprocessing.crop
               else [-(-n // patch_size) * patch_size for n in volume.shape])
-    padded, before = _centred_pad(volume, target, float(volume.min()))
+    padded, before = centred_pad(volume, target, float(volume.min()))
     start = [(n - t) // 2 for n, t in zip(padded.shape, target)]
     cropped = padded[tuple(slice(s, s + t) for s, t in zip(start, target))]
     return cropped[None], _shifted(grid_affine, [s - b for s, b in zip(start, before)])

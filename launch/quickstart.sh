@@ -3,14 +3,15 @@
 #   phantoms → ingest (LPS, int16 zarr3) → stage 1: axial slices + 2D SSL (demo ViT)
 #            → stage 2: 2 mm volumes + 3D SSL, starting from the stage-1 EMA teacher inflated to 3D
 #            → stage 3: 4 mm volumes + pseudo-reports from the label maps + a sentencepiece tokenizer,
-#              report-guided alignment (CLIP + OSL) continuing the stage-2 teacher, image→report Recall@K.
+#              report-guided alignment (CLIP + OSL) continuing the stage-2 teacher, image→report Recall@K
+#            → pictures: feature PCA / similarity maps (stages 1, 2), curves, retrieval examples (stage 3).
 #
 #   bash launch/quickstart.sh [RUN_DIR] [extra --config.KEY=VALUE flags for the stage-1 trainer]
 #
 # Re-running resumes: finished data steps are skipped and each stage continues from its last checkpoint.
 set -euo pipefail
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 RUN_DIR="${1:-runs/quickstart}"
@@ -50,5 +51,19 @@ fi
 echo "== 7/8 stage 3: report-guided alignment from the stage-2 teacher (configs/stage3.py:demo) → $RUN_DIR/stage3"
 "$PYTHON" -m flexict_jax.train --config=configs/stage3.py:demo --workdir="$RUN_DIR/stage3" \
   --config.data.dir="$RUN_DIR/reports" --config.init.from="$RUN_DIR/stage2"
-echo "== 8/8 done: metrics (stage 3: eval/recall@K) in $RUN_DIR/stage{1,2,3}/metrics.jsonl, checkpoints in" \
-  "$RUN_DIR/stage{1,2,3}/checkpoints"
+# Pictures: PCA / similarity maps of the stage-1 (2D) and stage-2 (3D) teachers on a phantom, the runs' curves,
+# and stage 3's retrieval examples with its Recall@K (flexict_jax.visualize, flexict_jax.evaluate).
+echo "== 8/8 pictures → $RUN_DIR/pictures"
+"$PYTHON" -m flexict_jax.visualize features --checkpoint="$RUN_DIR/stage1" --kind=2d \
+  --input="$RUN_DIR/phantoms/phantom_000.nii.gz" --out="$RUN_DIR/pictures/stage1" --patch-size=16
+"$PYTHON" -m flexict_jax.visualize features --checkpoint="$RUN_DIR/stage2" --kind=3d \
+  --input="$RUN_DIR/phantoms/phantom_000.nii.gz" --out="$RUN_DIR/pictures/stage2" --patch-size=16
+for stage in stage1 stage2 stage3; do
+  "$PYTHON" -m flexict_jax.visualize curves --workdir="$RUN_DIR/$stage" --out="$RUN_DIR/pictures/$stage"
+done
+"$PYTHON" -m flexict_jax.evaluate --checkpoint="$RUN_DIR/stage3" --task=retrieval --reports="$RUN_DIR/reports" \
+  --out="$RUN_DIR/pictures/stage3"
+echo "== done: metrics (stages 1-2: eval/knn_balanced_accuracy, stage 3: eval/recall@K) in" \
+  "$RUN_DIR/stage{1,2,3}/metrics.jsonl, checkpoints in $RUN_DIR/stage{1,2,3}/checkpoints"
+echo "   pictures: $RUN_DIR/pictures/stage1/{pca_axial,pca_coronal,pca_sagittal,similarity_0,curves}.png," \
+  "$RUN_DIR/pictures/stage2/… (3D), $RUN_DIR/pictures/stage3/{retrieval_0,curves}.png"

@@ -5,14 +5,25 @@ radiology report takes (`report_rules.ParsedReport`), so label-only data trains 
 """
 from __future__ import annotations
 
+import csv
+import json
+import pathlib
 import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from flexict_jax.data.report_rules import (LESION_SECTION, NEGATIVE, OTHER_SECTION, POSITIVE, SECTION_KEYWORDS,
-                                          ParsedReport, ReportError, section_of)
+from flexict_jax.data.report_rules import (
+    LESION_SECTION,
+    NEGATIVE,
+    OTHER_SECTION,
+    POSITIVE,
+    SECTION_KEYWORDS,
+    ParsedReport,
+    ReportError,
+    section_of,
+)
 
 _LESION_NAME = re.compile(r"lesion|tumou?r|nodule|mass|cyst|metasta|cancer|carcinoma|neoplasm", re.I)
 _SLABS = ("lower", "middle", "upper")  # thirds of the scan along z, which increases toward Superior
@@ -131,3 +142,33 @@ def pseudo_report(label_map: np.ndarray, spacing: Sequence[float], label_names: 
     return report, finding_labels
 
 
+def read_label_names(path: pathlib.Path) -> dict[int, str]:
+    """Label value -> structure name, from JSON {value: name} or a CSV "value,name[,...]" (header optional);
+    ValueError naming the file (and line) when it cannot be read as such."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the label names ({e})") from e
+    names: dict[int, str] = {}
+    if path.suffix.lower() == ".json":
+        try:
+            mapping = json.loads(text)
+            names = {int(k): str(v) for k, v in mapping.items()}
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: expected a JSON object {{label value: name}} ({e})") from e
+        return names
+    for line_no, row in enumerate(csv.reader(text.splitlines()), start=1):
+        if not row or not "".join(row).strip():
+            continue
+        try:
+            value = int(row[0])
+        except ValueError:
+            if line_no == 1:
+                continue  # header
+            raise ValueError(f"{path}:{line_no}: expected 'label value,name', got {row}") from None
+        if len(row) < 2 or not row[1].strip():
+            raise ValueError(f"{path}:{line_no}: label value {value} has no name")
+        names[value] = row[1].strip()
+    if not names:
+        raise ValueError(f"{path}: no label names found")
+    return names

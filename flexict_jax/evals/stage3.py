@@ -11,7 +11,9 @@ Every `config.eval.every_steps` steps the trainer calls a `Stage3Evaluator` with
 Embeddings use the *student* backbone, projection and text tower: the VLM head is trained against student
 features (recipe §8), so pairing it with the EMA backbone would measure the export's mismatch (recipe §13 #16),
 not training progress. Metrics come back as "eval/..." scalars for the trainer's metric writer; findings with a
-single class in the split have no AUC and are left out.
+single class in the split have no AUC: they are left out and counted (`eval/zero_shot_findings_single_class`),
+and with none scored `eval/zero_shot_auc` is absent rather than NaN. `python -m flexict_jax.evaluate
+--task=retrieval` runs the same evaluator on a saved checkpoint.
 
 Across hosts each process reads only its rows of every (padded) global evaluation batch; the embeddings come
 back replicated, in example order, so every process computes the same metrics (tests/test_stage3.py checks
@@ -73,6 +75,7 @@ class Stage3Evaluator:
             max_examples=eval_cfg.max_examples)
         self.mesh = program.mesh
         self.n_examples = len(records)
+        self.records = records
         self.findings = sorted({name for record in records for name in record["finding_labels"]})
         self.labels = np.array([[record["finding_labels"].get(f, -1) for f in self.findings] for record in records],
                                np.int32).reshape(self.n_examples, len(self.findings))
@@ -97,9 +100,8 @@ class Stage3Evaluator:
             distributed.barrier(f"stage-3 evaluation: compiled {name}")
         return self._executables[name]
 
-    def __call__(self, state: dict[str, Any]) -> dict[str, float]:
-        start = time.monotonic()
-        params = state["params"]
+    def embeddings(self, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """(image embeddings, report embeddings) [N, E] of the split, in record order, on every process."""
         images, reports = [], []
         for local in self.dataset:  # every global batch is held out examples [t·B, (t+1)·B) in order
             batch = sharding.global_batch(self.mesh, local)
@@ -107,8 +109,12 @@ class Stage3Evaluator:
             image_emb, report_emb = self._compiled("pairs", self._embed_pairs, *args)(*args)
             images.append(_host(image_emb))
             reports.append(_host(report_emb))
-        images = np.concatenate(images)[:self.n_examples]  # the rest is padding to whole batches
-        reports = np.concatenate(reports)[:self.n_examples]
+        # The rest is padding to whole batches.
+        return np.concatenate(images)[:self.n_examples], np.concatenate(reports)[:self.n_examples]
+
+    def metrics(self, params: dict[str, Any], images: np.ndarray, reports: np.ndarray) -> dict[str, float]:
+        """Recall@K of the embeddings and the zero-shot AUCs of the findings with both classes in the split; a
+        finding without a positive or without a negative example has no AUC: it is counted, never NaN."""
         metrics: dict[str, float] = {"eval/examples": self.n_examples}
         metrics.update({f"eval/{k}": v for k, v in retrieval.recall_at_k(images, reports).items()})
         if self.findings:
@@ -118,6 +124,15 @@ class Stage3Evaluator:
             scale = float(np.exp(_host(params["logit_scale"])))
             probabilities = retrieval.zero_shot_probabilities(images, positive, negative, scale)
             auc = retrieval.zero_shot_auc(probabilities, self.labels, self.findings)
-            metrics.update({f"eval/{k}": v for k, v in auc.items() if k == "zero_shot_auc" or np.isfinite(v)})
+            metrics.update({f"eval/{k}": v for k, v in auc.items() if np.isfinite(v)})
+            scored = sum(1 for k, v in auc.items() if k != "zero_shot_auc" and np.isfinite(v))
+            metrics["eval/zero_shot_findings_scored"] = scored
+            metrics["eval/zero_shot_findings_single_class"] = len(self.findings) - scored
+        return metrics
+
+    def __call__(self, state: dict[str, Any]) -> dict[str, float]:
+        start = time.monotonic()
+        params = state["params"]
+        metrics = self.metrics(params, *self.embeddings(params))
         metrics["eval/seconds"] = time.monotonic() - start
         return metrics
