@@ -18,6 +18,7 @@ from flexict_jax import sharding, tasks, trainer
 from flexict_jax.data import pipeline, records
 from flexict_jax.data.datasets import variant_for_step
 from flexict_jax.data.intensity import normalize_hu
+from flexict_jax.losses import sinkhorn
 from flexict_jax.tasks import dino as dino_task
 
 N_PATTERNS, PER_PATTERN, SIZE = 4, 8, 64
@@ -127,3 +128,21 @@ def test_teacher_features_separate_the_patterns(trained):
     _, _, features, labels = trained
     accuracy = _knn_accuracy(features, labels)
     assert accuracy >= 0.45, accuracy  # chance is 1 / N_PATTERNS = 0.25
+
+
+def test_target_diagnostics_read_uniform_and_sharp_targets():
+    """The logged diagnostics: identical teacher rows give spread 0 and uniform Sinkhorn-Knopp targets (entropy
+    ln K); distinct rows give their std and sharper targets; padding rows (valid=False) take no part."""
+    k = 16
+    same = np.tile(np.linspace(-1.0, 1.0, k, dtype=np.float32), (8, 1))
+    targets = sinkhorn.sinkhorn_knopp(same, 0.04)
+    out = dino_task.target_diagnostics("dino", same, targets)
+    assert float(out["dino_teacher_spread"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(out["dino_target_entropy"]) == pytest.approx(math.log(k), rel=1e-5)
+
+    rows = np.eye(8, k, dtype=np.float32)  # each row prefers its own prototype
+    padded = np.concatenate([rows, np.full((4, k), 50.0, np.float32)])
+    valid = np.arange(12) < 8
+    out = dino_task.target_diagnostics("ibot", padded, sinkhorn.sinkhorn_knopp(padded, 0.04, valid=valid), valid)
+    np.testing.assert_allclose(float(out["ibot_teacher_spread"]), np.mean(np.std(rows, axis=0)), rtol=1e-5)
+    assert float(out["ibot_target_entropy"]) < math.log(k) - 1.0
