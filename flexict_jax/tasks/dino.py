@@ -82,8 +82,9 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
             graphdef: nnx.GraphDef, abstract_state: nnx.State, config: mlc.ConfigDict, patch_size: int,
             teacher_temperature: jax.Array,
             gram_teacher: Params | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Total loss (recipe §3.6) and its terms. `batch` holds this step's masks under "masks"; with a frozen
-    `gram_teacher` (stage 1.1) the batch also has "gram_crops" and the Gram term is added (recipe §3.5)."""
+    """Total loss (recipe §3.6) and its terms, plus `target_diagnostics` (logged, not part of the total). `batch`
+    holds this step's masks under "masks"; with a frozen `gram_teacher` (stage 1.1) the batch also has
+    "gram_crops" and the Gram term is added (recipe §3.5)."""
     loss_cfg, n_global, n_local = config.loss, config.data.n_global_crops, config.data.n_local_crops
     global_crops = _flatten_crops(batch["global_crops"])
     local_crops = _flatten_crops(batch["local_crops"])
