@@ -129,6 +129,26 @@ def cpu_sized(c: mlc.ConfigDict, variant: str) -> None:
         c.ckpt.update(every_steps=100, keep_last=2)
 
 
+def small_scale_learning(c: mlc.ConfigDict) -> None:
+    """Settings under which the DINO term leaves its uniform value ln K within minutes on a CPU (issue 16;
+    measurements and reasons in docs/evaluation.md, "Small-scale settings that learn"). Call after the variant's
+    schedules are set. The recipe's values are inert at this scale:
+
+    - LayerScale 1e-5 gives every crop almost the same CLS token (mean pairwise cosine 0.995 even at 0.1), so
+      the teacher's logits differ across crops by 1e-7 against a temperature of 0.04: Sinkhorn-Knopp returns uniform
+      targets. LayerScale 1 gives a spread of about the temperature at init.
+    - Trained from step 20, the last layer turns away from the bottleneck features and the head collapses to one
+      output (bottleneck cosine 0.999): uniform targets and a uniform student, a fixed point at ln K. Frozen
+      random prototypes of norm 1 (DINOv2's weight-normalised scale) make a uniform output impossible, so only a
+      student that predicts its teacher lowers the loss.
+    - A constant teacher temperature of 0.03 keeps the targets sharper than the student (0.1) from the start.
+    """
+    c.model.layerscale_init = 1.0
+    c.heads.last_layer_init_std = c.heads.bottleneck_dim ** -0.5
+    c.optim.freeze_last_layer_steps = 2**31 - 1  # never: the step counter is int32
+    c.schedules.teacher_temperature = constant(0.03)
+
+
 def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
     """big_vision-style `--config=file.py:variant,key=value` argument.
 

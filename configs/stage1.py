@@ -52,9 +52,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         c.total_steps = 300
         c.data.update(dict(global_crop_size=64, local_crop_size=32, n_local_crops=4))
         c.loss.koleo_group_size = 16
-        c.schedules.lr = common.schedule(0.0, 5e-4, 5e-4, warmup_steps=30)
+        c.schedules.lr = common.schedule(0.0, 1e-3, 1e-3, warmup_steps=30)
         c.schedules.momentum = common.constant(0.99)
-        c.schedules.teacher_temperature = common.schedule(0.04, 0.07, 0.07, warmup_steps=100)
-        c.optim.freeze_last_layer_steps = 20
         c.log_every = 10
+        common.small_scale_learning(c)
     return c

@@ -63,7 +63,6 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         c.loss.koleo_group_size = 8
         c.schedules.lr = common.schedule(0.0, 3e-4, 3e-4, warmup_steps=10)
         c.schedules.momentum = common.constant(0.99)
-        c.schedules.teacher_temperature = common.schedule(0.04, 0.07, 0.07, warmup_steps=30)
-        c.optim.freeze_last_layer_steps = 10
         c.log_every = 10
+        common.small_scale_learning(c)  # the heads are new (init.mode inflate_2d_to_3d); LayerScale comes from stage 1
     return c

@@ -27,7 +27,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("trainer", ("flexict_jax.train_step", "flexict_jax.handoff", "flexict_jax.config_check", "flexict_jax.faults",
                  "flexict_jax.trainer")),
     ("evals/export", ("flexict_jax.evals", "flexict_jax.export", "flexict_jax.import_torch", "flexict_jax.embed",
-                      "flexict_jax.torch_format", "flexict_jax.torch_reference", "flexict_jax.plan",
+                      "flexict_jax.torch_format", "flexict_jax.torch_reference", "flexict_jax.plan", "flexict_jax.evaluate",
+                      "flexict_jax.visualize",
                       "flexict_jax.train", "data_prep")),
 ]
 

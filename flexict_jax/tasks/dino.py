@@ -64,9 +64,10 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
             graphdef: nnx.GraphDef, abstract_state: nnx.State, config: mlc.ConfigDict, patch_size: int,
             teacher_temperature: jax.Array,
             gram_teacher: Params | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Total loss (recipe §3.6) and its terms. `batch` holds this step's masks under "masks"; with a frozen
-    `gram_teacher` (stage 1.1) the batch also has "gram_crops" and the Gram term is added (recipe §3.5).
-    Student, teacher and crops run in config.model.compute_dtype (`precision`); the loss is float32."""
+    """Total loss (recipe §3.6) and its terms, plus `target_diagnostics` (logged, not part of the total). `batch`
+    holds this step's masks under "masks"; with a frozen `gram_teacher` (stage 1.1) the batch also has
+    "gram_crops" and the Gram term is added (recipe §3.5). Student, teacher and crops run in
+    config.model.compute_dtype (`precision`); the loss is float32."""
     loss_cfg, n_global, n_local = config.loss, config.data.n_global_crops, config.data.n_local_crops
     dtype = precision.compute_dtype(config.model.get("compute_dtype", "float32"))
     student, teacher = precision.cast_for_compute((student, teacher), dtype)
@@ -83,10 +84,14 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
     # Teacher: eval mode, unmasked global crops, no gradient (recipe §3.2–3.3).
     t_model = merge_model(graphdef, abstract_state, jax.lax.stop_gradient(teacher))
     t_out = t_model.backbone(global_crops, patch_size=patch_size, train=False)
-    t_cls_probs = sinkhorn.sinkhorn_knopp(t_model.dino_head(t_out["cls"]), teacher_temperature,
+    t_cls_logits = t_model.dino_head(t_out["cls"])
+    t_patch_logits = t_model.ibot_head(take_tokens(t_out["patch"]))
+    t_cls_probs = sinkhorn.sinkhorn_knopp(t_cls_logits, teacher_temperature,
                                           n_iterations=loss_cfg.sinkhorn_iterations)
-    t_patch_probs = sinkhorn.sinkhorn_knopp(t_model.ibot_head(take_tokens(t_out["patch"])), teacher_temperature,
+    t_patch_probs = sinkhorn.sinkhorn_knopp(t_patch_logits, teacher_temperature,
                                             n_iterations=loss_cfg.sinkhorn_iterations, valid=token_valid)
+    diagnostics = {**target_diagnostics("dino", t_cls_logits, t_cls_probs),
+                   **target_diagnostics("ibot", t_patch_logits, t_patch_probs, valid=token_valid)}
     t_cls_probs = crops_first(t_cls_probs, n_global)
 
     # Student: masked global crops and unmasked local crops, train mode (drop path, RoPE rescale).
@@ -120,7 +125,28 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
              + loss_cfg.koleo_weight * n_global * terms["koleo"]  # upstream's koleo_scale = n_global
              + loss_cfg.ibot_weight * terms["ibot"]
              + (loss_cfg.gram_weight * terms["gram"] if "gram" in terms else 0.0))
-    return total, terms
+    return total, {**terms, **diagnostics}
+
+
+def target_diagnostics(name: str, teacher_logits: jax.Array, targets: jax.Array,
+                       valid: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Two cheap numbers that say whether the teacher's targets can carry a signal (logged, not trained on).
+
+    `{name}_teacher_spread`: the std over the teacher rows (crops or masked tokens) of each prototype logit,
+    averaged over prototypes, before the temperature. Sinkhorn-Knopp makes every row uniform unless this is a
+    sizeable fraction of the teacher temperature (0.04-0.07): at init with LayerScale 1e-5 it is 1e-7-1e-4.
+    `{name}_target_entropy`: the mean entropy of the Sinkhorn-Knopp targets; ln K means uniform targets and a
+    cross-entropy of ln K (DINO) that gives the student no signal; it falls as the targets sharpen.
+    """
+    logits = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32)
+    weight = jnp.ones(logits.shape[:1], jnp.float32) if valid is None else valid.astype(jnp.float32)
+    n_rows = jnp.maximum(jnp.sum(weight), 1.0)
+    mean = jnp.sum(logits * weight[:, None], axis=0) / n_rows
+    variance = jnp.sum(jnp.square(logits - mean) * weight[:, None], axis=0) / n_rows
+    probs = targets.reshape(logits.shape)
+    entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0), axis=-1)
+    return {f"{name}_teacher_spread": jnp.mean(jnp.sqrt(variance)),
+            f"{name}_target_entropy": jnp.sum(entropy * weight) / n_rows}
 
 
 def _gram_term(gram_teacher: Params, teacher: Params, gram_crops: jax.Array, student_patch: jax.Array, *,
