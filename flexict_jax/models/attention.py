@@ -3,8 +3,8 @@
   "xla"    two einsums around a float32 softmax, materialising the [B, heads, T, S] scores: the reference, and
            what every CPU run uses. It is the arithmetic of `jax.nn.dot_product_attention(implementation="xla")`
            (float32 logits and softmax whatever the input dtype, a large finite negative for masked logits),
-           written heads-first: on XLA:CPU jax's version runs the ViT-B attention fwd+bwd 1.6x slower
-           (bench/bench_torch_vs_jax.py, docs/benchmarks.md).
+           written with the heads grouped ahead of the sequence axes for XLA:CPU's batched dots (the
+           `jax_float32_jaxnn_attention` row of bench/bench_torch_vs_jax.py compares it with jax's).
   "cudnn"  the same call with implementation="cudnn": cuDNN's fused flash attention (GPU, bf16/fp16 only,
            head_dim a multiple of 8 and at most 128).
   "splash" the Pallas TPU splash-attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`): flash
