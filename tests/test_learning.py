@@ -1,7 +1,7 @@
 """Stage-1 self-distillation learns at small scale (issue 16): on slices of a few distinct patterns, the DINO term
 falls clearly below its uniform value ln K and the EMA teacher's CLS features separate the patterns.
 
-The step is the trainer's own jitted step (`trainer.build_program`), fed by the stage-1 per-example transform
+The step is the trainer's own jitted step (`train_step.build_program`), fed by the stage-1 per-example transform
 (crops, flips, intensity augmentations, iBOT masks) on synthetic HU slices, so the test exercises the real
 objective, not a stand-in. It asserts learning, not timing.
 """
@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from configs import common, stage1
-from flexict_jax import sharding, tasks, trainer
-from flexict_jax.data import pipeline, records
+from flexict_jax import sharding, tasks, train_step
+from flexict_jax.data import pipeline2d, records
 from flexict_jax.data.datasets import variant_for_step
 from flexict_jax.data.intensity import normalize_hu
 from flexict_jax.losses import sinkhorn
+from flexict_jax.tasks import common as tasks_common
 from flexict_jax.tasks import dino as dino_task
 
 N_PATTERNS, PER_PATTERN, SIZE = 4, 8, 64
@@ -76,11 +77,11 @@ def trained():
     labels = np.repeat(np.arange(N_PATTERNS), PER_PATTERN)
     slices = [_pattern_slice(int(f), rng) for f in labels]
     encoded = [records.encode_array(s, {"volume_id": f"pattern_{i}", "z_index": 0}) for i, s in enumerate(slices)]
-    transform = pipeline.stage1_transform(config.data, seed=config.seed, patch_sizes=config.patch_sizes)
+    transform = pipeline2d.stage1_transform(config.data, seed=config.seed, patch_sizes=config.patch_sizes)
     mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])  # one device: the fastest on CPU
     history = []
     with sharding.activate(mesh, config.sharding_rules):
-        program = trainer.build_program(config, mesh)
+        program = train_step.build_program(config, mesh)
         state = jax.jit(program.init_state, out_shardings=program.state_shardings)()
         variant = variant_for_step(config, 0)
         order = np.random.default_rng(1)
@@ -90,7 +91,7 @@ def trained():
                         for i in order.choice(len(encoded), config.global_batch_size, replace=False)]
             local = tasks.get(config).step_batch(
                 {k: np.stack([e[k] for e in examples]) for k in examples[0]}, variant)
-            batch = trainer.global_batch(mesh, local)
+            batch = sharding.global_batch(mesh, local)
             if step_fn is None:
                 step_fn = program.train_step(config, variant, local)
             state, metrics = step_fn(state, batch)
@@ -99,7 +100,7 @@ def trained():
         images = np.stack([normalize_hu(s, config.data.hu_window) for s in slices])
         images = images.reshape(len(slices), config.data.global_crop_size, SIZE // config.data.global_crop_size,
                                 config.data.global_crop_size, -1).mean(axis=(2, 4))[..., None]
-        model = dino_task._merge(program.graphdef, program.abstract_params, state["teacher"])
+        model = tasks_common.merge_model(program.graphdef, program.abstract_params, state["teacher"])
         features = np.asarray(model.backbone(images, patch_size=8, train=False)["cls"])
     return config, history, features, labels
 
