@@ -204,6 +204,22 @@ def test_torch_reference_imports_without_jax():
 
 # --- options and errors ---------------------------------------------------------------------------------------
 
+def test_random_init_baseline_of_a_training_workdir(run):
+    """The probe's random-init baseline builds from the workdir's config.model, whose task-only keys
+    (compute_dtype) the backbone does not take; each seed is a different init of the same architecture."""
+    from flax import nnx
+
+    from flexict_jax.evals import features
+
+    trained = features.load_encoder(run, None, "2d")
+    inits = [features.load_encoder(run, None, "2d", random_init=True, seed=s) for s in (0, 1)]
+    assert all(i.arch == trained.arch and i.step == 0 and "random init" in i.source for i in inits)
+    weights = [_leaves(nnx.to_pure_dict(nnx.state(m.model))) for m in (trained, *inits)]
+    assert sorted(weights[0]) == sorted(weights[1]) == sorted(weights[2])
+    for a, b in ((1, 2), (0, 1)):
+        assert any(not np.array_equal(weights[a][k], weights[b][k]) for k in weights[a]), (a, b)
+
+
 def test_student_and_step_select_what_is_exported(run, tmp_path):
     def backbone_of(*extra) -> dict[str, torch.Tensor]:
         out = tmp_path / f"{len(list(tmp_path.iterdir()))}.pth"

@@ -240,7 +240,10 @@ def load_encoder(checkpoint: str | pathlib.Path, step: int | None, kind: str, *,
     if not (pathlib.Path(checkpoint) / "checkpoints").is_dir():
         raise ProbeDataError(f"{checkpoint}: --random-init needs a workdir (its config.model gives the init)")
     _, _, meta = checkpointing.read_subtree(checkpoint, "step", step)
-    model = VisionTransformer(**meta["config"]["model"], rngs=nnx.Rngs(seed))
+    from flexict_jax.tasks.dino import TASK_MODEL_KEYS  # e.g. compute_dtype: the task's, not the backbone's
+
+    model = VisionTransformer(**{k: v for k, v in meta["config"]["model"].items() if k not in TASK_MODEL_KEYS},
+                              rngs=nnx.Rngs(seed))
     backbone = embed.backbone_module(loaded.arch, nnx.to_pure_dict(nnx.state(model)), rope_bf16=loaded.rope_bf16)
     return dataclasses.replace(loaded, model=backbone, source=f"random init (seed {seed}) of {loaded.source}",
                                step=0)
