@@ -1,4 +1,4 @@
-"""Host-side throughput of the stage-1 input pipeline at the recipe sizes (recipe §5).
+"""Host-side throughput of the stage-1 input pipeline at the recipe sizes (docs/recipe.md §5).
 
 Writes synthetic 384-px int16 HU slices to a temporary slices dir, then measures samples/s of
   * the per-example transform called directly (one core, no Grain),
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="per-process batch size")
     parser.add_argument("--batches", type=int, default=8, help="timed batches per pipeline run")
     parser.add_argument("--records", type=int, default=64, help="synthetic slice records to write")
-    parser.add_argument("--slice-size", type=int, default=384, help="slice side in pixels (recipe §5: 384)")
+    parser.add_argument("--slice-size", type=int, default=384, help="slice side in pixels (docs/recipe.md §5: 384)")
     parser.add_argument("--read-threads", type=int, default=1, help="Grain read threads per process")
     return common.parse_args(parser, argv, ("workers", "batch_size", "batches", "records", "slice_size",
                                             "read_threads"))

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input", nargs="+", metavar="NIFTI",
                         help=f"CT volumes (.nii/.nii.gz; label maps are skipped); default: every image in "
                              f"{SHARED_CT}")
-    parser.add_argument("--spacing", type=float, default=2.0, help="isotropic target spacing in mm (recipe §7)")
+    parser.add_argument("--spacing", type=float, default=2.0, help="isotropic target spacing in mm (docs/recipe.md §7)")
     parser.add_argument("--samples", type=int, default=12, help="timed samples per in-process path")
     parser.add_argument("--workers", type=int, default=2, help="Grain worker processes for the N-worker run")
     parser.add_argument("--batch-size", type=int, default=4, help="per-process batch size of the Grain run")
@@ -85,7 +85,7 @@ class CountingVolume:
 def naive_volume(path: str, spacing: float, window: tuple[float, float], row: int) -> Volume:
     """Upstream's per-sample load: the whole NIfTI, linearly resampled to `spacing`, statistics of all voxels.
 
-    Like upstream (recipe §7) there is no reorientation and the resampled voxels keep the input's integer type.
+    Like upstream (docs/recipe.md §7) there is no reorientation and the resampled voxels keep the input's integer type.
     """
     image = nib.load(path)
     array = np.asarray(image.dataobj)

@@ -53,7 +53,7 @@ VARIANTS = {
                      n_local=2),
     "s2-base": dict(config="base", backbone="base", heads="base", batch=2, global_crop=64, local_crop=32,
                     n_local=2),
-    # One 80 GB GPU: the recipe's 2D crops (recipe §5) and 3D crops shrunk to fit the f32 model; patch 8 needs
+    # One 80 GB GPU: the recipe's 2D crops (docs/recipe.md §5) and 3D crops shrunk to fit the f32 model; patch 8 needs
     # `--set model.remat_policy=full` at these batches.
     "s1-base-gpu": dict(config="base", backbone="base", heads="base", batch=32, global_crop=256, local_crop=112,
                         n_local=8),

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
-# Model sizes: the FlexiCT backbone is 864 wide, 16 deep, 12 heads (recipe §2.1); `small`/`large` exist in
+# Model sizes: the FlexiCT backbone is 864 wide, 16 deep, 12 heads (docs/recipe.md §2.1); `small`/`large` exist in
 # upstream code but no checkpoint uses them. `tiny` and `demo` are CPU-sized (dim % (6*heads) == 0 keeps 3D
-# RoPE possible, recipe §2.1).
+# RoPE possible, docs/recipe.md §2.1).
 BACKBONES = {
     "base": dict(dim=864, depth=16, num_heads=12),
     "small": dict(dim=432, depth=12, num_heads=6),
@@ -13,13 +13,13 @@ BACKBONES = {
     "demo": dict(dim=96, depth=4, num_heads=4),
     "tiny": dict(dim=48, depth=2, num_heads=2),
 }
-HEADS = {  # recipe §2.4: 2048 -> 256 -> 65,536, last layer trunc-normal(0.02)
+HEADS = {  # docs/recipe.md §2.4: 2048 -> 256 -> 65,536, last layer trunc-normal(0.02)
     "base": dict(hidden_dim=2048, bottleneck_dim=256, num_prototypes=65536, last_layer_init_std=0.02),
     "demo": dict(hidden_dim=256, bottleneck_dim=64, num_prototypes=1024, last_layer_init_std=0.02),
     "tiny": dict(hidden_dim=64, bottleneck_dim=32, num_prototypes=128, last_layer_init_std=0.02),
 }
 
-# Logical axis -> mesh axes (maxtext style). Default = pure FSDP within a slice (jax_stack.md §C4): the batch is
+# Logical axis -> mesh axes (maxtext style). Default = pure FSDP within a slice (docs/jax_notes.md §C4): the batch is
 # split over every data-like axis, the large weight dimension over "fsdp", and "tensor" carries optional
 # tensor parallelism (size 1 unless the mesh says otherwise).
 SHARDING_RULES = (
@@ -39,13 +39,13 @@ SHARDING_RULES = (
 )
 
 
-INTENSITY_AUGMENT = dict(  # MONAI transforms applied once per slice/volume before cropping (recipe §5, §7)
+INTENSITY_AUGMENT = dict(  # MONAI transforms applied once per slice/volume before cropping (docs/recipe.md §5, §7)
     noise_prob=0.1, noise_std=0.1, smooth_prob=0.2, smooth_sigma=(0.5, 1.0), scale_prob=0.15, scale_factor=0.25,
     lowres_prob=0.25, lowres_zoom=(0.5, 1.0), contrast_prob=0.1, contrast_gamma=(0.7, 1.5))
 
 
 def ssl_config(stage: str, variant: str, *, global_batch_size: int, total_steps: int) -> mlc.ConfigDict:
-    """The sections every DINO-style stage shares (recipe §2–§4); stage files fill in data, schedules, init."""
+    """The sections every DINO-style stage shares (docs/recipe.md §2–§4); stage files fill in data, schedules, init."""
     from flexict_jax.optim import lr_scale_sqrt_1024
     c = mlc.ConfigDict()
     c.stage = stage
@@ -56,15 +56,15 @@ def ssl_config(stage: str, variant: str, *, global_batch_size: int, total_steps:
     c.total_steps = total_steps
     c.model = mlc.ConfigDict(dict(
         **BACKBONES["base"], mlp_ratio=4.0, num_storage_tokens=4, in_chans=1, base_patch_size=8,
-        layerscale_init=1e-5, drop_path_rate=0.2,  # recipe §2.1: same rate in every block
-        rope_base=100.0, rope_rescale=2.0,  # recipe §2.2: training-time coordinate rescale in [1/2, 2]
-        rope_bf16=False,  # fp32 RoPE for new training (recipe §13 #13); True emulates upstream
-        # Explicit RoPE periods (a released file's own bf16 buffers, torch-format §1.3); None = computed from
+        layerscale_init=1e-5, drop_path_rate=0.2,  # docs/recipe.md §2.1: same rate in every block
+        rope_base=100.0, rope_rescale=2.0,  # docs/recipe.md §2.2: training-time coordinate rescale in [1/2, 2]
+        rope_bf16=False,  # fp32 RoPE for new training (docs/recipe.md §13 #13); True emulates upstream
+        # Explicit RoPE periods (a released file's own bf16 buffers, docs/torch_format.md §1.3); None = computed from
         # rope_base and head_dim. A run started from (or resuming) a checkpoint that has them takes them.
         rope_periods_2d=None, rope_periods_3d=None,
         remat_policy="none",  # flexict_jax.models.vit.REMAT_POLICIES: none / full / dots / dots_no_batch
         scan_blocks=True,  # one compiled block for all 16 (ViT-B stage-1 step compile 60 s -> 26 s on CPU)
-        drop_path_group_size=None,  # stages set upstream's per-GPU batch (recipe §2.1: subset per GPU batch)
+        drop_path_group_size=None,  # stages set upstream's per-GPU batch (docs/recipe.md §2.1: subset per GPU batch)
         # Recipe §4: upstream computes in bf16 on float32 master weights (docs/scaling.md "Mixed precision").
         # The recipe variants are for accelerators; tiny/demo set float32 (XLA:CPU has no fast bf16 matmul).
         compute_dtype="bfloat16",
@@ -76,12 +76,12 @@ def ssl_config(stage: str, variant: str, *, global_batch_size: int, total_steps:
     c.patch_size_probs = (0.5, 0.5)
     c.loss = mlc.ConfigDict(dict(
         dino_weight=1.0, dino_local_weight=1.0, ibot_weight=1.0,
-        koleo_weight=0.1,  # applied x n_global_crops, as upstream (recipe §3.6): effective 0.2
-        koleo_group_size=100,  # upstream KoLeo runs per GPU batch (recipe §3.4); fixed groups keep the loss
+        koleo_weight=0.1,  # applied x n_global_crops, as upstream (docs/recipe.md §3.6): effective 0.2
+        koleo_group_size=100,  # upstream KoLeo runs per GPU batch (docs/recipe.md §3.4); fixed groups keep the loss
         # independent of the device count; None = the whole global batch
-        gram_weight=0.0,  # > 0 enables Gram anchoring against `gram` below (recipe §3.5)
+        gram_weight=0.0,  # > 0 enables Gram anchoring against `gram` below (docs/recipe.md §3.5)
         student_temperature=0.1, sinkhorn_iterations=3))
-    # The frozen Gram teacher: the EMA teacher of an earlier run (recipe §6), loaded once and then kept in this
+    # The frozen Gram teacher: the EMA teacher of an earlier run (docs/recipe.md §6), loaded once and then kept in this
     # run's checkpoints.
     c.gram = mlc.ConfigDict(dict(from_workdir=mlc.config_dict.placeholder(str),
                                  step=mlc.config_dict.placeholder(int)))
@@ -170,7 +170,7 @@ def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
 
 
 def schedule(start: float, peak: float, end: float, warmup_steps: int, cosine_steps: int | None = None):
-    """One `linear_warmup_cosine_decay` section (recipe §4); values may be ml_collections FieldReferences."""
+    """One `linear_warmup_cosine_decay` section (docs/recipe.md §4); values may be ml_collections FieldReferences."""
     return mlc.ConfigDict(dict(start=start, peak=peak, end=end, warmup_steps=warmup_steps,
                                cosine_steps=cosine_steps))
 
@@ -181,9 +181,9 @@ def constant(value: float) -> mlc.ConfigDict:
 
 def init_section(mode: str = "none") -> mlc.ConfigDict:
     """Where a run starts when its workdir has no checkpoint yet: `--config.init.from=PREVIOUS_WORKDIR`
-    [`--config.init.step=N`] takes that run's EMA teacher (recipe §1: every stage hands its teacher on).
+    [`--config.init.step=N`] takes that run's EMA teacher (docs/recipe.md §1: every stage hands its teacher on).
     `mode`: "continue" (backbone + heads), "inflate_2d_to_3d" (stage 2: inflate the patch embedding, new heads,
-    recipe §7), "backbone" (backbone only, new heads), "vlm" (stage 3 from an imported FlexiCT-3D-VLM or another
+    docs/recipe.md §7), "backbone" (backbone only, new heads), "vlm" (stage 3 from an imported FlexiCT-3D-VLM or another
     stage-3 run: backbone, vision projection, text tower and logit scale, and the DINO/iBOT heads when the source
     has them, else new ones)."""
     # Stored as `from_workdir`: ml_collections cannot address a key named `from` on the command line, so
@@ -201,5 +201,5 @@ def mesh_and_checkpoint(config: mlc.ConfigDict) -> None:
     # wandb`); mode "offline" writes WORKDIR/wandb/ without network (`wandb sync` uploads it later).
     config.wandb = mlc.ConfigDict(dict(project="", entity="", mode="online"))
     # NaN/inf loss: skip that update; stop (keeping the last good checkpoint) after this many in a row
-    # (upstream aborts after more than two, recipe §4).
+    # (upstream aborts after more than two, docs/recipe.md §4).
     config.max_consecutive_nonfinite = 3

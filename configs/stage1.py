@@ -2,7 +2,7 @@
 
     python -m flexict_jax.train --config=configs/stage1.py[:tiny|:demo] --workdir=DIR --config.data.dir=SLICES
 
-Defaults are the recipe's (`fleximeddinov3_b_ct_pretrain.yaml`, recipe §5); `tiny` is for tests (seconds on
+Defaults are the recipe's (`fleximeddinov3_b_ct_pretrain.yaml`, docs/recipe.md §5); `tiny` is for tests (seconds on
 CPU), `demo` for the README quickstart (a small ViT that visibly learns in a few minutes on 2 cores).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.data = mlc.ConfigDict(dict(
         kind="slices2d",
         dir=mlc.config_dict.placeholder(str),  # the slices dir from `python -m data_prep.slices`
-        global_crop_size=256, local_crop_size=112, n_global_crops=2, n_local_crops=8,  # recipe §5
+        global_crop_size=256, local_crop_size=112, n_global_crops=2, n_local_crops=8,  # docs/recipe.md §5
         global_crop_scale=(0.32, 1.0), local_crop_scale=(0.05, 0.32), crop_ratio=(3 / 4, 4 / 3),
         hflip_prob=0.5, hu_window=(-1000.0, 1000.0), intensity=common.INTENSITY_AUGMENT,
         mask=dict(probability=0.5, ratio=(0.1, 0.5), min_block_patches=4, block_aspect=(0.3, 1 / 0.3),
@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         teacher_temperature=common.schedule(0.04, 0.07, 0.07, warmup_steps=30_000)))
     c.optim.freeze_last_layer_steps = 3000
     c.optim.idle_patterns = ["backbone/patch_embed_3d"]  # 2D stage: the 3D embedding gets no update/decay
-    c.model.drop_path_group_size = 100  # the per-GPU batch (recipe §5)
+    c.model.drop_path_group_size = 100  # the per-GPU batch (docs/recipe.md §5)
 
     if variant == "tiny":
         common.cpu_sized(c, "tiny")

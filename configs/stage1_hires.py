@@ -1,9 +1,9 @@
-"""Stage 1.1: high-resolution 2D continuation with Gram anchoring (recipe §6, `fleximeddinov3_b_ct_highres.yaml`).
+"""Stage 1.1: high-resolution 2D continuation with Gram anchoring (docs/recipe.md §6, `fleximeddinov3_b_ct_highres.yaml`).
 
     python -m flexict_jax.train --config=configs/stage1_hires.py[:tiny] --workdir=DIR --config.data.dir=SLICES \\
         --config.init.from=STAGE1_WORKDIR --config.gram.from_workdir=STAGE1_WORKDIR [--config.gram.step=N]
 
-No code edit is needed (upstream must un-comment its multi-resolution loader, recipe §13 #3): each step draws
+No code edit is needed (upstream must un-comment its multi-resolution loader, docs/recipe.md §13 #3): each step draws
 one of the 5 resolution triples × 2 patch sizes from a step-seeded RNG, and batch t is built at step t's shapes.
 """
 from __future__ import annotations
@@ -19,12 +19,12 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         raise ValueError(f"configs/stage1_hires.py: unknown variant {variant!r}; use base, demo or tiny")
     c = stage1.get_config(variant)
     c.stage = "stage1_hires"
-    c.global_batch_size = 400  # 50 per GPU x 8 (recipe §6)
+    c.global_batch_size = 400  # 50 per GPU x 8 (docs/recipe.md §6)
     if variant == "base":  # tiny/demo keep their stage-1 groups
         c.model.drop_path_group_size = 50
     c.total_steps = 100_000
     c.data.kind = "slices2d_hires"
-    # (global, local, Gram-teacher) crop sizes and their mixture probabilities (recipe §6 table); each is split
+    # (global, local, Gram-teacher) crop sizes and their mixture probabilities (docs/recipe.md §6 table); each is split
     # 1/2-1/2 over patch 16 and 8. Local 168 is not a multiple of 16: the last 8 pixels are dropped, as upstream.
     c.data.resolutions = ((384, 112, 512), (512, 112, 768), (512, 144, 768), (512, 168, 768), (512, 224, 768))
     c.data.resolution_probs = (0.3, 0.3, 0.3, 0.05, 0.05)
@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.loss.dino_local_weight = 0.5  # `reweight_dino_local_loss`
     c.loss.koleo_group_size = None  # distributed KoLeo over the global batch
     c.loss.gram_weight = 1.5
-    # LR: a half-cosine ramp 0 → 5e-5·scale over 10k steps, then constant (recipe §6).
+    # LR: a half-cosine ramp 0 → 5e-5·scale over 10k steps, then constant (docs/recipe.md §6).
     c.schedules.lr = common.schedule(0.0, 0.0, 5e-5 * c.get_ref("lr_scale"), warmup_steps=0, cosine_steps=10_000)
     c.schedules.teacher_temperature = common.constant(0.07)
     c.schedules.momentum = common.constant(0.999)

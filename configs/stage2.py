@@ -3,9 +3,9 @@
     python -m flexict_jax.train --config=configs/stage2.py[:tiny|:demo] --workdir=DIR \\
         --config.data.dir=DATASET_DIR --config.init.from=STAGE1_WORKDIR [--config.init.step=N]
 
-DATASET_DIR comes from `python -m data_prep.ingest ... --spacing 2,2,2` (recipe §7: 2 mm isotropic). The
+DATASET_DIR comes from `python -m data_prep.ingest ... --spacing 2,2,2` (docs/recipe.md §7: 2 mm isotropic). The
 hand-off runs once: the first checkpoint of this run holds the inflated weights and resuming never re-inflates
-(recipe §13 #4). Defaults follow `fleximeddinov3_b_ct_3D_randcrop_pretrain.yaml` (recipe §7).
+(docs/recipe.md §13 #4). Defaults follow `fleximeddinov3_b_ct_3D_randcrop_pretrain.yaml` (docs/recipe.md §7).
 """
 from __future__ import annotations
 
@@ -24,17 +24,17 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         kind="volumes3d",
         dir=mlc.config_dict.placeholder(str),  # an ingested dataset (manifest.jsonl + zarr3 volumes) at 2 mm
         global_crop_size=160, local_crop_size=80, n_global_crops=2, n_local_crops=8,
-        global_crop_extent=(80, 160),  # voxels per axis, drawn independently per axis (recipe §7)
+        global_crop_extent=(80, 160),  # voxels per axis, drawn independently per axis (docs/recipe.md §7)
         local_crop_extent=(15, 40),
         pad_to=160, global_crop_mode="random",
-        flip_prob=0.5, flip_global_crops=(0,),  # upstream flips only global crop 1 (recipe §13 #8): faithful
+        flip_prob=0.5, flip_global_crops=(0,),  # upstream flips only global crop 1 (docs/recipe.md §13 #8): faithful
         hu_window=(-1000.0, 1000.0), intensity_augment=True, intensity=common.INTENSITY_AUGMENT,
         mask=dict(probability=0.5, ratio=(0.1, 0.5), kind="rcc", grid=4, box_fraction=(0.02, 0.05),
                   box_aspect=(0.5, 2.0), exact_count=True),
         num_workers=4, worker_buffer_size=2, read_threads=4, prefetch_buffer_size=4))
-    c.loss.dino_weight = 0.5  # recipe §3.6 table, stage 2
+    c.loss.dino_weight = 0.5  # docs/recipe.md §3.6 table, stage 2
     c.loss.koleo_group_size = 25
-    c.model.drop_path_group_size = 25  # the per-GPU batch (recipe §7)
+    c.model.drop_path_group_size = 25  # the per-GPU batch (docs/recipe.md §7)
     c.schedules = mlc.ConfigDict(dict(
         lr=common.schedule(0.0, 2e-4 * c.get_ref("lr_scale"), 2e-4 * c.get_ref("lr_scale"), warmup_steps=30_000),
         weight_decay=common.constant(0.04),

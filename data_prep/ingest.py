@@ -53,7 +53,7 @@ from flexict_jax.data import volume_store
 from flexict_jax.progress import Progress
 
 EXIT_OK, EXIT_FATAL, EXIT_REFUSED = 0, 1, 2
-DEFAULT_SPACING = (1.5, 1.5, 1.5)  # recipe §5: the slice builder's README spacing, mm (z, y, x)
+DEFAULT_SPACING = (1.5, 1.5, 1.5)  # docs/recipe.md §5: the slice builder's README spacing, mm (z, y, x)
 LOCK_NAME = ".ingest.lock"
 
 
@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, metavar="DATASET_DIR",
                         help="dataset folder: manifest.jsonl, volumes/<id>.zarr, labels/<id>.zarr")
     parser.add_argument("--spacing", type=parse_spacing, default=DEFAULT_SPACING, metavar="Z,Y,X|native",
-                        help="target voxel spacing in mm (default 1.5,1.5,1.5, recipe §5); 'native' keeps "
+                        help="target voxel spacing in mm (default 1.5,1.5,1.5, docs/recipe.md §5); 'native' keeps "
                              "the source spacing and only reorients (exact)")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="worker processes, one volume each (default 1: in this process)")

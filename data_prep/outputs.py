@@ -28,7 +28,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from flexict_jax import parallel
 
 EXIT_FATAL, EXIT_INTERRUPTED = 1, 130
-WRITER_OPTIONS = "group_size:1,zstd:3"  # group_size 1: every record is randomly accessible (jax_stack.md)
+WRITER_OPTIONS = "group_size:1,zstd:3"  # group_size 1: every record is randomly accessible (docs/jax_notes.md §A5)
 
 
 # --- the dataset lock ------------------------------------------------------------------------------------------

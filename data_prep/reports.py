@@ -6,7 +6,7 @@ Reads the volumes of DATASET_DIR/manifest.jsonl (written by `python -m data_prep
 per volume (layout in `flexict_jax.data.report_rules`) into REPORTS_DIR/reports-NNNNN-of-MMMMM.array_record, plus
 REPORTS_DIR/index.json (one entry per volume: volume_id, dataset-relative path, split, source, in record order)
 and REPORTS_DIR/positive_pool.json (per split and section, the de-duplicated positive findings from which OSL
-draws its false pairs, recipe §8).
+draws its false pairs, docs/recipe.md §8).
 
 Joining. A report row belongs to the volume whose id (or source file name without .nii/.nii.gz) equals the row's
 id after the same clean-up (folders and .nii/.nii.gz/.zarr dropped). A volume named `<id>_<n>` with no row of its

@@ -5,7 +5,7 @@
 writes every axial slice that contains enough body as one record of `SLICES_DIR/slices-NNNNN-of-MMMMM.array_record`,
 plus `SLICES_DIR/index.json`.
 
-What a slice is (recipe §5, named honestly per §13 #11). Upstream resamples volumes to 1.5 mm, centre-crops
+What a slice is (docs/recipe.md §5, named honestly per §13 #11). Upstream resamples volumes to 1.5 mm, centre-crops
 or pads each slice to 228 px (a 342 mm field of view, padding -1000 HU) and resizes that to 384 px, under a
 flag called "resize-to-256". Here the field of view (`--fov-mm`, default 342) and the stored size (`--size`,
 default 384) are the parameters, and each slice is resampled once, straight from the volume's native
@@ -44,15 +44,15 @@ from flexict_jax.data.slice_source import INDEX_FILE, SLICES_FORMAT
 from flexict_jax.progress import Progress
 
 BODY_HU = -500.0  # above this a voxel is body tissue (air is about -1000 HU, fat about -100 HU)
-PAD_HU = -1000.0  # air, what upstream pads with (recipe §5)
+PAD_HU = -1000.0  # air, what upstream pads with (docs/recipe.md §5)
 READ_CHUNK_Z = 32  # slices read from the store at a time; bounds memory on large volumes
 SHARD_PREFIX = "slices"
 
 
 @dataclasses.dataclass(frozen=True)
 class SliceOptions:
-    fov_mm: float = 342.0  # recipe §5: 228 px at 1.5 mm
-    size: int = 384  # recipe §5
+    fov_mm: float = 342.0  # docs/recipe.md §5: 228 px at 1.5 mm
+    size: int = 384  # docs/recipe.md §5
     min_body_fraction: float = 0.05
     every: int = 1  # keep axial slices with z_index % every == 0
 
@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", required=True, type=pathlib.Path, help="slices dir to create")
     defaults = SliceOptions()
     parser.add_argument("--fov-mm", type=float, default=defaults.fov_mm,
-                        help="side of the square field of view in mm (default %(default)s, recipe §5)")
+                        help="side of the square field of view in mm (default %(default)s, docs/recipe.md §5)")
     parser.add_argument("--size", type=int, default=defaults.size, help="stored pixels per side (default %(default)s)")
     parser.add_argument("--min-body-fraction", type=float, default=defaults.min_body_fraction,
                         help="keep slices whose field of view is at least this fraction > -500 HU "

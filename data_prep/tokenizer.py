@@ -3,13 +3,13 @@
     python -m data_prep.tokenizer --corpus REPORTS_DIR --vocab-size N [--output DIR]
 
 REPORTS_DIR is the output of `python -m data_prep.reports`. The training text is what the text tower will see,
-lower-cased like the captions (recipe §8): every sentence of every Findings section, the structured positive
+lower-cased like the captions (docs/recipe.md §8): every sentence of every Findings section, the structured positive
 and negative findings and the negations of the positives (the OSL sentences). The model is written to
 DIR/tokenizer.model (default DIR = REPORTS_DIR, so the tokenizer is stored with the dataset) with fixed ids
 pad 0, unk 1, bos 2, eos 3, and is read back by `flexict_jax.data.tokenizer.load_tokenizer`.
 
 Small corpora cannot fill a large vocabulary; the vocabulary is then smaller than --vocab-size instead of the
-run failing (sentencepiece `hard_vocab_limit=False`, jax_stack.md B4.8), and the size reached is printed.
+run failing (sentencepiece `hard_vocab_limit=False`, docs/jax_notes.md §B4.8), and the size reached is printed.
 Exit status: 0 written, 1 error (unreadable corpus, no text, existing model without --overwrite).
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ def train_tokenizer(corpus: pathlib.Path, output: pathlib.Path, vocab_size: int,
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type=model_type,
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        hard_vocab_limit=False,  # tiny corpora: a smaller vocabulary instead of an error (jax_stack.md B4.8)
+        hard_vocab_limit=False,  # tiny corpora: a smaller vocabulary instead of an error (docs/jax_notes.md §B4.8)
         character_coverage=1.0,  # report text has a small alphabet; keep every character it uses
         byte_fallback=byte_fallback, minloglevel=2)
     tokenizer = SentencePieceTokenizer(model.getvalue())

@@ -2,7 +2,7 @@
 
     python -m data_prep.volume_stats --dataset DATASET_DIR [--hu-window=-1000,1000] [--workers N]
 
-Stages 2-3 z-score every crop with the mean and std of its whole volume after the HU clamp (recipe §7).
+Stages 2-3 z-score every crop with the mean and std of its whole volume after the HU clamp (docs/recipe.md §7).
 Computing them once here lets the training pipeline read only the voxels each crop needs
 (flexict_jax.data.volume_source documents the file). Each volume is read in z-slabs, so memory stays at one
 slab whatever the volume size.
@@ -33,7 +33,7 @@ from flexict_jax.progress import Progress
 
 EXIT_OK, EXIT_FATAL, EXIT_FAILED = 0, 1, 2
 LOCK_NAME = ".volume_stats.lock"
-DEFAULT_WINDOW = (-1000.0, 1000.0)  # recipe §7: HU clamp before the z-score
+DEFAULT_WINDOW = (-1000.0, 1000.0)  # docs/recipe.md §7: HU clamp before the z-score
 SLAB_DEPTH = volume_store.SHARD_SHAPE[0]  # one shard row of the zarr3 layout per read
 
 
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an ingested dataset (manifest.jsonl + volumes/) from `python -m data_prep.ingest`")
     parser.add_argument("--hu-window", type=parse_window, default=DEFAULT_WINDOW, metavar="LOW,HIGH",
                         help="HU clamp applied before the statistics, as the pipeline's data.hu_window "
-                             "(default -1000,1000, recipe §7; write it as --hu-window=-1000,1000)")
+                             "(default -1000,1000, docs/recipe.md §7; write it as --hu-window=-1000,1000)")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="worker processes, one volume each (default 1: in this process)")
     parser.add_argument("--save-every", type=int, default=100, metavar="N",

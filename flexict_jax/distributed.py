@@ -1,7 +1,7 @@
 """Multi-process start-up: one code path for a laptop, a CPU test cluster on 127.0.0.1 and a TPU pod.
 
 `jax.distributed.initialize()` without arguments only works where JAX can discover the cluster (TPU VMs,
-SLURM); on a plain CPU box it raises (jax_stack.md §A6). So we initialise only when asked to:
+SLURM); on a plain CPU box it raises (docs/jax_notes.md §A6). So we initialise only when asked to:
 - `FLEXICT_COORDINATOR=host:port FLEXICT_NUM_PROCESSES=N FLEXICT_PROCESS_ID=i` (launch/local_multiprocess.sh,
   multi-GPU launchers): explicit initialisation, gloo collectives on CPU;
 - `FLEXICT_DISTRIBUTED=auto` (launch/tpu_pod.sh): let JAX discover the pod.

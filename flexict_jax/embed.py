@@ -6,7 +6,7 @@
 `--format=safetensors` export directory (model.safetensors + config.json, whose preprocessing is applied).
 --input is a NIfTI file, a DICOM series folder, or an .npy array that is already the model input.
 
-Preprocessing of NIfTI/DICOM (recipe §9), with ingest's own readers and resampling: reorient to LPS and
+Preprocessing of NIfTI/DICOM (docs/recipe.md §9), with ingest's own readers and resampling: reorient to LPS and
 resample (linear, in float) to the preset spacing; clamp HU to [-1000, 1000] and z-score with the unbiased
 std.
   * 2d: every axial slice (or --slices) at 1.5 mm in-plane, z native; each slice is padded with air to a
@@ -46,12 +46,12 @@ from flexict_jax.models.vit import VisionTransformer
 from flexict_jax.progress import Progress
 
 KINDS = torch_format.MODEL_KINDS[:2]  # --kind: the 2D and 3D backbones
-AIR_HU = -1000.0  # 2-D padding: air, as the slice builder pads (recipe §5)
+AIR_HU = -1000.0  # 2-D padding: air, as the slice builder pads (docs/recipe.md §5)
 
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-    """What turns a CT in HU into model input (recipe §9). Stored in safetensors exports' config.json."""
+    """What turns a CT in HU into model input (docs/recipe.md §9). Stored in safetensors exports' config.json."""
     kind: str
     spacing_mm: tuple[float | None, float, float]  # (z, y, x); None keeps the native z spacing (2-D slices)
     crop: int | None = None  # 3-D: pad with the minimum to at least crop³, then centre-crop to crop³
@@ -62,9 +62,9 @@ class Preprocessing:
     @classmethod
     def preset(cls, kind: str) -> Preprocessing:
         if kind == "2d":
-            return cls("2d", (None, 1.5, 1.5))  # recipe §9: 2D training slices, LPS, 1.5 mm
+            return cls("2d", (None, 1.5, 1.5))  # docs/recipe.md §9: 2D training slices, LPS, 1.5 mm
         if kind in ("3d", "vlm"):
-            # recipe §9: the HF "default" inference preset; §8: stage 3's one view is the same centre crop
+            # docs/recipe.md §9: the HF "default" inference preset; §8: stage 3's one view is the same centre crop
             return cls(kind, (2.0, 2.0, 2.0), crop=160)
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS} or 'vlm'")
 
@@ -102,7 +102,7 @@ class LoadedBackbone:
     preprocessing: Preprocessing | None  # what the export recorded; None = the preset of the kind
     source: str
     # The kind the weights were trained or exported as ("2d", "3d", "vlm"), None when the file does not say
-    # (a .pth carries both patch embeddings, torch-format §7.5); step: the checkpoint step when known.
+    # (a .pth carries both patch embeddings, docs/torch_format.md §7.5); step: the checkpoint step when known.
     kind: str | None = None
     step: int | None = None
 
@@ -237,7 +237,7 @@ def slices_2d(hu: np.ndarray, grid_affine: np.ndarray, preprocessing: Preprocess
 
 def volume_3d(hu: np.ndarray, grid_affine: np.ndarray, preprocessing: Preprocessing, patch_size: int
               ) -> tuple[np.ndarray, np.ndarray]:
-    """The model input [1, D, H, W] of a volume: z-score, min-pad and centre-crop (recipe §9), and its affine."""
+    """The model input [1, D, H, W] of a volume: z-score, min-pad and centre-crop (docs/recipe.md §9), and its affine."""
     volume = normalize_hu(hu, preprocessing.hu_window)
     target = ([preprocessing.crop] * 3 if preprocessing.crop
               else [-(-n // patch_size) * patch_size for n in volume.shape])

@@ -7,7 +7,7 @@ Reads only the needed subtree of `DIR/checkpoints/<step>/state` (a partial Orbax
 trainer, optimizer or data pipeline) and the architecture from the checkpoint's `meta` (config.model).
 
   * --format=flexict: `--out` is a `.pth` holding `{"teacher": {"backbone.<key>": tensor, "dino_head.*",
-    "ibot_head.*"}, "iteration": step}` (torch-format §1.4): the 219 backbone keys with upstream names,
+    "ibot_head.*"}, "iteration": step}` (docs/torch_format.md §1.4): the 219 backbone keys with upstream names,
     shapes and layouts, fp32, and the two RoPE `periods` buffers in bf16 with exactly upstream's values (or,
     when the checkpoint's config.model has explicit `rope_periods_2d/3d`, e.g. an imported file's, those).
     `Flexi_CT_2D(path)` / `Flexi_CT_3D(path)` load it; they ignore the heads, which upstream's
@@ -18,14 +18,14 @@ trainer, optimizer or data pipeline) and the architecture from the checkpoint's 
     names), config.json (`model_type`, architecture, base/runtime patch sizes, RoPE settings, preprocessing,
     source) and README.md. Any size; `flexict_jax.torch_reference.FlexiCTModel.from_pretrained(out)` loads
     it. The periods are stored in the precision the model was trained with (config.json "rope").
-  * --kind=vlm (a stage-3 checkpoint): the upstream `{"model": {...}}` payload of torch-format §3.2 —
+  * --kind=vlm (a stage-3 checkpoint): the upstream `{"model": {...}}` payload of docs/torch_format.md §3.2 —
     `logit_scale` (1,), `vision_model.<backbone>`, `vlm_vision_projection.weight`, `text_model.backbone.<Qwen3
     key>`: 531 keys at the released size, loadable with `Flexi_CT_VLM_Module.load_state_dict(strict=True)`.
     The safetensors variant holds the same keys, and config.json the text tower's Qwen3 config.
     --params=recipe-vlm pairs the EMA-teacher backbone with the student's projection, text tower and logit
-    scale, as upstream's release does (recipe §8, §13 #16).
+    scale, as upstream's release does (docs/recipe.md §8, §13 #16).
 
-The two patch embeddings are always both exported (every FlexiCT checkpoint carries both, torch-format §7.5);
+The two patch embeddings are always both exported (every FlexiCT checkpoint carries both, docs/torch_format.md §7.5);
 --kind picks the preprocessing recorded and which upstream wrapper the file is meant for. Every export writes a
 model card (README.md in the directory; `NAME.README.md` beside a .pth): architecture, stage and step, the
 training data's volume count, sources and licences (ingest `--licence`, carried through the slices / reports
@@ -306,7 +306,7 @@ def export(workdir: str | os.PathLike, *, kind: str, fmt: str, out: str | os.Pat
            ) -> pathlib.Path:
     """Exports one checkpoint; returns the written path. Raises ExportError / FileNotFoundError / KeyError.
 
-    params: None = "recipe-vlm" for kind "vlm" (stage 3's EMA teacher tracks the image side only, recipe §8),
+    params: None = "recipe-vlm" for kind "vlm" (stage 3's EMA teacher tracks the image side only, docs/recipe.md §8),
     else "teacher".
     """
     out = pathlib.Path(out)
@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="teacher: the EMA teacher (the default for 2d/3d, what every stage hands on); "
                              "student: the online weights; recipe-vlm (the default for vlm): the EMA backbone with "
                              "the student's projection, text tower and logit scale, as upstream's release "
-                             "(recipe §8)")
+                             "(docs/recipe.md §8)")
     parser.add_argument("--allow-custom-architecture", action="store_true",
                         help="--format=flexict for sizes the upstream wrappers cannot build")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")

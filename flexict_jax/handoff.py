@@ -1,4 +1,4 @@
-"""Stage hand-off: how a run's first state comes from another run (recipe §1), and the frozen Gram teacher.
+"""Stage hand-off: how a run's first state comes from another run (docs/recipe.md §1), and the frozen Gram teacher.
 
 A stage continues the previous stage's EMA teacher (`config.init.from`, mode `continue`, `backbone`,
 `inflate_2d_to_3d`, or `vlm` for a vision-language source), adopts the explicit RoPE periods its weights carry,
@@ -30,7 +30,7 @@ def validate(config: mlc.ConfigDict) -> None:
     """The hand-off and Gram keys: modes the task accepts, sources that exist."""
     if uses_gram(config) and not config.gram.from_workdir:
         raise ConfigError("config.loss.gram_weight > 0 needs a frozen Gram teacher: pass "
-                          "--config.gram.from_workdir=RUN_DIR [--config.gram.step=N] (recipe §6)")
+                          "--config.gram.from_workdir=RUN_DIR [--config.gram.step=N] (docs/recipe.md §6)")
     if config.init.from_workdir:
         task = tasks.get(config)
         if config.init.mode not in INIT_MODES:
@@ -45,7 +45,7 @@ def validate(config: mlc.ConfigDict) -> None:
 
 
 def adopt_rope_periods(config: mlc.ConfigDict, workdir: epath.Path) -> None:
-    """Explicit RoPE periods travel with the weights (an imported file's own bf16 buffers, torch-format §1.3):
+    """Explicit RoPE periods travel with the weights (an imported file's own bf16 buffers, docs/torch_format.md §1.3):
     unless config.model sets them, a run takes them from its own latest checkpoint when it resumes, else from
     config.init.from. Periods set in the config that differ from the source's are refused."""
     if checkpointing.latest_step(workdir) is not None:
@@ -78,10 +78,10 @@ def vlm_source(config: mlc.ConfigDict, source: str, step: int, teacher: dict, me
 
 
 def handoff_state(config: mlc.ConfigDict, program: Program) -> tuple[dict, dict]:
-    """The first state of a stage that continues another run's EMA teacher (recipe §1), and a record of it.
+    """The first state of a stage that continues another run's EMA teacher (docs/recipe.md §1), and a record of it.
 
     The previous teacher becomes both student and teacher; the optimizer starts fresh; heads are kept
-    ("continue") or re-initialised ("backbone", "inflate_2d_to_3d" — upstream drops head keys, recipe §7).
+    ("continue") or re-initialised ("backbone", "inflate_2d_to_3d" — upstream drops head keys, docs/recipe.md §7).
     "vlm" takes every part of the student the source has (see `vlm_source`); the rest (the released VLM has no
     DINO/iBOT heads) starts fresh. The task's `initial_params` (e.g. the Qwen3 weights of config.text.hf_folder)
     applies to the other modes only.
@@ -117,8 +117,8 @@ def handoff_state(config: mlc.ConfigDict, program: Program) -> tuple[dict, dict]
 
 
 def with_gram_teacher(config: mlc.ConfigDict, program: Program, state: dict[str, Any]) -> tuple[dict, dict]:
-    """Loads the frozen Gram teacher (the EMA-teacher backbone of a named earlier run, recipe §6) into the state.
-    It is saved with every checkpoint, so a resume keeps the same Gram teacher (fixing recipe §13 #5)."""
+    """Loads the frozen Gram teacher (the EMA-teacher backbone of a named earlier run, docs/recipe.md §6) into the state.
+    It is saved with every checkpoint, so a resume keeps the same Gram teacher (fixing docs/recipe.md §13 #5)."""
     source = config.gram.from_workdir
     teacher, step, _ = checkpointing.read_subtree(source, "teacher", config.gram.step)
     reference = program.abstract_state["gram_teacher"]["backbone"]

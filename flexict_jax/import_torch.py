@@ -3,7 +3,7 @@
     python -m flexict_jax.import_torch --checkpoint=FILE.pth --kind={2d,3d,vlm} --workdir=DIR
 
 FILE.pth is a released 2D/3D file, `{"teacher": {"backbone.<key>": tensor, ["dino_head.*", "ibot_head.*"]},
-...}` (torch-format §1.4, §4), a released VLM file, `{"model": {"vision_model.*", "vlm_vision_projection.weight",
+...}` (docs/torch_format.md §1.4, §4), a released VLM file, `{"model": {"vision_model.*", "vlm_vision_projection.weight",
 "text_model.backbone.*", "logit_scale"}}` (§3.2), or our own `--format=flexict` export. Upstream training
 checkpoints are DCP directories: convert them with upstream's `convert_checkpoint.py` first (§7.11).
 
@@ -16,7 +16,7 @@ Writes a new workdir DIR with one checkpoint, `DIR/checkpoints/0/{state, meta}`:
 `--config.init.from=DIR` then continues pretraining from its teacher (`--config.init.mode=vlm` for a VLM, stage
 3), and `python -m flexict_jax.export --workdir=DIR` exports it again. The model config says `rope_bf16: true`:
 the released weights were trained with upstream's bf16 RoPE, and reproducing their features needs it
-(torch-format §0). Its `rope_periods_2d`/`rope_periods_3d` hold the file's RoPE periods when they differ from
+(docs/torch_format.md §0). Its `rope_periods_2d`/`rope_periods_3d` hold the file's RoPE periods when they differ from
 the ones computed here (a file made on a GPU may round the last bf16 bit differently); runs started from DIR
 use them, and export writes them back bit for bit.
 

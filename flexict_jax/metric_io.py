@@ -1,7 +1,7 @@
 """Metrics: console line, `WORKDIR/metrics.jsonl`, TensorBoard events in `WORKDIR/tensorboard/`, optionally W&B.
 
 Every backend is a CLU `MetricWriter` (one interface for all of them), but none needs TensorFlow: CLU 0.0.12
-imports TensorFlow inside `clu.metric_writers` (jax_stack.md §A5, open PR google/CommonLoopUtils#358), so when
+imports TensorFlow inside `clu.metric_writers` (docs/jax_notes.md §A5, open PR google/CommonLoopUtils#358), so when
 TensorFlow is absent its TF summary writer is replaced by a stub before CLU is imported, and the TensorBoard
 events are written with the `tensorboard` package's own event-file writer. That writer was chosen over
 tensorboardX (measured here: tensorboardX imports torch when it is installed, +2.5 s at start; the tensorboard

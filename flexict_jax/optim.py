@@ -1,4 +1,4 @@
-"""AdamW with FlexiCT's parameter groups (recipe §4) as a chain of optax transformations.
+"""AdamW with FlexiCT's parameter groups (docs/recipe.md §4) as a chain of optax transformations.
 
 The trainable parameters are a nested dict {submodule: {...}} (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`).
 `param_groups` gives every leaf its static group info; `build_optimizer` turns it into
@@ -23,7 +23,7 @@ import optax
 from flexict_jax.errors import ConfigError
 from flexict_jax.schedules import value_at
 
-# Backbone leaves that sit before the first block for layer-wise LR decay (recipe §4: layer_id 0).
+# Backbone leaves that sit before the first block for layer-wise LR decay (docs/recipe.md §4: layer_id 0).
 _EMBEDDING_TOKENS = ("cls_token", "storage_tokens", "mask_token")
 OPTIM_KEYS = ("clip_grad", "unclipped", "betas", "eps", "layer_decay", "patch_embed_lr_mult",
               "freeze_last_layer_steps", "idle_patterns")
@@ -42,7 +42,7 @@ class ParamGroup:
 
 
 def lr_scale_sqrt_1024(global_batch: Any) -> Any:
-    """LR factor of the `sqrt_wrt_1024` scaling rule, 4·√(global_batch/1024), for peak and end LR (recipe §4).
+    """LR factor of the `sqrt_wrt_1024` scaling rule, 4·√(global_batch/1024), for peak and end LR (docs/recipe.md §4).
 
     Also takes an ml_collections FieldReference, so a config's LR follows later overrides of the batch size.
     """
@@ -81,7 +81,7 @@ def _check_patterns(paths: Sequence[str], patterns: Sequence[str], what: str) ->
 
 
 def _layer_id(names: Sequence[str], depth: int, path: str) -> int:
-    """Backbone layer id (recipe §4): 0 for embeddings and tokens, i+1 for block i, depth+1 for the rest."""
+    """Backbone layer id (docs/recipe.md §4): 0 for embeddings and tokens, i+1 for block i, depth+1 for the rest."""
     if names[0] != "backbone" or len(names) < 2:
         return depth + 1
     if names[1].startswith("patch_embed") or names[1] in _EMBEDDING_TOKENS:
@@ -96,17 +96,17 @@ def _layer_id(names: Sequence[str], depth: int, path: str) -> int:
 
 def param_groups(params: Any, *, depth: int, layer_decay: float, patch_embed_lr_mult: float,
                  idle_patterns: Sequence[str], no_decay_patterns: Sequence[str] = ()) -> Any:
-    """A pytree like `params` whose leaves are each leaf's `ParamGroup` (recipe §4, §13 #14, §14.1).
+    """A pytree like `params` whose leaves are each leaf's `ParamGroup` (docs/recipe.md §4, §13 #14, §14.1).
 
     - LR multiplier `layer_decay ** (depth + 1 - layer_id)`; only the backbone has layer ids, so the final
       backbone norm and every other submodule get 1.0. `patch_embed*` is further × `patch_embed_lr_mult`.
     - Weight decay 0 for names ending in "bias" or containing "norm" or "gamma" (LayerScale), matched on the
       whole path as upstream matches on the dotted name. The CLS, storage and mask tokens are *not* exempt:
-      upstream decays them despite its own comment, and we stay faithful (recipe §13 #14).
+      upstream decays them despite its own comment, and we stay faithful (docs/recipe.md §13 #14).
       `no_decay_patterns` (path prefixes) adds exemptions upstream makes with separate groups, e.g. stage 3's
-      "logit_scale" (recipe §8).
+      "logit_scale" (docs/recipe.md §8).
     - `idle_patterns` (path prefixes such as "backbone/patch_embed_3d") mark leaves this stage never uses. Torch
-      AdamW skips parameters without a gradient, so they must neither move nor decay (recipe §14.1); their
+      AdamW skips parameters without a gradient, so they must neither move nor decay (docs/recipe.md §14.1); their
       multipliers are kept for reference but `is_frozen` overrides them.
     """
     if depth <= 0:
@@ -136,7 +136,7 @@ def param_groups(params: Any, *, depth: int, layer_decay: float, patch_embed_lr_
 
 def drop_idle_gradients(groups: Any) -> optax.GradientTransformation:
     """Zeroes the gradient of idle leaves. Torch has no gradient for them at all, so they count in no clip
-    norm and their Adam moments stay zero (recipe §14.1)."""
+    norm and their Adam moments stay zero (docs/recipe.md §14.1)."""
 
     def update_fn(updates, state, params=None):
         del params
@@ -155,7 +155,7 @@ def submodule_norms(updates: Any, groups: Any) -> dict[str, jax.Array]:
 
 def clip_by_submodule_norm(groups: Any, max_norm: float, unclipped: Sequence[str]) -> optax.GradientTransformation:
     """Clips each top-level submodule's gradient by its own global norm, like torch's clip_grad_norm_ called
-    once per student submodule (recipe §4); submodules in `unclipped` pass through (stage 3, recipe §8)."""
+    once per student submodule (docs/recipe.md §4); submodules in `unclipped` pass through (stage 3, docs/recipe.md §8)."""
 
     def update_fn(updates, state, params=None):
         del params
@@ -229,7 +229,7 @@ def validate(optim_cfg: ml_collections.ConfigDict) -> None:
 
 def build_optimizer(params: Any, optim_cfg: ml_collections.ConfigDict, *, lr_table: jax.Array,
                     wd_table: jax.Array, depth: int) -> optax.GradientTransformation:
-    """FlexiCT's AdamW (recipe §4) for `params`; call `update(grads, state, params)`.
+    """FlexiCT's AdamW (docs/recipe.md §4) for `params`; call `update(grads, state, params)`.
 
     `optim_cfg` keys: clip_grad, unclipped, betas, eps, layer_decay, patch_embed_lr_mult,
     freeze_last_layer_steps, idle_patterns, and optionally no_weight_decay (path prefixes, see

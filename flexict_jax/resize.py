@@ -3,7 +3,7 @@
 A 1-D resize is a linear map, so it is a matrix R [out, in]; a 2-D or 3-D resize is the separable product of
 one such matrix per axis. Building the matrices explicitly (host-side numpy, float64) gives three things
 the data pipeline and the patch embedding need: bit-level agreement with the PyTorch calls the upstream
-recipe uses (flexict_recipe.md §14.1), a pseudo-inverse for FlexiViT's PI-resize, and a resize that is just
+recipe uses (docs/recipe.md §14.1), a pseudo-inverse for FlexiViT's PI-resize, and a resize that is just
 two matmuls.
 
 Torch has two code paths, and they use different cubic kernels:
@@ -99,7 +99,7 @@ def resize_2d(image: np.ndarray, out_hw: tuple[int, int], method: str = "cubic",
     """Resizes the last two axes [..., H, W] of `image` to `out_hw` like torch `F.interpolate`.
 
     Floating-point images are resized in their own dtype; integer images (e.g. int16 HU) in float64, since
-    cubic weights overshoot and an integer result would silently truncate (recipe §13 item 12).
+    cubic weights overshoot and an integer result would silently truncate (docs/recipe.md §13 item 12).
     """
     image = np.asarray(image)
     if image.ndim < 2:

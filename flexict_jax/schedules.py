@@ -1,8 +1,8 @@
 """Per-step schedules (LR, weight decay, EMA momentum, teacher temperature) as precomputed tables.
 
 Every schedule is a numpy table with one value per training step, indexed by the step inside the jitted train
-step (recipe §14.1 "Schedules"). One function shape covers all of them (recipe §4): a linear warm-up, a
-half-cosine, then a constant tail. The cosine may go *up* (stage 1.1's LR ramps 0 → 5e-5, recipe §6).
+step (docs/recipe.md §14.1 "Schedules"). One function shape covers all of them (docs/recipe.md §4): a linear warm-up, a
+half-cosine, then a constant tail. The cosine may go *up* (stage 1.1's LR ramps 0 → 5e-5, docs/recipe.md §6).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ SCHEDULE_NAMES = ("lr", "weight_decay", "momentum", "teacher_temperature")  # th
 
 def linear_warmup_cosine_decay(*, start: float, peak: float, end: float, warmup_steps: int, total_steps: int,
                                cosine_steps: int | None = None) -> np.ndarray:
-    """float64 table of length `total_steps` (recipe §4 `linear_warmup_cosine_decay`), truncated if shorter.
+    """float64 table of length `total_steps` (docs/recipe.md §4 `linear_warmup_cosine_decay`), truncated if shorter.
 
     Steps [0, warmup): linear start → peak, endpoint excluded. Then `cosine_steps` (default: the rest) of a
     half-cosine peak → end sampled at `np.linspace(0, π, cosine_steps)` — endpoint included, so its last value is

@@ -27,7 +27,7 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
 
     Devices from several TPU slices get a hybrid mesh whose "data" axis spans the slices.
     Axis types are Auto on purpose: `jax.make_mesh` defaults to Explicit axes since jax 0.9, which makes
-    GSPMD-style code fail with ShardingTypeError (jax_stack.md §A6).
+    GSPMD-style code fail with ShardingTypeError (docs/jax_notes.md §A6).
     """
     devices = list(devices if devices is not None else jax.devices())
     shape = list(shape)
@@ -44,7 +44,7 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
         raise ConfigError(f"config.mesh {tuple(shape)} needs {math.prod(shape)} devices, {len(devices)} available")
     num_slices = len({getattr(d, "slice_index", 0) for d in devices})
     if num_slices > 1:
-        # Multi-slice (jax_stack.md §C4): only "data" crosses the slow links between slices (DCN); fsdp and
+        # Multi-slice (docs/jax_notes.md §C4): only "data" crosses the slow links between slices (DCN); fsdp and
         # tensor stay inside a slice (ICI). The data axis is the slices times any data parallelism within one.
         if shape[0] % num_slices:
             raise ConfigError(f"config.mesh {tuple(shape)}: the devices span {num_slices} slices, so the data axis "

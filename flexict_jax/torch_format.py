@@ -1,6 +1,6 @@
 """Key and layout mapping between our parameter pytree and the upstream FlexiCT PyTorch state_dict.
 
-Pure numpy, both directions, no torch import (torch-format §1.3–§1.5, §4, §7). Our side is the nested dict
+Pure numpy, both directions, no torch import (docs/torch_format.md §1.3–§1.5, §4, §7). Our side is the nested dict
 the trainer checkpoints: {"backbone": {...}, "dino_head": {...}, "ibot_head": {...}}. The torch side is a
 flat {key: array} dict with upstream names and layouts:
 
@@ -30,7 +30,7 @@ from flexict_jax.models import qwen3, rope
 BACKBONE, DINO_HEAD, IBOT_HEAD = "backbone", "dino_head", "ibot_head"
 HEADS = (DINO_HEAD, IBOT_HEAD)
 PERIODS_KEYS = {2: "rope_embed_2D.periods", 3: "rope_embed_3D.periods"}
-# The released FlexiCT models (torch-format §0): the 2D and 3D backbones and the vision-language model.
+# The released FlexiCT models (docs/torch_format.md §0): the 2D and 3D backbones and the vision-language model.
 MODEL_KINDS = ("2d", "3d", "vlm")
 
 
@@ -84,7 +84,7 @@ class Architecture:
         return dataclasses.replace(self, rope_periods_2d=None, rope_periods_3d=None)
 
     def upstream_differences(self) -> list[str]:
-        """What the upstream wrappers could not build: they hard-code UPSTREAM (torch-format §1.1). Explicit
+        """What the upstream wrappers could not build: they hard-code UPSTREAM (docs/torch_format.md §1.1). Explicit
         periods are no difference: `load_state_dict` loads the file's buffers."""
         arch = self.without_periods()
         return [f"{f.name}={getattr(arch, f.name)} (upstream builds {getattr(UPSTREAM, f.name)})"
@@ -124,7 +124,7 @@ def _norm(path: tuple[str, ...], key: str) -> list[_Entry]:
 
 
 def backbone_entries(depth: int) -> list[_Entry]:
-    """The backbone parameters in upstream state_dict order (torch-format §1.3), periods excluded."""
+    """The backbone parameters in upstream state_dict order (docs/torch_format.md §1.3), periods excluded."""
     entries = [_Entry(("cls_token",), "cls_token", None), _Entry(("storage_tokens",), "storage_tokens", None),
                _Entry(("mask_token",), "mask_token", None)]
     for dims in (2, 3):
@@ -171,7 +171,7 @@ def _expected_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
 
 
 def periods(arch: Architecture, num_axes: int, bf16: bool = True) -> np.ndarray:
-    """The `rope_embed_{2,3}D.periods` buffer: bf16, computed op by op as torch does (torch-format §1.3), or
+    """The `rope_embed_{2,3}D.periods` buffer: bf16, computed op by op as torch does (docs/torch_format.md §1.3), or
     with `bf16=False` the float32 periods of a model that runs RoPE in float32 (safetensors exports only).
     The architecture's explicit periods, when it has them, are written instead (exactly, if they are bf16)."""
     explicit = arch.rope_periods_2d if num_axes == 2 else arch.rope_periods_3d
@@ -217,7 +217,7 @@ def head_to_torch(head: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def params_to_torch(params: Mapping[str, Any], arch: Architecture) -> dict[str, np.ndarray]:
     """The upstream teacher payload: `backbone.<key>`, plus `dino_head.*`/`ibot_head.*` when `params` has heads
-    (upstream's inference loaders ignore the heads; `resume_from_teacher_chkpt` needs them, torch-format §4)."""
+    (upstream's inference loaders ignore the heads; `resume_from_teacher_chkpt` needs them, docs/torch_format.md §4)."""
     state = {f"{BACKBONE}.{k}": v for k, v in backbone_to_torch(params[BACKBONE], arch).items()}
     for name in HEADS:
         if name in params:
@@ -273,7 +273,7 @@ def _check_keys(state: Mapping[str, Any], expected: Iterable[str], prefix: str) 
     wanted = set(expected)
     unexpected = [k for k in state if k not in wanted]
     if unexpected:
-        hint = " (the backbone has no qkv bias, torch-format §7.7)" if "qkv.bias" in unexpected[0] or \
+        hint = " (the backbone has no qkv bias, docs/torch_format.md §7.7)" if "qkv.bias" in unexpected[0] or \
             "bias_mask" in unexpected[0] else ""
         raise FormatError(f"unexpected key {prefix}{unexpected[0]}{hint}"
                           + (f" (and {len(unexpected) - 1} more)" if unexpected[1:] else ""))
@@ -378,7 +378,7 @@ def params_from_torch(state: Mapping[str, Any], *, rope_base: float = 100.0
 
 
 # --- the vision-language model (stage 3) ------------------------------------------------------------------------
-# Upstream `Flexi_CT_VLM_Module` state_dict (torch-format §3.2): logit_scale (1,), vision_model.<backbone>,
+# Upstream `Flexi_CT_VLM_Module` state_dict (docs/torch_format.md §3.2): logit_scale (1,), vision_model.<backbone>,
 # vlm_vision_projection.weight (E, 2·dim), text_model.backbone.<Qwen3Model key>; 531 keys at the released size.
 # Ours: {"backbone", "vision_projection": {"kernel" (2·dim, E)}, "logit_scale" (), "text_tower": {...}}.
 

@@ -2,8 +2,8 @@
 
 Self-contained: it imports only torch and numpy (and safetensors to read a safetensors export), so the file can be
 copied into any PyTorch project. Module and parameter names are upstream's (`Flexi_CT_Backbone`,
-torch-format §1.2), so an upstream `.pth` loads into it with `load_state_dict(strict=True)`, and so does our
-export. Semantics reproduced (torch-format §2): [CLS, storage, patches] tokens; FlexiViT PI-resize of the
+docs/torch_format.md §1.2), so an upstream `.pth` loads into it with `load_state_dict(strict=True)`, and so does our
+export. Semantics reproduced (docs/torch_format.md §2): [CLS, storage, patches] tokens; FlexiViT PI-resize of the
 patch kernel for a runtime patch size (bicubic-antialias basis in 2-D, trilinear in 3-D, fp32 pinv); axial
 RoPE with "separate" coordinates, computed op by op in the dtype of the `periods` buffer (bf16 upstream),
 q and k cast to that dtype (prefix rows included) for the rotation; exact-erf GELU; LayerNorm eps 1e-6.
@@ -50,7 +50,7 @@ def _pi_resize_pinv(old_size: tuple[int, ...], new_size: tuple[int, ...]) -> tor
 
 
 def pi_resize_kernel(weight: torch.Tensor, new_size: tuple[int, ...]) -> torch.Tensor:
-    """FlexiViT PI-resize of a conv kernel [O, I, *old] to [O, I, *new] (torch-format §2.1)."""
+    """FlexiViT PI-resize of a conv kernel [O, I, *old] to [O, I, *new] (docs/torch_format.md §2.1)."""
     old_size, new_size = tuple(weight.shape[2:]), tuple(new_size)
     if old_size == new_size:
         return weight
@@ -77,7 +77,7 @@ class PatchEmbed(nn.Module):
 
 
 class RopeEmbedding(nn.Module):
-    """Axial RoPE tables; every op runs in the dtype of the `periods` buffer, as upstream (torch-format §2.3)."""
+    """Axial RoPE tables; every op runs in the dtype of the `periods` buffer, as upstream (docs/torch_format.md §2.3)."""
 
     def __init__(self, head_dim: int, num_axes: int, base: float, dtype: torch.dtype,
                  periods: list[float] | tuple[float, ...] | None = None):

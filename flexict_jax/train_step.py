@@ -28,7 +28,7 @@ TRAINED_PARTS = ("step", "params", "teacher", "opt_state")
 
 
 def uses_gram(config: mlc.ConfigDict) -> bool:
-    """Whether the run trains against a frozen Gram teacher (stage 1.1, recipe §6)."""
+    """Whether the run trains against a frozen Gram teacher (stage 1.1, docs/recipe.md §6)."""
     return config.loss.get("gram_weight", 0.0) > 0
 
 

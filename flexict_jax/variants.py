@@ -1,8 +1,8 @@
 """Which static variant (patch size, resolution) each training step uses.
 
-Every distinct input shape needs its own compiled step (recipe §14.1), so the variant is drawn per step, on the
+Every distinct input shape needs its own compiled step (docs/recipe.md §14.1), so the variant is drawn per step, on the
 host, from an RNG seeded by (seed, step): identical on every host, and the same after a resume (this fixes
-upstream's interleaved, identically seeded loaders, recipe §13 #6). The data pipeline calls the same function
+upstream's interleaved, identically seeded loaders, docs/recipe.md §13 #6). The data pipeline calls the same function
 to build batch t at the shapes of step t.
 """
 from __future__ import annotations

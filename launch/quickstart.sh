@@ -36,7 +36,7 @@ echo "== 4/8 ingest at 2 mm for the 3D stages → $RUN_DIR/dataset_2mm (+ per-vo
 echo "== 5/8 stage 2: 3D SSL from the inflated stage-1 teacher (configs/stage2.py:demo) → $RUN_DIR/stage2"
 "$PYTHON" -m flexict_jax.train --config=configs/stage2.py:demo --workdir="$RUN_DIR/stage2" \
   --config.data.dir="$RUN_DIR/dataset_2mm" --config.init.from="$RUN_DIR/stage1"
-# Stage 3 sees one centred global crop (recipe §8: 160³ at 2 mm, 320 mm). The demo's 48³ crop spans 192 mm at
+# Stage 3 sees one centred global crop (docs/recipe.md §8: 160³ at 2 mm, 320 mm). The demo's 48³ crop spans 192 mm at
 # 4 mm, most of a phantom's trunk with the organs and lesions its pseudo-report describes; at 2 mm only 96 mm.
 echo "== 6/8 ingest at 4 mm as the stage-3 training split → $RUN_DIR/dataset_4mm, pseudo-reports → $RUN_DIR/reports"
 "$PYTHON" -m data_prep.ingest --input "$RUN_DIR/phantoms" --output "$RUN_DIR/dataset_4mm" --spacing 4,4,4 \

@@ -8,7 +8,7 @@
 #   --python     Python version for the venv (default 3.12). TPU VM images ship Python 3.10, so the venv is made
 #                by uv, which fetches a managed interpreter; uv itself is installed to ~/.local/bin if missing.
 #   --gcsfuse    mount gs://BUCKET at MOUNT_DIR (default ~/gcs/BUCKET) with gcsfuse, installing it if needed:
-#                Grain reads ArrayRecord shards through the mount (reading gs:// directly is slow, jax_stack.md §A6)
+#                Grain reads ArrayRecord shards through the mount (reading gs:// directly is slow, docs/jax_notes.md §A6)
 #   --dry-run    print the commands instead of running them
 #
 # Re-running is safe: an existing .venv is reused and only missing or changed packages are installed.

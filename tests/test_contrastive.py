@@ -1,4 +1,4 @@
-"""Stage-3 image-text losses (recipe §8) against float64 numpy references and on a sharded global batch."""
+"""Stage-3 image-text losses (docs/recipe.md §8) against float64 numpy references and on a sharded global batch."""
 from __future__ import annotations
 
 import math
@@ -28,7 +28,7 @@ def reference_clip(image: np.ndarray, text: np.ndarray, logit_scale: float) -> f
 
 
 def reference_osl_logistic(image, pos, neg, labels, logit_scale) -> float:
-    """The logistic form (recipe §8): BCE on e^ℓ·v·(t⁺ − t⁻) with target `label`, mean over valid pairs."""
+    """The logistic form (docs/recipe.md §8): BCE on e^ℓ·v·(t⁺ − t⁻) with target `label`, mean over valid pairs."""
     z = math.exp(logit_scale) * np.einsum("be,bke->bk", image.astype(np.float64), (pos - neg).astype(np.float64))
     valid = labels >= 0
     z, y = z[valid], labels[valid]

@@ -127,7 +127,7 @@ def test_dicom_series_equals_its_nifti_conversion(exported, shared_data, tmp_pat
 
 
 def test_3d_hugging_face_preset(exported, ct_dir, tmp_path):
-    """2 mm, z-score, min-pad to 160³ then centre-crop 160³ (recipe §9); patch 16 gives a 10³ grid."""
+    """2 mm, z-score, min-pad to 160³ then centre-crop 160³ (docs/recipe.md §9); patch 16 gives a 10³ grid."""
     code, arrays = _cli(["--checkpoint", str(exported), "--kind", "3d", "--input",
                          str(ct_dir / "ts_example_ct_sm.nii.gz"), "--out", str(tmp_path / "volume.npz"),
                          "--patch-size", "16", "--save-inputs"])

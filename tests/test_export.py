@@ -417,7 +417,7 @@ VLM_PERIODS_3D = "vision_model.rope_embed_3D.periods"
 def vlm_pth(tmp_path_factory) -> tuple[pathlib.Path, dict]:
     """A tiny released-style VLM file, {"model": {...}}, and the params it holds: the tiny backbone and a Qwen3 text
     tower of test_stage3's tiny folder architecture (other weights). Its 3-D RoPE periods are one bf16 bit off
-    ours, as those of a file made on a GPU may be (torch-format §1.3)."""
+    ours, as those of a file made on a GPU may be (docs/torch_format.md §1.3)."""
     from flax import nnx
 
     from flexict_jax.models import qwen3
@@ -473,7 +473,7 @@ def test_vlm_import_and_export_round_trip(vlm_pth, tmp_path):
 
 
 def test_recipe_vlm_pairs_the_teacher_backbone_with_the_student_text_tower(vlm_pth, tmp_path, capsys):
-    """A stage-3 state: the EMA teacher tracks the image side only (recipe §8), the student has everything."""
+    """A stage-3 state: the EMA teacher tracks the image side only (docs/recipe.md §8), the student has everything."""
     _, params = vlm_pth
     student = jax.tree.map(lambda a: a + np.float32(1.0), params)
     workdir = tmp_path / "stage3"

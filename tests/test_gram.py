@@ -1,4 +1,4 @@
-"""Gram anchoring loss and the Gram-teacher patch-grid resize (recipe §3.5, §6, §14.1)."""
+"""Gram anchoring loss and the Gram-teacher patch-grid resize (docs/recipe.md §3.5, §6, §14.1)."""
 from __future__ import annotations
 
 import jax
@@ -34,7 +34,7 @@ def test_hand_computed_tiny_case_keeps_negatives():
     student = jnp.array([[[1.0, 0.0], [0.0, 1.0]]])  # orthogonal tokens: G_s = I
     teacher = jnp.array([[[3.0, 0.0], [-2.0, 0.0]]])  # opposite tokens: G_t = [[1, -1], [-1, 1]]
     # G_s - G_t = [[0, 1], [1, 0]] -> mean of squares = 2/4. Upstream's remove_neg would zero the -1 entries of
-    # G_t and give 0 instead; stage 1.1 keeps negatives (recipe §3.5).
+    # G_t and give 0 instead; stage 1.1 keeps negatives (docs/recipe.md §3.5).
     assert float(gram_loss(student, teacher)) == pytest.approx(0.5, abs=1e-7)
     teacher = jnp.array([[[1.0, 1.0], [1.0, 1.0]]])  # parallel tokens: G_t = 1 everywhere
     assert float(gram_loss(student, teacher)) == pytest.approx(0.5, abs=1e-7)
@@ -82,7 +82,7 @@ def _torch_resize(tokens: np.ndarray, grid_from, grid_to) -> np.ndarray:
 
 
 @pytest.mark.parametrize("grid_from,grid_to", [
-    ((12, 12), (8, 8)),  # recipe §6 at p=8 scaled down: 96 -> 64
+    ((12, 12), (8, 8)),  # docs/recipe.md §6 at p=8 scaled down: 96 -> 64
     ((8, 8), (6, 6)),  # 64 -> 48
     ((6, 9), (4, 6)),
     ((4, 4), (7, 7)),  # upsampling uses the same stencil

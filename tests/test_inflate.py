@@ -1,4 +1,4 @@
-"""2D → 3D inflation of the patch embedding (recipe §7): a depth-constant volume reproduces the 2D embedding."""
+"""2D → 3D inflation of the patch embedding (docs/recipe.md §7): a depth-constant volume reproduces the 2D embedding."""
 from __future__ import annotations
 
 import jax
@@ -11,7 +11,7 @@ from flexict_jax.models.vit import VisionTransformer
 
 def test_inflated_embedding_equals_2d_on_depth_constant_input():
     # At the stored base kernel (patch 8). At runtime patch 16 the 2D and 3D kernels are PI-resized with different
-    # operators (antialiased bicubic vs trilinear, recipe §2.3), upstream too, so the identity is only exact here.
+    # operators (antialiased bicubic vs trilinear, docs/recipe.md §2.3), upstream too, so the identity is only exact here.
     patch_size = 8
     model = VisionTransformer(dim=24, depth=1, num_heads=2, rngs=nnx.Rngs(0))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -1,4 +1,4 @@
-"""Stage-1 losses (recipe §3) against hand-computed values and an independent numpy Sinkhorn-Knopp."""
+"""Stage-1 losses (docs/recipe.md §3) against hand-computed values and an independent numpy Sinkhorn-Knopp."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""iBOT block masks: exact counts, blocky shapes, per-example crop choice (recipe §5)."""
+"""iBOT block masks: exact counts, blocky shapes, per-example crop choice (docs/recipe.md §5)."""
 from __future__ import annotations
 
 import numpy as np

@@ -42,7 +42,7 @@ def test_box_shape_follows_volume_and_in_plane_aspect():
 
 @pytest.mark.parametrize("tokens", [10, 20])  # the 160³ crop at patch 16 and 8
 def test_faithful_ratio_tracks_but_misses_the_target(tokens):
-    # Upstream does not enforce the count (recipe §13 #9): the realised ratio follows r, mostly below it.
+    # Upstream does not enforce the count (docs/recipe.md §13 #9): the realised ratio follows r, mostly below it.
     realised, targets = [], []
     for seed in range(40):
         rng = np.random.default_rng(seed)
@@ -85,7 +85,7 @@ def test_same_rng_same_mask():
 
 
 def test_one_of_two_global_crops_masked_with_ratio_in_range():
-    masking = RccMasking()  # recipe §7 defaults, exact count
+    masking = RccMasking()  # docs/recipe.md §7 defaults, exact count
     tokens, total = 4, 64
     counts = []
     for seed in range(100):
@@ -99,7 +99,7 @@ def test_one_of_two_global_crops_masked_with_ratio_in_range():
 
 
 def test_single_global_crop_masked_in_half_of_the_examples():
-    # Stage 3 (recipe §8): one global crop, iBOT on 50% of the samples.
+    # Stage 3 (docs/recipe.md §8): one global crop, iBOT on 50% of the samples.
     masked = [RccMasking()(np.random.default_rng(seed), 1, 4).any() for seed in range(400)]
     assert 0.42 < np.mean(masked) < 0.58
 

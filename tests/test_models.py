@@ -17,7 +17,7 @@ from flexict_jax.models.patch_embed import PatchEmbed
 from flexict_jax.models.vit import VisionTransformer
 
 TINY = dict(dim=48, depth=2, num_heads=4)
-# torch-format §1.3: what torch computes for 100 ** (2 * arange(18) / 36) op by op in bf16.
+# docs/torch_format.md §1.3: what torch computes for 100 ** (2 * arange(18) / 36) op by op in bf16.
 BF16_PERIODS = [1.0, 1.2890625, 1.671875, 2.15625, 2.78125, 3.59375, 4.65625, 6.0, 7.78125, 10.0, 12.875, 16.5,
                 21.625, 27.875, 35.75, 46.25, 60.5, 77.5]
 RULES = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("qkv", "tensor"),
@@ -59,12 +59,12 @@ def images() -> jax.Array:
 
 def test_default_backbone_has_144m_parameters():
     abstract = nnx.eval_shape(lambda: VisionTransformer(rngs=nnx.Rngs(0)))
-    assert _n_params(abstract) == 143_999_424  # recipe §2.1
+    assert _n_params(abstract) == 143_999_424  # docs/recipe.md §2.1
 
 
 def test_head_parameter_count():
     abstract = nnx.eval_shape(lambda: DINOHead(864, rngs=nnx.Rngs(0)))
-    # 864·2048 + 2048 + 2048² + 2048 + 2048·256 + 256 + 256·65536 ≈ 23.27M (recipe §2.4)
+    # 864·2048 + 2048 + 2048² + 2048 + 2048·256 + 256 + 256·65536 ≈ 23.27M (docs/recipe.md §2.4)
     assert _n_params(abstract) == 23_269_632
 
 
@@ -165,7 +165,7 @@ def test_eval_is_deterministic_and_train_uses_the_key(model, images):
 
 
 def test_single_sample_train_equals_eval():
-    # With B=1 the drop-path subset is the whole batch with scale 1 (torch-format §2.8).
+    # With B=1 the drop-path subset is the whole batch with scale 1 (docs/torch_format.md §2.8).
     model = VisionTransformer(**TINY, drop_path_rate=0.2, rope_rescale=None, layerscale_init=0.5,
                               rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(2), (1, 16, 24, 1))
@@ -275,7 +275,7 @@ def test_patch_embedding_is_a_strided_conv(spatial_dims, patch_size):
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_pi_resize_preserves_the_patch_response(spatial_dims):
-    """<resize(x), ŵ> = <x, w> (recipe §2.3), resize(x) by torch's own interpolate."""
+    """<resize(x), ŵ> = <x, w> (docs/recipe.md §2.3), resize(x) by torch's own interpolate."""
     torch = pytest.importorskip("torch")
     embed = PatchEmbed(spatial_dims, 1, 6, 8, rngs=nnx.Rngs(0))
     x = np.random.default_rng(0).normal(size=(3, 1) + (8,) * spatial_dims).astype(np.float32)
@@ -290,7 +290,7 @@ def test_pi_resize_preserves_the_patch_response(spatial_dims):
 
 @pytest.mark.parametrize("spatial_dims,patch_size", [(2, 16), (2, 4), (2, 12), (3, 4)])
 def test_resampled_kernel_matches_torch(spatial_dims, patch_size):
-    """Upstream's PatchEmbedND resample: basis kernels through F.interpolate, fp32 pinv (torch-format §2.1)."""
+    """Upstream's PatchEmbedND resample: basis kernels through F.interpolate, fp32 pinv (docs/torch_format.md §2.1)."""
     torch = pytest.importorskip("torch")
     embed = PatchEmbed(spatial_dims, 1, 4, 8, rngs=nnx.Rngs(0))
     old, new = (8,) * spatial_dims, (patch_size,) * spatial_dims
@@ -326,7 +326,7 @@ def test_bf16_periods_match_upstream():
 
 @pytest.mark.parametrize("grid", [(8, 6), (32, 32), (4, 3, 2), (20, 20, 20)])
 def test_bf16_tables_are_bit_identical_to_torch(grid):
-    """torch-format §2.3: every op of the table in bf16, in upstream's order."""
+    """docs/torch_format.md §2.3: every op of the table in bf16, in upstream's order."""
     torch = pytest.importorskip("torch")
     bf16 = torch.bfloat16
     periods = torch.tensor(BF16_PERIODS[:18 if len(grid) == 2 else 12], dtype=bf16)

@@ -1,4 +1,4 @@
-"""Schedules, FlexiCT parameter groups and the AdamW chain (recipe §4, §13 #14, §14.1) on tiny fake params."""
+"""Schedules, FlexiCT parameter groups and the AdamW chain (docs/recipe.md §4, §13 #14, §14.1) on tiny fake params."""
 from __future__ import annotations
 
 import math
@@ -90,11 +90,11 @@ def test_cosine_defaults_to_rest_and_constant_schedule():
     table = schedules.linear_warmup_cosine_decay(start=1.0, peak=1.0, end=0.0, warmup_steps=0, total_steps=8)
     np.testing.assert_allclose(table, 0.5 * (1 + np.cos(np.pi * np.arange(8) / 7)))
     flat = schedules.linear_warmup_cosine_decay(start=0.04, peak=0.04, end=0.04, warmup_steps=0, total_steps=5)
-    np.testing.assert_array_equal(flat, 0.04)  # recipe §5: constant weight decay
+    np.testing.assert_array_equal(flat, 0.04)  # docs/recipe.md §5: constant weight decay
 
 
 def test_upward_cosine_ramp_stage_1_1():
-    # recipe §6: start 0, peak 0, end 5e-5, no warm-up, cosine over 10 "epochs" (scaled down here).
+    # docs/recipe.md §6: start 0, peak 0, end 5e-5, no warm-up, cosine over 10 "epochs" (scaled down here).
     table = schedules.linear_warmup_cosine_decay(start=0.0, peak=0.0, end=5e-5, warmup_steps=0, total_steps=30,
                                                  cosine_steps=10)
     assert table[0] == 0.0
@@ -162,8 +162,8 @@ def test_schedule_table_from_config_and_value_at():
 
 def test_lr_scale_sqrt_1024():
     assert optim.lr_scale_sqrt_1024(1024) == 4.0
-    assert optim.lr_scale_sqrt_1024(400) == pytest.approx(2.5)  # recipe §6
-    assert optim.lr_scale_sqrt_1024(800) == pytest.approx(3.5355, abs=1e-4)  # recipe §5
+    assert optim.lr_scale_sqrt_1024(400) == pytest.approx(2.5)  # docs/recipe.md §6
+    assert optim.lr_scale_sqrt_1024(800) == pytest.approx(3.5355, abs=1e-4)  # docs/recipe.md §5
     with pytest.raises(ValueError):
         optim.lr_scale_sqrt_1024(0)
     config = ml_collections.ConfigDict(dict(global_batch_size=800))
@@ -210,7 +210,7 @@ def test_weight_decay_exemptions():
               bb["patch_embed_2d"]["bias"], groups["dino_head"]["mlp"]["layers"][0]["bias"],
               groups["ibot_head"]["mlp"]["layers"][1]["kernel"]]
     decayed = [block["attn"]["qkv"]["kernel"], block["mlp"]["fc2"]["kernel"], bb["patch_embed_2d"]["kernel"],
-               bb["cls_token"], bb["storage_tokens"], bb["mask_token"],  # not exempt upstream (recipe §13 #14)
+               bb["cls_token"], bb["storage_tokens"], bb["mask_token"],  # not exempt upstream (docs/recipe.md §13 #14)
                groups["dino_head"]["last_layer"]["kernel"], groups["ibot_head"]["mlp"]["layers"][0]["kernel"]]
     assert [info.wd_mult for info in exempt] == [0.0] * len(exempt)
     assert [info.wd_mult for info in decayed] == [1.0] * len(decayed)
@@ -255,7 +255,7 @@ def test_update_matches_numpy_adamw():
                                wd_table=np.full(10, wd), depth=depth)
     grads = [_grads(params, seed=s) for s in (1, 2, 3)]
     new, _ = _run(tx, params, grads)
-    cases = [  # (path, lr multiplier, wd multiplier), worked out by hand from recipe §4 with depth 3
+    cases = [  # (path, lr multiplier, wd multiplier), worked out by hand from docs/recipe.md §4 with depth 3
         (("backbone", "blocks", 0, "attn", "qkv", "kernel"), 0.9 ** 3, 1.0),
         (("backbone", "blocks", 2, "norm2", "scale"), 0.9, 0.0),
         (("backbone", "patch_embed_2d", "kernel"), 0.9 ** 4 * 0.2, 1.0),
@@ -283,7 +283,7 @@ def test_clipping_is_per_submodule():
     assert before["backbone"] > 3 and before["dino_head"] > 3
     assert float(after["backbone"]) == pytest.approx(3.0, rel=1e-5)
     assert float(after["dino_head"]) == pytest.approx(3.0, rel=1e-5)
-    assert float(after["ibot_head"]) == pytest.approx(float(before["ibot_head"]))  # unclipped (recipe §8)
+    assert float(after["ibot_head"]) == pytest.approx(float(before["ibot_head"]))  # unclipped (docs/recipe.md §8)
 
     # Through the whole optimizer: blowing up the heads' gradients leaves the backbone's update untouched.
     tx = optim.build_optimizer(params, _optim_cfg(), lr_table=np.full(4, 1e-2), wd_table=np.full(4, 0.04), depth=2)

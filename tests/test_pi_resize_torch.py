@@ -1,4 +1,4 @@
-"""Issue #3's PI-resize check at the operator level, patch 8 -> 16, against torch 2.13 (recipe §2.3, §14.1).
+"""Issue #3's PI-resize check at the operator level, patch 8 -> 16, against torch 2.13 (docs/recipe.md §2.3, §14.1).
 
 tests/test_models.py already checks, through `PatchEmbed`, that <resize(x), ŵ> = <x, w> for random x with
 torch's own interpolate (2-D and 3-D, 8 -> 16) and the resampled 2-D kernel for 8 -> 16 against upstream's
@@ -17,7 +17,7 @@ from flexict_jax.models.patch_embed import PatchEmbed, pi_resize_matrix
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-# The torch calls of upstream's PatchEmbedND resample, per spatial rank (recipe §2.3).
+# The torch calls of upstream's PatchEmbedND resample, per spatial rank (docs/recipe.md §2.3).
 TORCH_MODE = {2: dict(mode="bicubic", antialias=True), 3: dict(mode="trilinear")}
 
 
@@ -40,7 +40,7 @@ def test_pi_resize_operator_is_the_pinv_of_torchs_resize(spatial_dims):
 
 
 def test_3d_kernel_for_patch_16_matches_upstreams_resample():
-    """Upstream: W_16 = W_8 · pinv(R) in fp32, R from trilinear one-hot basis kernels (torch-format §2.1)."""
+    """Upstream: W_16 = W_8 · pinv(R) in fp32, R from trilinear one-hot basis kernels (docs/torch_format.md §2.1)."""
     embed = PatchEmbed(3, 1, 4, 8, rngs=nnx.Rngs(0))
     weight = torch.from_numpy(np.array(embed.kernel[...])).movedim(-1, 0).movedim(-1, 1)  # DHWIO -> O, I, D, H, W
     operator = _torch_operator(3, 8, 16, torch.float32)

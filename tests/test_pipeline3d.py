@@ -277,7 +277,7 @@ def test_phantom_anatomy_orientation_and_flip_of_global_crop_one_only(phantoms):
 
 
 def test_no_flip_without_augmentation_keeps_local_crops_unflipped(phantoms):
-    # Local crops get RandAxisFlip(flip_prob) each (recipe §7); with 0 nothing is flipped, with 1 all are.
+    # Local crops get RandAxisFlip(flip_prob) each (docs/recipe.md §7); with 0 nothing is flipped, with 1 all are.
     base = plain(data_config(phantoms, n_local_crops=4))
     unflipped = take(build(base, seed=2), 1)[0]["local_crops"]
     flipped = take(build(plain(data_config(phantoms, n_local_crops=4), flip_prob=1.0), seed=2), 1)[0]["local_crops"]
@@ -300,7 +300,7 @@ def test_stage3_image_views(phantoms):
         for crop in crops[1:]:
             np.testing.assert_array_equal(crop, crops[0])
     masked = np.concatenate([b["masks_p8"].any(-1)[:, 0] for b in batches + other])
-    assert 0 < masked.mean() < 1  # iBOT on about half of the samples (recipe §8)
+    assert 0 < masked.mean() < 1  # iBOT on about half of the samples (docs/recipe.md §8)
 
 
 # --- statistics side-car and errors ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from run_utils import assert_batches_equal, synthetic_slice, take, unaugmented, 
 from run_utils import slices_data_config as data_config
 
 PATCH_SIZES, PATCH_PROBS = (16, 8), (0.5, 0.5)
-# (global, local, Gram) at 1/16 of recipe §6's first two rows, plus a row whose Gram crop is the global size.
+# (global, local, Gram) at 1/16 of docs/recipe.md §6's first two rows, plus a row whose Gram crop is the global size.
 RESOLUTIONS = ((24, 8, 32), (32, 8, 48), (32, 16, 32))
 RESOLUTION_PROBS = (0.4, 0.4, 0.2)
 

@@ -51,7 +51,7 @@ def test_linear_1d_matches_torch():
 
 @pytest.mark.parametrize("old,new", [((8, 8, 8), (16, 16, 16)), ((4, 6, 5), (3, 9, 5)), ((8, 8, 8), (4, 12, 8))])
 def test_trilinear_3d_is_the_kron_product(old, new):
-    """The 3-D PI-resize operator (recipe §2.3) built from one-hot basis kernels, as upstream does."""
+    """The 3-D PI-resize operator (docs/recipe.md §2.3) built from one-hot basis kernels, as upstream does."""
     basis = torch.eye(int(np.prod(old)), dtype=torch.float64).reshape(-1, 1, *old)
     theirs = F.interpolate(basis, size=new, mode="trilinear", align_corners=False).reshape(len(basis), -1).T
     ours = np.kron(np.kron(resize_matrix(old[0], new[0], "linear", False),
@@ -62,7 +62,7 @@ def test_trilinear_3d_is_the_kron_product(old, new):
 
 @pytest.mark.parametrize("new", [16, 4, 12])
 def test_bicubic_antialias_2d_basis_is_the_kron_product(new):
-    """The 2-D PI-resize operator: one-hot 8x8 basis kernels through antialiased bicubic (recipe §2.3)."""
+    """The 2-D PI-resize operator: one-hot 8x8 basis kernels through antialiased bicubic (docs/recipe.md §2.3)."""
     basis = torch.eye(64, dtype=torch.float32).reshape(64, 1, 8, 8)
     theirs = F.interpolate(basis, size=(new, new), mode="bicubic", antialias=True, align_corners=False)
     r = resize_matrix(8, new, "cubic", True)

@@ -62,7 +62,7 @@ def stage3_run(tmp_path_factory, phantom_reports, stage2_run) -> pathlib.Path:
 def test_stage3_continues_the_stage2_teacher_and_adds_the_text_side(stage3_run, stage2_run):
     start = saved_state(stage3_run, 0)
     stage2_teacher = saved_state(stage2_run, checkpointing.latest_step(stage2_run))["teacher"]
-    for part in align.IMAGE_PARTS:  # "continue": backbone and both heads (recipe §8)
+    for part in align.IMAGE_PARTS:  # "continue": backbone and both heads (docs/recipe.md §8)
         assert_trees_close(start["params"][part], stage2_teacher[part], atol=0)
     assert set(start["teacher"]) == set(align.IMAGE_PARTS)  # the EMA teacher is the image side only
     assert_trees_close(start["teacher"], {p: start["params"][p] for p in align.IMAGE_PARTS}, atol=0)
@@ -131,7 +131,7 @@ def test_logit_scale_is_clamped_after_every_step(stage3_run):
 
 def test_siglip_train_steps_learn_the_scale_and_bias_and_clamp_the_scale(phantom_reports):
     """SigLIP end to end through the trainer's compiled step (`configs/stage3.py:tiny,contrastive=siglip`): finite
-    losses assembled as recipe §8 with SigLIP in CLIP's place, the logit scale and bias (SigLIP's init ln 10 and
+    losses assembled as docs/recipe.md §8 with SigLIP in CLIP's place, the logit scale and bias (SigLIP's init ln 10 and
     -10, no clipping, no decay) both move, and a logit scale outside [0, ln 100] comes back clamped."""
     config = stage3_config(phantom_reports, arg="tiny,contrastive=siglip")
     mesh = sharding.make_mesh(config.mesh)
@@ -275,7 +275,7 @@ def test_config_defaults_follow_the_recipe():
             c.data.flip_prob) == (1, "center", (20, 40), False, 0.0)
     assert (c.loss.dino_weight, c.loss.ibot_weight, c.loss.koleo_weight, c.loss.contrastive_weight,
             c.loss.osl_weight, c.loss.contrastive, c.loss.clip_from_masked) == (0.5, 1.0, 0.0, 1.0, 0.5, "clip", True)
-    scale = 4 * math.sqrt(280 / 1024)  # recipe §8: factor 2.09 at 8 GPUs
+    scale = 4 * math.sqrt(280 / 1024)  # docs/recipe.md §8: factor 2.09 at 8 GPUs
     lr = c.schedules.lr
     assert (lr.start, lr.peak, lr.end, lr.warmup_steps) == pytest.approx((1e-4 * scale, 1e-4 * scale, 1e-6 * scale, 0))
     assert (c.schedules.momentum.peak, c.schedules.teacher_temperature.peak, c.schedules.weight_decay.peak) == (
@@ -301,7 +301,7 @@ def test_config_errors_name_the_key(phantom_reports):
 
 def test_parameter_groups_of_the_student(phantom_reports):
     """Top-level parts are the clip groups: the text tower is clipped on its own, projection and logit scale
-    not at all; the logit scale has no weight decay; the text tower decays all but its norms (recipe §8)."""
+    not at all; the logit scale has no weight decay; the text tower decays all but its norms (docs/recipe.md §8)."""
     from flexict_jax import optim
     config = stage3_config(phantom_reports, arg="tiny,contrastive=siglip")
     params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: align.build_model(config, 0))))

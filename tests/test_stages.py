@@ -45,7 +45,7 @@ def test_stage2_starts_from_inflated_stage1_teacher(stage2_uninterrupted, stage1
                                   expected["patch_embed_3d"]["kernel"])
     assert_trees_close(start["params"]["backbone"]["blocks"], stage1_teacher["backbone"]["blocks"], atol=0)
     assert_trees_close(start["teacher"], start["params"], atol=0)  # teacher = student at the hand-off
-    # Heads are re-initialised (recipe §7): they differ from the stage-1 teacher's.
+    # Heads are re-initialised (docs/recipe.md §7): they differ from the stage-1 teacher's.
     assert not np.allclose(start["params"]["dino_head"]["last_layer"]["kernel"],
                            stage1_teacher["dino_head"]["last_layer"]["kernel"])
     meta = checkpointing.Checkpointer(stage2_uninterrupted / "checkpoints", every_steps=1, keep_last=9).read_meta(0)

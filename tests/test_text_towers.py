@@ -1,4 +1,4 @@
-"""Text towers (recipe §2.5, §14.1): the from-scratch encoder and the Qwen3 port against transformers.
+"""Text towers (docs/recipe.md §2.5, §14.1): the from-scratch encoder and the Qwen3 port against transformers.
 
 The Qwen3 checks build a tiny random `transformers.Qwen3Model`, save it to a local folder with
 `save_pretrained` and read it back through `load_hf_folder`; nothing is downloaded.
@@ -153,7 +153,7 @@ def test_bad_configuration_and_input_are_reported():
 def test_qwen3_embedding_06b_has_595m_parameters():
     abstract = nnx.eval_shape(lambda: qwen3.qwen3_encoder(qwen3.Qwen3Config(), rngs=nnx.Rngs(0)))
     n_params = sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
-    assert n_params == 595_776_512  # recipe §2.1
+    assert n_params == 595_776_512  # docs/recipe.md §2.1
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def test_qwen3_matches_transformers(hf_model, hf_folder):
 
 def test_exported_vlm_text_tower_matches_transformers(hf_model, tmp_path):
     """The text tower of a `python -m flexict_jax.export --kind=vlm` file (upstream's `text_model.backbone.*` keys,
-    torch-format §3.2), loaded strictly into a fresh transformers Qwen3Model of the same config, computes what our
+    docs/torch_format.md §3.2), loaded strictly into a fresh transformers Qwen3Model of the same config, computes what our
     JAX tower computes."""
     import torch
     import transformers

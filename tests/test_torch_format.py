@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 from flexict_jax import torch_reference  # noqa: E402  (imports torch)
 from run_utils import last_bf16_bit_flipped  # noqa: E402
 
-# torch-format §1.3, values torch computes op by op in bf16.
+# docs/torch_format.md §1.3, values torch computes op by op in bf16.
 BF16_PERIODS = [1.0, 1.2890625, 1.671875, 2.15625, 2.78125, 3.59375, 4.65625, 6.0, 7.78125, 10.0, 12.875, 16.5,
                 21.625, 27.875, 35.75, 46.25, 60.5, 77.5]
 TINY = torch_format.Architecture(dim=48, depth=2, num_heads=2)
@@ -27,7 +27,7 @@ TINY_HEADS = dict(hidden_dim=32, bottleneck_dim=16, num_prototypes=64)
 
 
 def spec_state_dict_shapes() -> dict[str, tuple[int, ...]]:
-    """torch-format §1.3 written out: the 219 entries of the released backbone, in state_dict order."""
+    """docs/torch_format.md §1.3 written out: the 219 entries of the released backbone, in state_dict order."""
     shapes = {"cls_token": (1, 1, 864), "storage_tokens": (1, 4, 864), "mask_token": (1, 864),
               "patch_embed_2D.proj.weight": (864, 1, 8, 8), "patch_embed_2D.proj.bias": (864,),
               "patch_embed_3D.proj.weight": (864, 1, 8, 8, 8), "patch_embed_3D.proj.bias": (864,),
@@ -136,7 +136,7 @@ def test_round_trip_jax_torch_jax_is_bitwise(arch, heads):
 
 
 def test_layouts_follow_the_torch_conventions():
-    """OIHW/OIDHW conv kernels, (out, in) Linear weights, [q|k|v] head-major qkv rows (torch-format §1.5)."""
+    """OIHW/OIDHW conv kernels, (out, in) Linear weights, [q|k|v] head-major qkv rows (docs/torch_format.md §1.5)."""
     params = random_params(TINY, heads=True)
     state = torch_format.params_to_torch(params, TINY)
     backbone, block = params["backbone"], params["backbone"]["blocks"][0]
@@ -253,7 +253,7 @@ def test_non_finite_values_are_refused_both_ways(tiny_payload):
         torch_format.params_from_torch(tiny_payload)
 
 
-# --- the VLM payload (torch-format §3.2) ------------------------------------------------------------------------
+# --- the VLM payload (docs/torch_format.md §3.2) ------------------------------------------------------------------------
 
 def random_vlm_params(arch: torch_format.Architecture, text: qwen3.Qwen3Config, seed: int = 0) -> dict:
     """Stage-3 params: backbone + VisionLanguageHead(text tower, projection, logit scale), random values."""

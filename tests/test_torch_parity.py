@@ -1,4 +1,4 @@
-"""Forward parity: our JAX backbone vs the PyTorch reference of upstream's, same weights (torch-format §6, §7).
+"""Forward parity: our JAX backbone vs the PyTorch reference of upstream's, same weights (docs/torch_format.md §6, §7).
 
 Small dims for speed (the reference accepts any width), grids at most 16 per axis, eval mode, fp32 with
 "highest" matmul precision. Weights: our initialisation with LayerScale γ ~ U(0.2, 1) so that the residual
@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 from flexict_jax import torch_reference  # noqa: E402  (imports torch)
 
 ARCH = torch_format.Architecture(dim=96, depth=2, num_heads=4)  # head_dim 24: 2-D and 3-D RoPE both fit
-MAX_ABS, MIN_COSINE = 1e-3, 0.99999  # torch-format §6.4, with bf16 RoPE emulation
+MAX_ABS, MIN_COSINE = 1e-3, 0.99999  # docs/torch_format.md §6.4, with bf16 RoPE emulation
 OUTPUTS = {"cls": "x_norm_clstoken", "storage": "x_storage_tokens", "patch": "x_norm_patchtokens",
            "prenorm": "x_prenorm"}
 

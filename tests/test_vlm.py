@@ -1,4 +1,4 @@
-"""Stage-3 vision-language head (recipe §2.5): embeddings, projections, logit scale and its clamp."""
+"""Stage-3 vision-language head (docs/recipe.md §2.5): embeddings, projections, logit scale and its clamp."""
 from __future__ import annotations
 
 import math
@@ -34,7 +34,7 @@ def test_parameter_names_and_initial_logit_scale():
     assert set(params) == {"vision_projection", "logit_scale", "text_tower"}
     assert params["vision_projection"]["kernel"].shape == (2 * VISION_WIDTH, 32)
     assert params["logit_scale"].shape == ()
-    np.testing.assert_allclose(params["logit_scale"], 2.6593, atol=1e-4)  # ln(1/0.07), recipe §2.5
+    np.testing.assert_allclose(params["logit_scale"], 2.6593, atol=1e-4)  # ln(1/0.07), docs/recipe.md §2.5
     assert set(params["text_tower"]) == {"embed_tokens", "layers", "norm"}
 
     projected = nnx.to_pure_dict(nnx.state(head(embed_dim=16), nnx.Param))
@@ -53,7 +53,7 @@ def test_every_parameter_has_logical_axes():
 
 
 def test_vision_projection_init_scales_with_the_width():
-    # Upstream: N(0, 1728^-0.5) for the 1728 = 2·864 input (recipe §2.5); here 2·432 = 864 inputs.
+    # Upstream: N(0, 1728^-0.5) for the 1728 = 2·864 input (docs/recipe.md §2.5); here 2·432 = 864 inputs.
     wide = VisionLanguageHead(TextEncoder(**{**TOWER, "width": 64}, rngs=nnx.Rngs(0)), vision_width=432,
                               rngs=nnx.Rngs(2))
     kernel = np.asarray(wide.vision_projection.kernel[...])

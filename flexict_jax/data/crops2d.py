@@ -66,7 +66,7 @@ def resize_crops(crops: np.ndarray, size: int) -> np.ndarray:
     """float32 [..., size, size]: crops [..., h, w] resized like torch bicubic with antialias.
 
     Stage 1.1 derives its global crop from the Gram-size crop this way, as torchvision's `Resize` does
-    upstream (recipe §6); crops already at `size` are returned as they are.
+    upstream (docs/recipe.md §6); crops already at `size` are returned as they are.
     """
     height, width = crops.shape[-2:]
     if height == width == size:

@@ -1,4 +1,4 @@
-"""3-D multi-crop views for stages 2-3 (recipe §7, §8): virtual padding, crop boxes, region reads, trilinear
+"""3-D multi-crop views for stages 2-3 (docs/recipe.md §7, §8): virtual padding, crop boxes, region reads, trilinear
 resize and RandAxisFlip. Pure numpy.
 
 Geometry. A volume (z, y, x) is clamped, z-scored with its own statistics and padded to at least `pad_to` voxels
@@ -8,7 +8,7 @@ filled with the minimum. A box of e voxels per axis is resized to `size` with to
 (align_corners=False, `flexict_jax.resize`), one axis at a time.
 
 Intensity augmentation. Upstream runs the MONAI intensity transforms on the whole padded volume before cropping
-(recipe §7). Here one `IntensityDraw` per example is applied to each crop's region instead:
+(docs/recipe.md §7). Here one `IntensityDraw` per example is applied to each crop's region instead:
   * smoothing and low resolution are banded [n, n] matrices per padded axis (`IntensityDraw.axis_matrix`); the
     rows of a crop box use only the columns of their band, so reading the box grown by that band (a few voxels)
     gives exactly upstream's voxels;
@@ -131,7 +131,7 @@ class PaddedVolume:
 
 @dataclasses.dataclass(frozen=True)
 class VolumeCrops:
-    """`n_crops` crops of one padded volume, each resized to size³, some with RandAxisFlip (recipe §7, §8).
+    """`n_crops` crops of one padded volume, each resized to size³, some with RandAxisFlip (docs/recipe.md §7, §8).
 
     mode "random": box size per axis uniform in `extent`, drawn independently per axis, at a random place;
     "center": the centred size³ box (stage 3), `extent` unused. Crops listed in `flip_crops` (None: all) are

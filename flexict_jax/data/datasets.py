@@ -32,7 +32,7 @@ def validate(config: mlc.ConfigDict) -> None:
                                   f"{global_size}")
             if local_size % p:
                 logging.warning("local crop size %d is not a multiple of patch size %d: the last %d pixels are "
-                                "dropped, as upstream does (recipe §2.3)", local_size, p, local_size % p)
+                                "dropped, as upstream does (docs/recipe.md §2.3)", local_size, p, local_size % p)
 
 
 def _slices2d(config: mlc.ConfigDict, **common) -> grain.IterDataset:

@@ -1,6 +1,6 @@
 """What every FlexiCT Grain pipeline shares: the stream graph, host sharding, per-example RNG, config checks.
 
-Graph (recipe §13 #6/#7):
+Graph (docs/recipe.md §13 #6/#7):
 
     random-access source -> shuffle(seed), a new permutation every epoch -> repeat(None)
       -> per-example transform keyed by (seed, global example index)
@@ -29,7 +29,7 @@ def example_rngs(seed: int, index: int, count: int) -> list[np.random.Generator]
     """`count` independent generators for example `index` of the stream seeded by `seed`.
 
     One stream per component of an example, so e.g. changing the number of local crops leaves the global crops
-    and masks of every example unchanged (recipe §13 #7: randomness from (seed, index) only).
+    and masks of every example unchanged (docs/recipe.md §13 #7: randomness from (seed, index) only).
     """
     return [np.random.default_rng(s) for s in np.random.SeedSequence([seed, index]).spawn(count)]
 

@@ -1,9 +1,9 @@
-"""Intensity: HU window + z-score, and the MONAI intensity augmentations of stages 1-3 (recipe §5, §7).
+"""Intensity: HU window + z-score, and the MONAI intensity augmentations of stages 1-3 (docs/recipe.md §5, §7).
 
 Pure numpy/scipy on float32 arrays of any rank: 2-D slices (stage 1) and 3-D volumes (stages 2-3). Each
 transform reproduces the MONAI class upstream uses (`dinov3/data/augmentations.py`, `SimpleDataAugmentationDINO`
 and `RandomCropDINO3D`), with parameters drawn from the `np.random.Generator` passed in instead of MONAI's
-process-global RandomState (recipe §13 #7).
+process-global RandomState (docs/recipe.md §13 #7).
 
 The two spatial transforms (Gaussian smoothing, simulated low resolution) are separable linear maps, so each
 also exists as one [n, n] matrix per axis (`IntensityDraw.axis_matrix`). The 3-D pipeline uses those to apply
@@ -55,7 +55,7 @@ def z_score(hu: np.ndarray, window: tuple[float, float], stats: HuStats) -> np.n
 
 
 def normalize_hu(hu: np.ndarray, window: tuple[float, float] = (-1000.0, 1000.0)) -> np.ndarray:
-    """float32: HU clamped to `window`, then z-scored with the image's own unbiased std (recipe §5).
+    """float32: HU clamped to `window`, then z-scored with the image's own unbiased std (docs/recipe.md §5).
 
     Upstream calls this `zero_to_one`, but it is a z-score; a flat image (std < 1e-6) is only mean-centred.
     """

@@ -1,4 +1,4 @@
-"""iBOT block masks on the patch grid of the global crops (recipe §5, DINOv2 `MaskingGenerator` semantics).
+"""iBOT block masks on the patch grid of the global crops (docs/recipe.md §5, DINOv2 `MaskingGenerator` semantics).
 
 Pure numpy; every draw comes from the `np.random.Generator` passed in, so a mask depends only on the example's
 RNG and never on the batch it lands in.
@@ -22,7 +22,7 @@ def block_mask(rng: np.random.Generator, grid: int, num_masked: int, *, min_bloc
     Rectangles have area U(min_block_patches, still-missing patches) (capped at `max_block_patches`) and a
     log-uniform aspect ratio in `block_aspect`; a rectangle is kept only if it adds between 1 and the still-missing
     number of patches. After ten misses in a row (or once the target is reached) the remainder is filled with
-    uniformly random patches, so the count is exact (recipe §5).
+    uniformly random patches, so the count is exact (docs/recipe.md §5).
     """
     total = grid * grid
     if not 0 <= num_masked <= total:
@@ -68,7 +68,7 @@ def masked_crops(rng: np.random.Generator, n_crops: int, probability: float) -> 
 
     n_crops·probability of them, chosen at random. When that is not a whole number, its floor or its ceiling
     (the latter with probability equal to the fractional part), so the expected count is n_crops·probability:
-    stage 3 masks its single global crop in half of the examples (recipe §8).
+    stage 3 masks its single global crop in half of the examples (docs/recipe.md §8).
     """
     expected = round(n_crops * probability, 9)  # 3 x 0.1 is 0.30000000000000004
     count = math.floor(expected)
@@ -86,7 +86,7 @@ def max_masked_crops(n_crops: int, probability: float) -> int:
 class IbotMasking:
     """Per-example iBOT masks for the global crops (config `data.mask`).
 
-    Deviation from upstream (recipe §5): the upstream collate masks int(n_images·probability) of the 2B global
+    Deviation from upstream (docs/recipe.md §5): the upstream collate masks int(n_images·probability) of the 2B global
     crops of the local batch, gives the i-th masked image a ratio drawn from the i-th bin of
     linspace(ratio_min, ratio_max, n+1), and shuffles the masks across the batch, so a crop's mask depends on the
     per-device batch size and its position in it. Here each example masks n_crops·probability of its own

@@ -1,4 +1,4 @@
-"""RCC-3D iBOT masks on the token grid of the 3-D global crops (recipe §7, upstream `RCCMaskingGenerator3D`).
+"""RCC-3D iBOT masks on the token grid of the 3-D global crops (docs/recipe.md §7, upstream `RCCMaskingGenerator3D`).
 
 Boxes are laid out in the unit cube and then rasterised onto the t×t×t token grid (axes z, y, x):
   * the cube is split into `grid`³ cells and each cell gets one box: volume fraction v ~ U(box_fraction),
@@ -7,7 +7,7 @@ Boxes are laid out in the unit cube and then rasterised onto the t×t×t token g
   * boxes are visited largest first: a box whose masked fraction already exceeds the target ratio r is reset to
     unmasked; otherwise a sub-cuboid of about round(r·|box|) − (already masked) tokens, shaped like the box, is
     masked at a random place inside it.
-Upstream stops there, so the realised ratio scatters around r (recipe §13 #9). With `exact_count` (the default
+Upstream stops there, so the realised ratio scatters around r (docs/recipe.md §13 #9). With `exact_count` (the default
 here) the mask is then grown or shrunk at its boundary, one random layer of tokens at a time, to exactly
 int(r·N) tokens like the 2-D masks; blocks stay blocks. `exact_count=False` gives upstream's distribution.
 
@@ -24,7 +24,7 @@ import scipy.ndimage
 from flexict_jax.data.masking2d import masked_crops
 from flexict_jax.errors import ConfigError
 
-# The box centre is drawn from the cell shrunk by this fraction of its width on each side (recipe §7).
+# The box centre is drawn from the cell shrunk by this fraction of its width on each side (docs/recipe.md §7).
 _CELL_MARGIN = 0.25
 
 

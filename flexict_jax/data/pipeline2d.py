@@ -1,11 +1,11 @@
 """Stage-1 (2D) Grain input pipeline: slice records -> z-scored, augmented multi-crop examples with iBOT masks.
 
-The stream graph, host sharding and per-example RNG are `flexict_jax.data.grain_common`'s (recipe §13 #6/#7):
+The stream graph, host sharding and per-example RNG are `flexict_jax.data.grain_common`'s (docs/recipe.md §13 #6/#7):
 example i depends only on (seed, i), global batch t is examples [t·B, (t+1)·B) whatever the number of hosts or
 Grain workers, and a restored iterator state continues the same stream. This module adds the slice transform
-(recipe §5).
+(docs/recipe.md §5).
 
-Stage 1.1 (`build_stage1_hires_dataset`, recipe §6) uses the same graph, but every batch has the resolution of
+Stage 1.1 (`build_stage1_hires_dataset`, docs/recipe.md §6) uses the same graph, but every batch has the resolution of
 the training step it feeds. Contract: batch t of the stream is consumed by training step t, which holds when a
 run starts at step 0 and, on resume, because the checkpoint restores the iterator state with the step. Example i
 belongs to batch t = i // (global batch) and takes its resolution from `variants.variant_for_step(seed, t, ...)`,
@@ -39,7 +39,7 @@ class Stage1Transform(grain.transforms.MapWithIndex):
 
     Output: global_crops float32 [n_global, G, G, 1], local_crops float32 [n_local, L, L, 1],
     masks_p{p} bool [n_global, (G//p)**2] per patch size p, index int64 (the global example index); with a
-    `gram_crop_size` Gg also gram_crops float32 [n_global, Gg, Gg, 1] (stage 1.1, recipe §6); for a
+    `gram_crop_size` Gg also gram_crops float32 [n_global, Gg, Gg, 1] (stage 1.1, docs/recipe.md §6); for a
     `slice_source.SliceRecord` also records_replaced int32 (data.on_corrupt=skip).
     """
 
@@ -69,7 +69,7 @@ class Stage1Transform(grain.transforms.MapWithIndex):
             raise ValueError(f"stage-1 example {index} (seed {self.seed}): bad slice record: {e}") from e
         intensity_rng, global_rng, local_rng, *mask_rngs = grain_common.example_rngs(
             self.seed, index, 3 + len(self.patch_sizes))
-        # Intensity augmentations run once per slice, before cropping, so all views share them (recipe §5).
+        # Intensity augmentations run once per slice, before cropping, so all views share them (docs/recipe.md §5).
         image = self.intensity(normalize_hu(hu, self.hu_window), intensity_rng)
         example = {
             **self._global_views(image, global_rng),
@@ -127,7 +127,7 @@ def _one_resolution_per_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndar
 def build_stage1_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_size: int,
                          patch_sizes: Sequence[int], process_index: int = 0,
                          process_count: int = 1, first_batch: int = 0) -> grain.IterDataset:
-    """The infinite stage-1 stream of this process's batches (config `data`, recipe §5).
+    """The infinite stage-1 stream of this process's batches (config `data`, docs/recipe.md §5).
 
     batch_size is the per-process batch (global // process_count). Each element is a dict of numpy arrays:
     global_crops float32 [b, n_global, G, G, 1], local_crops float32 [b, n_local, L, L, 1],
@@ -146,7 +146,7 @@ def build_stage1_hires_dataset(data: ml_collections.ConfigDict, *, seed: int, ba
                                resolutions: Sequence[Sequence[int]], resolution_probs: Sequence[float],
                                process_index: int = 0, process_count: int = 1,
                                first_batch: int = 0) -> grain.IterDataset:
-    """The infinite stage-1.1 stream of this process's batches (recipe §6), batch t at the resolution of step t.
+    """The infinite stage-1.1 stream of this process's batches (docs/recipe.md §6), batch t at the resolution of step t.
 
     resolutions: (global, local, Gram) crop sizes (config data.resolutions); they replace data.global_crop_size
       and data.local_crop_size, which are not read. resolution_probs (data.resolution_probs), seed, patch_sizes

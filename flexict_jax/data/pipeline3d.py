@@ -2,13 +2,13 @@
 
 The stream is the shared graph of `grain_common` over a `VolumeSource` (one element per manifest row): volumes
 reshuffled every epoch, example i keyed by (seed, i), this host's rows of every global batch, Grain workers.
-Per example (recipe §7): clamp + z-score with the volume's own statistics, virtual padding to >= pad_to with the
+Per example (docs/recipe.md §7): clamp + z-score with the volume's own statistics, virtual padding to >= pad_to with the
 minimum, one draw of the intensity augmentation, 2 global crops (independent random size per axis in
 global_crop_extent, resized to G³) of which `flip_global_crops` get RandAxisFlip, 8 local crops (local_crop_extent
 -> L³, every one flipped with flip_prob), and RCC-3D iBOT masks per patch size. Only the voxels each crop needs
 are read (`crops3d`).
 
-Stage 3 (recipe §8) uses the same transform with `configs.stage3.STAGE3_IMAGE_VIEWS` applied to its data
+Stage 3 (docs/recipe.md §8) uses the same transform with `configs.stage3.STAGE3_IMAGE_VIEWS` applied to its data
 config: one deterministic centre G³ crop, locals of [20, 40] voxels, no intensity augmentation and no flips.
 
 Host cost at the recipe sizes (2 x 160³ + 8 x 80³, masks for p16 and p8), on the real test CTs at 2 mm (1-6 M
@@ -79,7 +79,7 @@ class VolumeViewsTransform(grain.transforms.MapWithIndex):
 def build_stage2_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_size: int,
                          patch_sizes: Sequence[int], process_index: int = 0,
                          process_count: int = 1, first_batch: int = 0) -> grain.IterDataset:
-    """The infinite stage-2 stream of this process's batches (config `data`, recipe §7).
+    """The infinite stage-2 stream of this process's batches (config `data`, docs/recipe.md §7).
 
     batch_size is the per-process batch (global // process_count). Each element is a dict of numpy arrays:
     global_crops float32 [b, n_global, G, G, G, 1], local_crops float32 [b, n_local, L, L, L, 1],
@@ -120,7 +120,7 @@ def volume_views_transform(data: Mapping[str, Any], *, seed: int,
         pad_to=pad_to,
         intensity=intensity if augment else None,
         global_crops=_volume_crops(data, "global", str(config_value(data, "global_crop_mode")), flipped),
-        local_crops=_volume_crops(data, "local", "random", None),  # recipe §7: every local crop may flip
+        local_crops=_volume_crops(data, "local", "random", None),  # docs/recipe.md §7: every local crop may flip
         masking=grain_common.dataclass_from_config(RccMasking, config_value(data, "mask"), "data.mask"),
         patch_sizes=patch_sizes)
 

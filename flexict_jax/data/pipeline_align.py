@@ -2,7 +2,7 @@
 
 `config.data.dir` is a reports dir (`python -m data_prep.reports`); its index.json names the ingested dataset
 whose volumes the records describe (`data.dataset_dir` overrides it when the dataset has moved). One split of
-the records (`data.split`; "" = records without a split) is the source. Per example (recipe §8):
+the records (`data.split`; "" = records without a split) is the source. Per example (docs/recipe.md §8):
 
   image: the stage-3 views of `pipeline3d` (config `data` with `configs.stage3.STAGE3_IMAGE_VIEWS`): one centred global crop,
          local crops, RCC-3D iBOT masks per patch size;
@@ -148,7 +148,7 @@ def _text_lengths(text: Mapping[str, Any]) -> tuple[int, int, int]:
 def build_align_dataset(data: ml_collections.ConfigDict, text: ml_collections.ConfigDict, *, seed: int,
                         batch_size: int, patch_sizes: Sequence[int], process_index: int = 0,
                         process_count: int = 1, first_batch: int = 0) -> grain.IterDataset:
-    """The infinite stage-3 stream of this process's batches (config `data` and `text`, recipe §8).
+    """The infinite stage-3 stream of this process's batches (config `data` and `text`, docs/recipe.md §8).
 
     batch_size is the per-process batch (global // process_count). Each element is a dict of numpy arrays:
     global_crops float32 [b, 1, G, G, G, 1], local_crops float32 [b, n_local, L, L, L, 1], masks_p{p} bool

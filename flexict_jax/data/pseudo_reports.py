@@ -1,4 +1,4 @@
-"""Pseudo-reports written from label maps, for volumes without a radiology report (stage 3, recipe §8).
+"""Pseudo-reports written from label maps, for volumes without a radiology report (stage 3, docs/recipe.md §8).
 
 The report is built from the structures and lesions a (z, y, x) LPS label map holds, in the same form a parsed
 radiology report takes (`report_rules.ParsedReport`), so label-only data trains and evaluates like reported data.

@@ -1,4 +1,4 @@
-"""Report text rules for stage 3 (recipe §8): Findings, structured findings, negation, captions, OSL pairs.
+"""Report text rules for stage 3 (docs/recipe.md §8): Findings, structured findings, negation, captions, OSL pairs.
 
 Pure Python/numpy, shared by the offline builder (`python -m data_prep.reports`) and the stage-3 Grain pipeline.
 Pseudo-reports written from label maps are in `pseudo_reports`, the records on disk in `report_records`.
@@ -10,7 +10,7 @@ A report record (one per volume, written by the builder) is a dict:
     report_id          the id of the report row (None for a pseudo-report)
     findings           the cleaned Findings section, the CLIP caption option (a)
     findings_sections  [[title, text], ...] the Findings split into sections, in report order; the section
-                       shuffle permutes these (recipe §8)
+                       shuffle permutes these (docs/recipe.md §8)
     sections           {section: {"positive_findings": [...], "negative_findings": [...]}}, the recipe's
                        `short_captions`: given in the reports file, or derived from the Findings by rules
     structured         "given" | "derived" | "label map": where `sections` came from
@@ -22,7 +22,7 @@ Findings extraction handles the recipe's LLM template (text between `**4. Findin
 mark or bullet ("…are preserved. " Thoracic CT…", "…normal. • Hepatosteatosis.").
 
 Every random choice takes the example's numpy Generator: the upstream section shuffle with a fixed seed 42 and
-its crash on reports without a caption candidate (recipe §13 #10) are not reproduced.
+its crash on reports without a caption candidate (docs/recipe.md §13 #10) are not reproduced.
 """
 from __future__ import annotations
 
@@ -37,10 +37,10 @@ import numpy as np
 
 from flexict_jax.data.tokenizer import Tokenizer
 
-CAPTION_LEN = 768  # recipe §8: captions are left-padded / truncated to 768 tokens
-OSL_LEN = 256  # recipe §8: OSL sentences to 256 tokens
-OSL_PAIRS = 8  # recipe §8: K
-SECTION_SHUFFLE_P = 0.5  # recipe §8
+CAPTION_LEN = 768  # docs/recipe.md §8: captions are left-padded / truncated to 768 tokens
+OSL_LEN = 256  # docs/recipe.md §8: OSL sentences to 256 tokens
+OSL_PAIRS = 8  # docs/recipe.md §8: K
+SECTION_SHUFFLE_P = 0.5  # docs/recipe.md §8
 POSITIVE, NEGATIVE = "positive_findings", "negative_findings"
 OTHER_SECTION = "other"
 LESION_SECTION = "lesions"
@@ -210,7 +210,7 @@ def _as_sentence(text: str) -> str:
 def derive_sections(findings_sections: Sequence[tuple[str, str]]) -> dict[str, dict[str, list[str]]]:
     """Structured findings from Findings text: every finding sentence is a positive or a negative finding of
     its section (`is_negative`). Sections with only negative findings stay, with an empty positive list, so
-    that OSL can draw false pairs there (recipe §8)."""
+    that OSL can draw false pairs there (docs/recipe.md §8)."""
     sections: dict[str, dict[str, list[str]]] = {}
     for title, text in findings_sections:
         for sentence in split_sentences(text):
@@ -256,7 +256,7 @@ def parse_structured_findings(value: Any) -> dict[str, dict[str, list[str]]]:
 def parse_report(text: str, structured: Any = None) -> ParsedReport:
     """Findings, their sections and the structured findings (given, else derived) of one report.
 
-    Raises ReportError for an empty report or one without any caption candidate (recipe §13 #10).
+    Raises ReportError for an empty report or one without any caption candidate (docs/recipe.md §13 #10).
     """
     if not isinstance(text, str):
         raise ReportError(f"report text must be a string, got {type(text).__name__}")
@@ -269,7 +269,7 @@ def parse_report(text: str, structured: Any = None) -> ParsedReport:
     return report
 
 
-# --- negation (recipe §8, OSL) ---------------------------------------------------------------------------------
+# --- negation (docs/recipe.md §8, OSL) ---------------------------------------------------------------------------------
 
 _THERE = re.compile(r"^there\s+(?P<verb>is|are|was|were)\s+(?:(?:also|a|an|the|some|several|multiple|few)\s+)*"
                     r"(?P<rest>.+)$", re.I)
@@ -350,7 +350,7 @@ def _negate_clause(body: str) -> str | None:
 
 
 def negate(sentence: str) -> str:
-    """The rule-based opposite of a finding sentence (recipe §8), tried in order:
+    """The rule-based opposite of a finding sentence (docs/recipe.md §8), tried in order:
 
       "There is/are (a/an) X"                    -> "There is/are no X"
       "The X is/are/appears/shows/demonstrates Y" -> the verb negated ("The heart is not enlarged.")
@@ -379,17 +379,17 @@ def negate(sentence: str) -> str:
     return f"{' '.join(result.split())}."
 
 
-# --- caption sampling and OSL pairs (recipe §8) ----------------------------------------------------------------
+# --- caption sampling and OSL pairs (docs/recipe.md §8) ----------------------------------------------------------------
 
 def model_text(text: str) -> str:
-    """What the text tower sees: lower-cased (recipe §8), white space collapsed."""
+    """What the text tower sees: lower-cased (docs/recipe.md §8), white space collapsed."""
     return " ".join(text.lower().split())
 
 
 def sample_caption(record: Mapping[str, Any], rng: np.random.Generator) -> str:
     """The CLIP caption of one example, uniformly one of: (a) the cleaned Findings, with probability 0.5 in a
     shuffled section order; (b) one positive or (c) one negative finding of one random section that has any
-    finding (recipe §8). Options a record lacks are left out of the draw; a record with none is an error."""
+    finding (docs/recipe.md §8). Options a record lacks are left out of the draw; a record with none is an error."""
     sections = record["sections"]
     with_findings = [name for name, s in sections.items() if s[POSITIVE] or s[NEGATIVE]]
     options = ["findings"] if record["findings"] else []
@@ -422,7 +422,7 @@ def build_positive_pool(report_records: Sequence[Mapping[str, Any]]) -> dict[str
 
 def build_osl_pairs(sections: Mapping[str, Mapping[str, Sequence[str]]], rng: np.random.Generator,
                     positive_pool: Mapping[str, Sequence[str]], k: int = OSL_PAIRS) -> list[tuple[str, str, int]]:
-    """K (positive sentence, its negation, label) pairs for one example (recipe §8):
+    """K (positive sentence, its negation, label) pairs for one example (docs/recipe.md §8):
 
     - up to ceil(K/2) true pairs (label 1): positive findings of this example;
     - up to floor(K/2) false pairs (label 0): positives of the pool (other patients) from sections that this
@@ -447,7 +447,7 @@ def build_osl_pairs(sections: Mapping[str, Mapping[str, Sequence[str]]], rng: np
 def stage3_text_example(record: Mapping[str, Any], rng: np.random.Generator, tokenizer: Tokenizer,
                         caption_len: int = CAPTION_LEN, osl_len: int = OSL_LEN, osl_pairs: int = OSL_PAIRS, *,
                         positive_pool: Mapping[str, Sequence[str]]) -> dict[str, np.ndarray]:
-    """The text half of one stage-3 example (recipe §8), tokenised and left-padded to static lengths:
+    """The text half of one stage-3 example (docs/recipe.md §8), tokenised and left-padded to static lengths:
 
     caption_tokens int32 [caption_len], caption_mask bool [caption_len];
     osl_pos_tokens / osl_neg_tokens int32 [K, osl_len], osl_pos_mask / osl_neg_mask bool [K, osl_len];

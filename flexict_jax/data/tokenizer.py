@@ -9,7 +9,7 @@ Two backends behind one interface:
 
 A sequence is `prefix + text ids + suffix`, where the suffix holds the tokens the last-token pooling reads
 (EOS for our sentencepiece models; whatever the Hugging Face post-processor appends). Truncation drops text ids
-from the end and keeps the prefix and suffix, and sequences are left-padded (recipe §8: last-token pooling with
+from the end and keeps the prefix and suffix, and sequences are left-padded (docs/recipe.md §8: last-token pooling with
 left padding), so the last position of every row is its pooled token. Lengths are static so that the jitted
 text tower compiles once per length.
 """
@@ -25,7 +25,7 @@ import numpy as np
 SP_MODEL_FILE = "tokenizer.model"
 HF_TOKENIZER_FILE = "tokenizer.json"
 HF_CONFIG_FILE = "tokenizer_config.json"
-# Fixed ids of the sentencepiece models trained here (jax_stack.md B4.8).
+# Fixed ids of the sentencepiece models trained here (docs/jax_notes.md §B4.8).
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 

@@ -6,7 +6,7 @@ a reader for any box of voxels. Nothing is read until a crop asks for its box
 crops cover, not the whole volume. TensorStore handles are opened lazily in each process (Grain workers get a
 pickled source without handles) and kept in a small per-process cache.
 
-The z-score of stages 2-3 uses the statistics of the whole volume (recipe §7). Reading whole volumes per sample
+The z-score of stages 2-3 uses the statistics of the whole volume (docs/recipe.md §7). Reading whole volumes per sample
 would defeat region reads, and a per-worker cache would still read every volume once per worker, so the
 statistics are computed once, offline, into a side-car `DATASET_DIR/stats.json` (`python -m
 data_prep.volume_stats --dataset DATASET_DIR`):

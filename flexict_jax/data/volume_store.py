@@ -16,7 +16,7 @@ centre of voxel (z, y, x) is `origin_lps + (x*sx, y*sy, z*sz)`; the array attrib
 [sz, sy, sx], `origin_lps` [L, P, S] and the equivalent 4x4 `affine_zyx_to_lps`.
 
 Arrays are written whole by a single writer into a temporary directory that is renamed into place (zarr3
-shards must not be written concurrently: jax_stack.md §A5/§A6).
+shards must not be written concurrently: docs/jax_notes.md §A5/§A6).
 
 Reads never invent data: every chunk is stored, even one that equals the fill value (TensorStore's zarr3 option
 `store_data_equal_to_fill_value`), and volumes are opened with `fill_missing_data_reads` off, so a chunk lost
@@ -51,7 +51,7 @@ TMP_PREFIX = ".tmp-"
 MANIFEST_KEYS = ("id", "path", "label_path", "shape", "spacing", "origin_lps", "subject", "source",
                  "source_sha256")
 
-# Shard = one file per 64x256x256 block; inner chunk = the unit a crop read decompresses (jax_stack.md §A5).
+# Shard = one file per 64x256x256 block; inner chunk = the unit a crop read decompresses (docs/jax_notes.md §A5).
 SHARD_SHAPE = (64, 256, 256)
 CHUNK_SHAPE = (16, 64, 64)
 ZSTD_LEVEL = 3

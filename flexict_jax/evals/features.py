@@ -3,11 +3,11 @@
 An ingested dataset stores `labels/<id>.zarr` (uint8) beside `volumes/<id>.zarr` on the same grid when the
 source had a `*_label.nii.gz` (data_prep.ingest). Tokens get the majority label of their voxels:
   * 2d: axial slices through the 2-D encoder, each padded with air to one common size (a multiple of the patch
-    size) and z-scored on its own, as `embed.slices_2d` prepares slices (recipe §9);
+    size) and z-scored on its own, as `embed.slices_2d` prepares slices (docs/recipe.md §9);
   * 3d: the volume z-scored as a whole (`normalize_hu`), padded with its minimum and tiled into cubes of `crop`
     voxels through the 3-D encoder.
 The dataset is used at the spacing it was ingested at (ingest at 1.5 mm for 2-D and 2 mm for 3-D checkpoints to
-match their training, recipe §5, §7). Tokens in padding, with the background label (unless asked for), or whose
+match their training, docs/recipe.md §5, §7). Tokens in padding, with the background label (unless asked for), or whose
 majority covers less than `min_purity` of their voxels are left out (label -1).
 """
 from __future__ import annotations

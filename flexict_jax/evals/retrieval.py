@@ -1,4 +1,4 @@
-"""Stage-3 evaluation on embeddings (numpy): image->text Recall@K and zero-shot AUC (recipe §11.6).
+"""Stage-3 evaluation on embeddings (numpy): image->text Recall@K and zero-shot AUC (docs/recipe.md §11.6).
 
 Embeddings are compared by cosine similarity (rows are L2-normalised here), as the CLIP head does.
 
@@ -58,7 +58,7 @@ def recall_at_k(image_embeddings: np.ndarray, text_embeddings: np.ndarray, ks: S
 
 
 def zero_shot_prompts(findings: Sequence[str]) -> tuple[list[str], list[str]]:
-    """The prompt pair per finding: "{finding}." and "No {finding}.", as the text tower sees them (recipe §11.6)."""
+    """The prompt pair per finding: "{finding}." and "No {finding}.", as the text tower sees them (docs/recipe.md §11.6)."""
     return [model_text(f"{f}.") for f in findings], [model_text(f"No {f}.") for f in findings]
 
 

@@ -1,4 +1,4 @@
-"""Stage-3 evaluation during training, on a held-out split (issue #4 item 6; protocol of recipe §11.6).
+"""Stage-3 evaluation during training, on a held-out split (issue #4 item 6; protocol of docs/recipe.md §11.6).
 
 Every `config.eval.every_steps` steps the trainer calls a `Stage3Evaluator` with the current state:
 
@@ -9,7 +9,7 @@ Every `config.eval.every_steps` steps the trainer calls a `Stage3Evaluator` with
     the model's logit scale; AUC per finding and their mean (`retrieval.zero_shot_auc`).
 
 Embeddings use the *student* backbone, projection and text tower: the VLM head is trained against student
-features (recipe §8), so pairing it with the EMA backbone would measure the export's mismatch (recipe §13 #16),
+features (docs/recipe.md §8), so pairing it with the EMA backbone would measure the export's mismatch (docs/recipe.md §13 #16),
 not training progress. Metrics come back as "eval/..." scalars for the trainer's metric writer; findings with a
 single class in the split have no AUC: they are left out and counted (`eval/zero_shot_findings_single_class`),
 and with none scored `eval/zero_shot_auc` is absent rather than NaN. `python -m flexict_jax.evaluate

@@ -1,8 +1,8 @@
-"""Image-text losses of stage 3: CLIP (recipe §8), SigLIP (a config option) and OSL (recipe §8).
+"""Image-text losses of stage 3: CLIP (docs/recipe.md §8), SigLIP (a config option) and OSL (docs/recipe.md §8).
 
 All functions take GLOBAL arrays: under `jax.jit` with the batch sharded over the mesh, `image @ text.T`
 compares every image with every text of the global batch (XLA inserts the all-gather), which is what
-upstream's ring-exchange CLIP computes (recipe §8, §14.1). Embeddings are expected L2-normalised; the
+upstream's ring-exchange CLIP computes (docs/recipe.md §8, §14.1). Embeddings are expected L2-normalised; the
 arithmetic runs in float32 whatever their dtype.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ def _similarities(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Ar
 
 
 def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array) -> jax.Array:
-    """Symmetric InfoNCE over the global batch (recipe §8), with s_ij = e^ℓ·v_i·t_j:
+    """Symmetric InfoNCE over the global batch (docs/recipe.md §8), with s_ij = e^ℓ·v_i·t_j:
 
         L = ½·mean_i[−s_ii + LSE_j s_ij] + ½·mean_i[−s_ii + LSE_j s_ji].
 
@@ -62,7 +62,7 @@ def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Arra
 
 def osl_loss(image_emb: jax.Array, pos_emb: jax.Array, neg_emb: jax.Array, labels: jax.Array,
              logit_scale: jax.Array) -> jax.Array:
-    """Opposite-sentence loss (recipe §8): does the image match a finding or its negation?
+    """Opposite-sentence loss (docs/recipe.md §8): does the image match a finding or its negation?
 
     For pair k of sample b, the logits e^ℓ·[v_b·t(s⁺_bk), v_b·t(s⁻_bk)] go through a 2-way cross-entropy
     whose target is the sentence (index 0) for a true pair (label 1: this patient's finding) and its

@@ -1,4 +1,4 @@
-"""DINO CLS-token loss: cross-entropy between student crops and teacher crops (recipe §3.2, §3.6)."""
+"""DINO CLS-token loss: cross-entropy between student crops and teacher crops (docs/recipe.md §3.2, §3.6)."""
 from __future__ import annotations
 
 import jax
@@ -7,12 +7,12 @@ import jax.numpy as jnp
 
 def dino_cross_entropy(student_logits: jax.Array, teacher_probs: jax.Array, student_temperature: float = 0.1,
                        *, ignore_diagonal: bool = False) -> jax.Array:
-    """Mean over (student crop, teacher crop, sample) of −Σ_k t·log_softmax(s/τ_s) (recipe §3.2).
+    """Mean over (student crop, teacher crop, sample) of −Σ_k t·log_softmax(s/τ_s) (docs/recipe.md §3.2).
 
     Args:
       student_logits: [S, B, K] DINO-head logits of S student crops of B samples.
       teacher_probs: [T, B, K] teacher targets (rows sum to 1, e.g. from `sinkhorn_knopp`).
-      student_temperature: τ_s, fixed at 0.1 in every stage (recipe §3).
+      student_temperature: τ_s, fixed at 0.1 in every stage (docs/recipe.md §3).
       ignore_diagonal: drop the pairs s == t. The global term compares the 2 student globals with the 2
         teacher globals of the same images, and only the cross-view pairs count (`global_ignore_diagonal`).
 
@@ -38,7 +38,7 @@ def dino_cross_entropy(student_logits: jax.Array, teacher_probs: jax.Array, stud
 
 
 def dino_term_weights(n_global: int, n_local: int) -> tuple[float, float]:
-    """(scale_local, scale_global): each DINO term weighted by its share of crop pairs (recipe §3.6).
+    """(scale_local, scale_global): each DINO term weighted by its share of crop pairs (docs/recipe.md §3.6).
 
     The global term has n_g(n_g−1) off-diagonal pairs and the local term n_g·n_l pairs, so for the 2 global
     and 8 local crops of every stage this is (16/18, 2/18).

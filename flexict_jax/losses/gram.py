@@ -1,8 +1,8 @@
-"""Gram anchoring: the student's patch-token similarities follow a frozen Gram teacher's (recipe §3.5, §6).
+"""Gram anchoring: the student's patch-token similarities follow a frozen Gram teacher's (docs/recipe.md §3.5, §6).
 
 The Gram teacher sees the same field of view as the student at a higher resolution (stage 1.1), so its patch
 grid is resized to the student's first. Upstream resizes with torch `F.interpolate(align_corners=False)` without
-antialias -- bicubic (Keys a = -0.75, border replicated) in 2-D, trilinear in 3-D (recipe §14.1) -- which is
+antialias -- bicubic (Keys a = -0.75, border replicated) in 2-D, trilinear in 3-D (docs/recipe.md §14.1) -- which is
 neither the PI-resize kernel nor `jax.image.resize("cubic")`; so the resize is done here as one explicit
 `flexict_jax.resize` matrix per axis, applied on device.
 """
@@ -62,7 +62,7 @@ def _l2_normalize(x: jax.Array, eps: float) -> jax.Array:
 
 
 def gram_loss(student_patch: jax.Array, teacher_patch: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """L = mean over (b, p, q) of (Xs Xsᵀ − Xt Xtᵀ)² with L2-normalised tokens (recipe §3.5).
+    """L = mean over (b, p, q) of (Xs Xsᵀ − Xt Xtᵀ)² with L2-normalised tokens (docs/recipe.md §3.5).
 
     Per image (`img_level: true`), all tokens (`tokens_used: all`), negative similarities kept
     (`remove_neg: false`). The teacher side gets no gradient.

@@ -1,4 +1,4 @@
-"""iBOT masked-patch loss over a fixed-size buffer of masked tokens (recipe §3.3, §5 masking, §14.1).
+"""iBOT masked-patch loss over a fixed-size buffer of masked tokens (docs/recipe.md §3.3, §5 masking, §14.1).
 
 The number of masked tokens changes every step, but jitted shapes must not. So the masked tokens of all
 global-crop images are gathered into a buffer of `max_tokens` rows (sized by the trainer to the largest
@@ -22,7 +22,7 @@ def gather_masked(masks: jax.Array | np.ndarray, max_tokens: int) -> tuple[jax.A
       indices: [M] int32 into the flattened [I·N] token axis, in row-major order; padding points at token 0
         (a real token, so gathering it is safe).
       valid: [M] bool, False for padding.
-      weights: [M] float32, 1/n_masked(image of the token) for valid rows (recipe §3.3), 0 for padding.
+      weights: [M] float32, 1/n_masked(image of the token) for valid rows (docs/recipe.md §3.3), 0 for padding.
 
     Capacity: when `masks` is a concrete (host or device) array, more than `max_tokens` masked tokens raises
     ValueError. Under `jit` it cannot be checked: the first `max_tokens` masked tokens in row-major order are
@@ -53,7 +53,7 @@ def gather_masked(masks: jax.Array | np.ndarray, max_tokens: int) -> tuple[jax.A
 
 def ibot_patch_loss(student_logits: jax.Array, teacher_probs: jax.Array, weights: jax.Array,
                     n_images: int | jax.Array, student_temperature: float = 0.1) -> jax.Array:
-    """L = −(1/n_images) Σ_m w_m Σ_k t·log_softmax(s/τ_s) over the masked-token buffer (recipe §3.3).
+    """L = −(1/n_images) Σ_m w_m Σ_k t·log_softmax(s/τ_s) over the masked-token buffer (docs/recipe.md §3.3).
 
     With w_m = 1/n_masked(image) every masked image contributes its mean token loss, however many tokens it
     has masked.
@@ -63,7 +63,7 @@ def ibot_patch_loss(student_logits: jax.Array, teacher_probs: jax.Array, weights
       teacher_probs: [M, K] teacher targets at the same tokens (e.g. `sinkhorn_knopp(..., valid=valid)`).
       weights: [M] from `gather_masked`; 0 marks padding, whose rows are ignored whatever they contain.
       n_images: number of global-crop images, counting the ~50% that carry no mask at all.
-      student_temperature: τ_s = 0.1 (recipe §3).
+      student_temperature: τ_s = 0.1 (docs/recipe.md §3).
 
     Returns:
       float32 scalar.

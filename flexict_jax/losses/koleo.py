@@ -1,4 +1,4 @@
-"""KoLeo regulariser: spreads the student's CLS embeddings over the sphere (recipe §3.4)."""
+"""KoLeo regulariser: spreads the student's CLS embeddings over the sphere (docs/recipe.md §3.4)."""
 from __future__ import annotations
 
 import jax
@@ -21,7 +21,7 @@ def _koleo_group(x: jax.Array, eps: float) -> jax.Array:
 
 
 def koleo_loss(x: jax.Array, *, group_size: int | None = None, eps: float = 1e-8) -> jax.Array:
-    """KoLeo loss of the pre-head CLS embeddings (recipe §3.4), L = −mean log(‖x − x_nn + eps‖ + eps).
+    """KoLeo loss of the pre-head CLS embeddings (docs/recipe.md §3.4), L = −mean log(‖x − x_nn + eps‖ + eps).
 
     Upstream computes it per GPU (batch 100 in stages 1–2) and, in stage 1.1, over the global batch. Here
     the batch is split into fixed groups of `group_size` consecutive samples, each group finds neighbours

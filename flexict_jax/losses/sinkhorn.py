@@ -1,4 +1,4 @@
-"""Sinkhorn-Knopp centering of teacher logits (recipe §3.1).
+"""Sinkhorn-Knopp centering of teacher logits (docs/recipe.md §3.1).
 
 The teacher's DINO-head (CLS) and iBOT-head (masked patch) outputs are turned into targets by a few
 Sinkhorn-Knopp iterations that balance the batch over the prototypes. Upstream all-reduces the sums across
@@ -22,7 +22,7 @@ def _divide_or_zero(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
 
 def sinkhorn_knopp(teacher_logits: jax.Array, temperature: float | jax.Array, *, n_iterations: int = 3,
                    valid: jax.Array | None = None) -> jax.Array:
-    """Teacher targets from teacher logits by Sinkhorn-Knopp (recipe §3.1, `train.centering: sinkhorn_knopp`).
+    """Teacher targets from teacher logits by Sinkhorn-Knopp (docs/recipe.md §3.1, `train.centering: sinkhorn_knopp`).
 
     Upstream works on Q = exp(logits/τ)ᵀ (K×N): divide by the total, then `n_iterations` times divide each
     prototype row by its sum and by K, and each sample column by its sum and by N; finally multiply by N and
@@ -33,9 +33,9 @@ def sinkhorn_knopp(teacher_logits: jax.Array, temperature: float | jax.Array, *,
     Args:
       teacher_logits: [N, K] teacher head outputs; N = all (global) samples, K = prototypes. Any float dtype;
         the computation runs in float32.
-      temperature: teacher temperature τ_t (scheduled per stage, recipe §5-§8).
+      temperature: teacher temperature τ_t (scheduled per stage, docs/recipe.md §5-§8).
       n_iterations: Sinkhorn-Knopp iterations (3 in every FlexiCT config).
-      valid: optional [N] bool. Rows marked False (padding of the fixed-size iBOT buffer, recipe §14.1) take
+      valid: optional [N] bool. Rows marked False (padding of the fixed-size iBOT buffer, docs/recipe.md §14.1) take
         no part in any sum, N counts only valid rows, and their output rows are zero.
 
     Returns:

@@ -1,4 +1,4 @@
-"""DINO / iBOT projection head (recipe §2.4): the two heads are separate instances of this one class."""
+"""DINO / iBOT projection head (docs/recipe.md §2.4): the two heads are separate instances of this one class."""
 from __future__ import annotations
 
 import jax

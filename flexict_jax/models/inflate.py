@@ -1,4 +1,4 @@
-"""One-time 2D → 3D conversion of a stage-1 backbone for stage 2 (recipe §7, `inflate_patch_embed3d_from_2d`).
+"""One-time 2D → 3D conversion of a stage-1 backbone for stage 2 (docs/recipe.md §7, `inflate_patch_embed3d_from_2d`).
 
 W3[t] = W2 / k for every depth index t (mode "avg"), bias copied: a volume constant along depth reproduces the
 2D patch embedding of one slice. Every other backbone weight is reused unchanged; RoPE switches to 3D simply

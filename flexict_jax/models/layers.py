@@ -1,4 +1,4 @@
-"""Transformer building blocks of the FlexiCT backbone and heads (recipe §2.1, torch-format §2.4).
+"""Transformer building blocks of the FlexiCT backbone and heads (docs/recipe.md §2.1, docs/torch_format.md §2.4).
 
 Every parameter carries logical axis names (`nnx.with_partitioning`); the config maps them onto the mesh.
 """
@@ -12,7 +12,7 @@ from flax import nnx
 
 from flexict_jax.models import attention, rope
 
-LAYER_NORM_EPS = 1e-6  # recipe §2.1
+LAYER_NORM_EPS = 1e-6  # docs/recipe.md §2.1
 
 
 def trunc_normal(std: float = 0.02) -> nnx.Initializer:
@@ -27,7 +27,7 @@ def trunc_normal(std: float = 0.02) -> nnx.Initializer:
 
 def linear(in_features: int, out_features: int, names: tuple[str | None, str | None], *, use_bias: bool = True,
            init_std: float = 0.02, rngs: nnx.Rngs) -> nnx.Linear:
-    """Linear layer with trunc-normal(0.02) kernel and zero bias (recipe §2.1); bias named by the output axis."""
+    """Linear layer with trunc-normal(0.02) kernel and zero bias (docs/recipe.md §2.1); bias named by the output axis."""
     return nnx.Linear(
         in_features, out_features, use_bias=use_bias, rngs=rngs,
         kernel_init=nnx.with_partitioning(trunc_normal(init_std), names),
@@ -35,7 +35,7 @@ def linear(in_features: int, out_features: int, names: tuple[str | None, str | N
 
 
 def layer_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # Two-pass variance, as torch computes it (torch-format §2.7).
+    # Two-pass variance, as torch computes it (docs/torch_format.md §2.7).
     return nnx.LayerNorm(
         dim, epsilon=LAYER_NORM_EPS, use_fast_variance=False, rngs=rngs,
         scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
@@ -62,7 +62,7 @@ class Mlp(nnx.Module):
 class Attention(nnx.Module):
     """Multi-head self-attention with a fused bias-free qkv and RoPE on the patch tokens.
 
-    qkv kernel column = s·dim + h·head_dim + d for s in (q, k, v): the torch row order (torch-format §1.5).
+    qkv kernel column = s·dim + h·head_dim + d for s in (q, k, v): the torch row order (docs/torch_format.md §1.5).
     """
 
     def __init__(self, dim: int, num_heads: int, *, rope_bf16: bool, attention_impl: str = "auto",
@@ -86,7 +86,7 @@ class Attention(nnx.Module):
 
 def batch_subset_residual(x: jax.Array, branch: Callable[[jax.Array], jax.Array], rate: float,
                           key: jax.Array | None, groups: int = 1) -> jax.Array:
-    """x + branch(x), with DINOv2's batch-subset stochastic depth when `key` is given (recipe §2.1).
+    """x + branch(x), with DINOv2's batch-subset stochastic depth when `key` is given (docs/recipe.md §2.1).
 
     The rows of `x` are split into `groups` equal consecutive groups; in each, a random subset of
     max(int(g·(1-rate)), 1) of its g rows gets the branch, scaled by g/subset; the others skip it. Upstream draws
@@ -113,7 +113,7 @@ def batch_subset_residual(x: jax.Array, branch: Callable[[jax.Array], jax.Array]
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block with LayerScale on both residual branches (torch-format §2.4)."""
+    """Pre-norm transformer block with LayerScale on both residual branches (docs/torch_format.md §2.4)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, layerscale_init: float,
                  drop_path_rate: float, rope_bf16: bool, attention_impl: str = "auto", rngs: nnx.Rngs):

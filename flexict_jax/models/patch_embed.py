@@ -1,4 +1,4 @@
-"""Flexible-patch-size patch embedding (FlexiViT PI-resize; recipe §2.3, torch-format §2.1).
+"""Flexible-patch-size patch embedding (FlexiViT PI-resize; docs/recipe.md §2.3, docs/torch_format.md §2.1).
 
 One base kernel (8×8 in 2-D, 8×8×8 in 3-D) is stored. A runtime patch size p ≠ 8 uses W_p = W_8 · pinv(R),
 where R is the resize operator torch applies to one-hot basis kernels: antialiased bicubic in 2-D, trilinear
@@ -19,7 +19,7 @@ from flax import nnx
 
 from flexict_jax.resize import resize_matrix
 
-# torch's interpolate mode per spatial rank, as (method, antialias) for `resize_matrix` (recipe §2.3).
+# torch's interpolate mode per spatial rank, as (method, antialias) for `resize_matrix` (docs/recipe.md §2.3).
 _RESIZE_MODE = {2: ("cubic", True), 3: ("linear", False)}
 
 

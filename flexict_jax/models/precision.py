@@ -3,7 +3,7 @@
 Upstream trains under FSDP2 `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)` on every module (backbone
 blocks, heads, text tower, teacher alike) and collates its crops in bf16: each forward runs on a bfloat16 copy of
 the float32 master weights, the gradients come back to the float32 parameters, and the losses upcast to float32
-(recipe §4). `cast_for_compute` is that copy; the float32 islands live in the ops themselves (LayerNorm/RMSNorm
+(docs/recipe.md §4). `cast_for_compute` is that copy; the float32 islands live in the ops themselves (LayerNorm/RMSNorm
 statistics in flax, softmax in `jax.nn.dot_product_attention`, `ops.l2_normalize`, RoPE, the losses).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Qwen3 text tower (recipe §2.5, §14.1; torch-format §3): architecture config and Hugging Face weight I/O.
+"""Qwen3 text tower (docs/recipe.md §2.5, §14.1; docs/torch_format.md §3): architecture config and Hugging Face weight I/O.
 
 The network itself is `TextEncoder` configured as Qwen3: causal grouped-query attention with per-head q/k
 RMSNorm before RoPE (θ = 1e6 in Qwen3-Embedding-0.6B), SwiGLU, RMSNorm eps 1e-6, no biases, last-token pooling
@@ -10,7 +10,7 @@ Weights come only from a LOCAL Hugging Face folder (config.json + model.safetens
 model.safetensors.index.json). Nothing here downloads. Parameters are a nested dict shaped like
 `nnx.to_pure_dict(nnx.state(encoder, nnx.Param))`; the Hugging Face names are the `Qwen3Model` state_dict
 keys ("layers.0.self_attn.q_proj.weight", ...), which the VLM export prefixes with "text_model.backbone."
-(torch-format §3.2).
+(docs/torch_format.md §3.2).
 """
 from __future__ import annotations
 

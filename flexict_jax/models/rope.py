@@ -1,4 +1,4 @@
-"""Axial rotary position embedding (RoPE) for 2-D and 3-D patch grids (recipe §2.2, torch-format §2.3).
+"""Axial rotary position embedding (RoPE) for 2-D and 3-D patch grids (docs/recipe.md §2.2, docs/torch_format.md §2.3).
 
 Layout, as upstream: per-axis coordinates in (-1, 1) at patch centres ("separate" normalisation), angles
 2π·c/period flattened axis-major to head_dim/2 values and tiled twice, rotate-half (NeoX) pairing of channel
@@ -6,9 +6,9 @@ j with j + head_dim/2. Only patch tokens are rotated; the prefix (CLS + storage)
 
 `bf16=True` reproduces the upstream bf16 RoPE op by op: every step of the table is rounded to bfloat16, and q
 and k (all tokens) are rounded to bfloat16 before a bf16 rotation. Released checkpoints need it for ~1e-5
-parity (torch-format §0); fp32 is the sensible choice for new training (recipe §13 item 13). The rounding is
+parity (docs/torch_format.md §0); fp32 is the sensible choice for new training (docs/recipe.md §13 item 13). The rounding is
 `reduce_precision` on float32 values rather than bfloat16 arithmetic, because XLA:GPU may keep excess
-precision inside fused bf16 chains (torch-format §2.3); float32 ops followed by a rounding are exactly what
+precision inside fused bf16 chains (docs/torch_format.md §2.3); float32 ops followed by a rounding are exactly what
 torch's CPU bf16 kernels do.
 """
 from __future__ import annotations
@@ -43,8 +43,8 @@ def rope_periods(head_dim: int, num_axes: int, base: float = 100.0, bf16: bool =
     """Periods base^(2j / (head_dim/2)) for j < head_dim / (2·num_axes), as float32.
 
     The denominator is head_dim/2 for 2-D and 3-D alike, so the 3-D periods are the first ones of the 2-D
-    list (recipe §2.2). With `bf16`, every op is rounded to bfloat16 as torch does, which is not the same as
-    rounding the exact values (torch-format §1.3).
+    list (docs/recipe.md §2.2). With `bf16`, every op is rounded to bfloat16 as torch does, which is not the same as
+    rounding the exact values (docs/torch_format.md §1.3).
     """
     check_head_dim(head_dim)
     j = np.arange(head_dim // (2 * num_axes))
@@ -59,7 +59,7 @@ def periods_tolerance(base: float) -> float:
     """Largest |ln(period) − ln(exact period)| accepted for explicit periods. The bf16 chain may round the
     exponent 2j/(head_dim/2) differently by one ulp (≤ 2^-8) on another device, which scales the period by up to
     base^(2^-8), and rounds the result by ≤ 2^-8 more; twice that admits device differences (released files were
-    made on CUDA, torch-format §1.3; this CPU's bf16 periods sit ≤ 0.016 from exact) and still refuses a wrong
+    made on CUDA, docs/torch_format.md §1.3; this CPU's bf16 periods sit ≤ 0.016 from exact) and still refuses a wrong
     base or head_dim."""
     return 2 * 2.0 ** -8 * (math.log(base) + 1)
 
@@ -105,7 +105,7 @@ def rope_sincos(grid: Sequence[int], periods: Sequence[float] | np.ndarray, *, r
     maybe_round = _rounding(bf16)
     axes = []
     for n in grid:
-        # (i + 0.5) is exact in bf16 up to 128 patches per axis, the range torch-format §2.3 covers.
+        # (i + 0.5) is exact in bf16 up to 128 patches per axis, the range docs/torch_format.md §2.3 covers.
         centres = jnp.arange(n, dtype=jnp.float32) + 0.5
         axes.append(maybe_round(centres / n))
     coords = jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(grid))
@@ -119,7 +119,7 @@ def rope_sincos(grid: Sequence[int], periods: Sequence[float] | np.ndarray, *, r
 
 
 def sample_rescale(key: jax.Array, max_factor: float, bf16: bool = False) -> jax.Array:
-    """One log-uniform scalar s = exp(U(-ln r, ln r)) (recipe §2.2: one per forward, shared by all blocks)."""
+    """One log-uniform scalar s = exp(U(-ln r, ln r)) (docs/recipe.md §2.2: one per forward, shared by all blocks)."""
     maybe_round = _rounding(bf16)
     log_max = math.log(max_factor)
     u = maybe_round(jax.random.uniform(key, (), jnp.float32, -log_max, log_max))

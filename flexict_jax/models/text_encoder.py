@@ -1,9 +1,9 @@
-"""Transformer text encoder for stage 3 (recipe §2.5, §14.1): the from-scratch tower and the Qwen3 blocks.
+"""Transformer text encoder for stage 3 (docs/recipe.md §2.5, §14.1): the from-scratch tower and the Qwen3 blocks.
 
 One architecture serves both text towers of the stage-3 config:
   - trained from scratch on a sentencepiece vocabulary: bidirectional attention, mean pooling;
   - Qwen3(-Embedding) imported from Hugging Face (`qwen3.py`): causal attention, last-token pooling.
-The block is Qwen3's (torch-format §3.1): pre-norm RMSNorm, grouped-query attention with per-head q/k RMSNorm
+The block is Qwen3's (docs/torch_format.md §3.1): pre-norm RMSNorm, grouped-query attention with per-head q/k RMSNorm
 applied before a 1-D rotate-half RoPE, SwiGLU MLP, no biases, no dropout. Parameter names follow the Hugging
 Face module names (self_attn.q_proj, mlp.gate_proj, input_layernorm, ...), so the Qwen3 converter is a rename
 plus transposes.
@@ -16,7 +16,7 @@ Mean pooling over the valid tokens then uses every token's output as a training 
 Padding: `mask` marks real tokens. Padded keys are masked out of attention, and pooling reads only real
 tokens, so padding (left or right, any pad id) does not change the pooled output. RoPE positions are 0..L-1
 whatever the padding, as in Hugging Face; attention depends only on position differences, so a left-padded
-sequence matches its unpadded self up to float rounding (torch-format §3.1 measured ≤ 1e-6).
+sequence matches its unpadded self up to float rounding (docs/torch_format.md §3.1 measured ≤ 1e-6).
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def pool_tokens(hidden: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:
 
     "mean": mean over real tokens (an all-padding row gives zeros).
     "last": the output at the last real token: position L-1 under left padding (the Qwen3-Embedding
-      convention, recipe §2.5), the position before the padding under right padding.
+      convention, docs/recipe.md §2.5), the position before the padding under right padding.
     """
     if pooling == "mean":
         weights = mask.astype(hidden.dtype)[..., None]
@@ -146,8 +146,8 @@ class TextEncoder(nnx.Module):
         head_dim: None = width // num_heads (Qwen3-0.6B decouples them: 16 heads × 128 on a 1024 width).
         mlp_dim: SwiGLU hidden size; None = 3·width, the Qwen3-0.6B ratio (3072 for 1024).
         causal: causal attention (Qwen3) or bidirectional (the from-scratch tower; see the module docstring).
-        pooling: "mean" or "last" (last real token; Qwen3-Embedding, recipe §2.5).
-        remat: recompute each block in the backward pass (recipe §14.1: gradient checkpointing).
+        pooling: "mean" or "last" (last real token; Qwen3-Embedding, docs/recipe.md §2.5).
+        remat: recompute each block in the backward pass (docs/recipe.md §14.1: gradient checkpointing).
         attention_impl: the attention kernel, a key of `attention.ATTENTION_IMPLS` ("auto": per platform).
         """
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads

@@ -1,4 +1,4 @@
-"""The FlexiCT ViT backbone (`fleximeddinov3_base`; recipe §2.1, torch-format §1–§2).
+"""The FlexiCT ViT backbone (`fleximeddinov3_base`; docs/recipe.md §2.1, docs/torch_format.md §1–§2).
 
 One module serves 2-D slices and 3-D volumes: the input rank picks the patch embedding and the RoPE, as
 upstream does, and both patch embeddings always exist (every FlexiCT checkpoint carries both).
@@ -37,7 +37,7 @@ class VisionTransformer(nnx.Module):
                  scan_blocks: bool = False, drop_path_group_size: int | None = None, attention_impl: str = "auto",
                  rngs: nnx.Rngs):
         """
-        drop_path_rate: batch-subset stochastic depth, the same rate in every block (recipe §2.1).
+        drop_path_rate: batch-subset stochastic depth, the same rate in every block (docs/recipe.md §2.1).
         rope_rescale: r of the training-time coordinate rescale s = exp(U(-ln r, ln r)); None = off.
         rope_bf16: emulate upstream's bf16 RoPE (needed for parity with released checkpoints).
         rope_periods_2d, rope_periods_3d: explicit RoPE periods, e.g. a checkpoint's own `periods` buffers

@@ -1,4 +1,4 @@
-"""Stage-3 vision-language head (recipe §2.5, §15 item 21; torch-format §3.1).
+"""Stage-3 vision-language head (docs/recipe.md §2.5, §15 item 21; docs/torch_format.md §3.1).
 
   image embedding v = normalise(W_p · [CLS ‖ mean(patch tokens)]), W_p bias-free, init N(0, (2·width)^-0.5);
   text embedding  t = normalise(P(pooled text tower output)), P the identity when the tower's width equals
@@ -22,8 +22,8 @@ from flax import nnx
 from flexict_jax import ops
 from flexict_jax.models.text_encoder import TextEncoder
 
-LOGIT_SCALE_INIT = math.log(1 / 0.07)  # recipe §2.5: temperature 0.07
-LOGIT_SCALE_MIN = 0.0                  # recipe §2.5: e^ℓ in [1, 100]
+LOGIT_SCALE_INIT = math.log(1 / 0.07)  # docs/recipe.md §2.5: temperature 0.07
+LOGIT_SCALE_MIN = 0.0                  # docs/recipe.md §2.5: e^ℓ in [1, 100]
 LOGIT_SCALE_MAX = math.log(100.0)
 
 
@@ -33,7 +33,7 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 
 
 def _projection(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
-    # Upstream initialises the 1728 -> 1024 vision projection with std 1728^-0.5 (recipe §2.5): 1/sqrt(fan_in).
+    # Upstream initialises the 1728 -> 1024 vision projection with std 1728^-0.5 (docs/recipe.md §2.5): 1/sqrt(fan_in).
     init = nnx.initializers.normal(in_features ** -0.5)
     return nnx.Linear(in_features, out_features, use_bias=False, rngs=rngs,
                       kernel_init=nnx.with_partitioning(init, ("embed", None)))
@@ -49,8 +49,8 @@ class VisionLanguageHead(nnx.Module):
         text_tower: a `TextEncoder` (from scratch, or `qwen3.qwen3_encoder`); its pooled output is used.
         vision_width: the backbone width D; the image feature [CLS ‖ mean patch] has 2·D entries.
         embed_dim: the joint embedding width; None = the text tower's width (identity text projection).
-        logit_scale_init: ℓ at init, ln(1/0.07) for CLIP (recipe §2.5); SigLIP uses ln 10.
-        logit_bias_init: None for CLIP (no bias, recipe §2.5); a value (SigLIP: -10) adds a learnable bias.
+        logit_scale_init: ℓ at init, ln(1/0.07) for CLIP (docs/recipe.md §2.5); SigLIP uses ln 10.
+        logit_bias_init: None for CLIP (no bias, docs/recipe.md §2.5); a value (SigLIP: -10) adds a learnable bias.
         """
         embed_dim = text_tower.width if embed_dim is None else embed_dim
         if vision_width < 1 or embed_dim < 1:
@@ -69,7 +69,7 @@ class VisionLanguageHead(nnx.Module):
     def embed_image(self, cls: jax.Array, patch: jax.Array) -> jax.Array:
         """Unit-norm image embeddings [B, E] from the backbone's post-norm cls [B, D] and patch [B, N, D].
 
-        The patch mean is over every token, masked ones included, as upstream (recipe §8 quirk).
+        The patch mean is over every token, masked ones included, as upstream (docs/recipe.md §8 quirk).
         """
         if cls.ndim != 2 or patch.ndim != 3 or patch.shape[::2] != cls.shape:
             raise ValueError(f"expected cls [B, D] and patch [B, N, D], got {cls.shape} and {patch.shape}")
@@ -87,7 +87,7 @@ class VisionLanguageHead(nnx.Module):
 def clamp_logit_scale(params: Mapping[str, Any]) -> dict[str, Any]:
     """`params` with params["logit_scale"] clipped to [0, ln 100]; every other entry is passed through.
 
-    Call it on the trainable parameters after each optimizer step (recipe §2.5). Pure, so it works under jit.
+    Call it on the trainable parameters after each optimizer step (docs/recipe.md §2.5). Pure, so it works under jit.
     """
     if "logit_scale" not in params:
         raise KeyError(f"clamp_logit_scale: no 'logit_scale' among the parameters {sorted(params)}")

@@ -67,6 +67,6 @@ def get(config: mlc.ConfigDict) -> Task:
 
 
 def ema_update(teacher: dict[str, Any], student: dict[str, Any], momentum: jax.Array) -> dict[str, Any]:
-    """θ_t ← m·θ_t + (1−m)·θ_s over the teacher's parts (recipe §4)."""
+    """θ_t ← m·θ_t + (1−m)·θ_s over the teacher's parts (docs/recipe.md §4)."""
     return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, teacher,
                         {k: student[k] for k in teacher})

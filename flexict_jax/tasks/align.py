@@ -1,12 +1,12 @@
-"""The stage-3 alignment task ("TIPS + OSL"): report-guided vision-language training — recipe §2.5, §8.
+"""The stage-3 alignment task ("TIPS + OSL"): report-guided vision-language training — docs/recipe.md §2.5, §8.
 
 The student is the stage-2 model (backbone, DINO and iBOT heads, continued from the stage-2 EMA teacher) plus
 the vision-language parts of `models.vlm`: a text tower (trained from scratch on the reports' sentencepiece
 vocabulary, or the Qwen3-Embedding port imported from a local Hugging Face folder), the vision projection and
-the logit scale, all top-level so that each is its own clip and parameter group (recipe §4, §8). The EMA
+the logit scale, all top-level so that each is its own clip and parameter group (docs/recipe.md §4, §8). The EMA
 teacher tracks the image side only.
 
-Loss (recipe §8): L = 0.5·DINO-local + 1.0·iBOT + 1.0·CLIP + 0.5·OSL, no KoLeo, no global DINO term. The
+Loss (docs/recipe.md §8): L = 0.5·DINO-local + 1.0·iBOT + 1.0·CLIP + 0.5·OSL, no KoLeo, no global DINO term. The
 student sees its single global crop masked (RCC-3D, half the samples) and the local crops; the teacher the
 unmasked global crop. The image embedding comes from the masked student global crop as upstream does
 (`loss.clip_from_masked`); SigLIP can replace CLIP (`loss.contrastive`).
@@ -39,7 +39,7 @@ from flexict_jax.errors import ConfigError
 Params = dict[str, Any]
 CONTRASTIVE_LOSSES = ("clip", "siglip")
 IMAGE_PARTS = ("backbone", "dino_head", "ibot_head")
-# What a "vlm" hand-off needs from its source: the parts of upstream's FlexiCT-3D-VLM (torch-format §3.2).
+# What a "vlm" hand-off needs from its source: the parts of upstream's FlexiCT-3D-VLM (docs/torch_format.md §3.2).
 VLM_PARTS = ("backbone", "vision_projection", "text_tower", "logit_scale")
 # Stage 3 continues stage 2 (or a stage-3 run), or starts from a vision-language checkpoint ("vlm").
 INIT_MODES = ("continue", "inflate_2d_to_3d", "backbone", "vlm")
@@ -125,7 +125,7 @@ def build_model(config: mlc.ConfigDict, seed: int) -> AlignModel:
 
 
 def initial_params(config: mlc.ConfigDict, params: Params) -> Params:
-    """A new run's student with the Qwen3 text tower's imported weights (`text.tower = "qwen3"`, recipe §2.5);
+    """A new run's student with the Qwen3 text tower's imported weights (`text.tower = "qwen3"`, docs/recipe.md §2.5);
     the from-scratch tower keeps its random initialisation. Arrays keep the shardings of `params`."""
     if config.text.tower != "qwen3":
         return params
@@ -151,7 +151,7 @@ def _contrastive_term(model: AlignModel, image_emb: jax.Array, caption_emb: jax.
 
 
 def _osl_term(model: AlignModel, image_emb: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
-    """OSL (recipe §8); a sample's K sentences and their K negations go through the text tower in one call."""
+    """OSL (docs/recipe.md §8); a sample's K sentences and their K negations go through the text tower in one call."""
     n_pairs = batch["osl_labels"].shape[1]
     tokens = jnp.concatenate([batch["osl_pos_tokens"], batch["osl_neg_tokens"]], axis=1)  # [B, 2K, L]
     mask = jnp.concatenate([batch["osl_pos_mask"], batch["osl_neg_mask"]], axis=1)
@@ -164,7 +164,7 @@ def _osl_term(model: AlignModel, image_emb: jax.Array, batch: Mapping[str, jax.A
 def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], key: jax.Array, *,
             graphdef: nnx.GraphDef, abstract_state: nnx.State, config: mlc.ConfigDict, patch_size: int,
             teacher_temperature: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Total stage-3 loss (recipe §8) and its terms; `batch` is `step_batch`'s. The models run in
+    """Total stage-3 loss (docs/recipe.md §8) and its terms; `batch` is `step_batch`'s. The models run in
     config.model.compute_dtype (`precision`), the logit scale/bias and the loss in float32."""
     loss_cfg, n_local = config.loss, config.data.n_local_crops
     logged_scale = student["logit_scale"]
@@ -193,7 +193,7 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
     s_global = s_model.backbone(global_crops, patch_size=patch_size, masks=masks, train=True, key=key_global)
     s_local = s_model.backbone(local_crops, patch_size=patch_size, train=True, key=key_local,
                                crops_per_sample=n_local)
-    # Upstream embeds the masked global crop (recipe §8 quirk); the flag embeds an unmasked student view.
+    # Upstream embeds the masked global crop (docs/recipe.md §8 quirk); the flag embeds an unmasked student view.
     s_image = s_global if loss_cfg.clip_from_masked else s_model.backbone(
         global_crops, patch_size=patch_size, train=True, key=key_clip)
     image_emb = s_model.embed_image(s_image["cls"], s_image["patch"])
@@ -201,7 +201,7 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
 
     tau = loss_cfg.student_temperature
     terms = {
-        # 8 student locals vs the 1 teacher global, no global term and no pair-count scale factors (recipe §8).
+        # 8 student locals vs the 1 teacher global, no global term and no pair-count scale factors (docs/recipe.md §8).
         "dino_local": dino.dino_cross_entropy(crops_first(s_model.dino_head(s_local["cls"]), n_local),
                                               t_cls_probs, tau),
         "ibot": ibot.ibot_patch_loss(s_model.ibot_head(take_tokens(s_global["patch"])), t_patch_probs,
@@ -216,17 +216,17 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
 
 
 def teacher_params(params: Params) -> Params:
-    """The EMA teacher tracks the image side only: backbone and both heads (recipe §8)."""
+    """The EMA teacher tracks the image side only: backbone and both heads (docs/recipe.md §8)."""
     return {part: params[part] for part in IMAGE_PARTS}
 
 
 def after_update(params: Params) -> Params:
-    """Clamps the logit scale to [0, ln 100] after every optimizer step (recipe §2.5)."""
+    """Clamps the logit scale to [0, ln 100] after every optimizer step (docs/recipe.md §2.5)."""
     return vlm.clamp_logit_scale(params)
 
 
 def check_vlm_source(config: mlc.ConfigDict, source: str, parts: Params, meta: dict) -> None:
-    """A "vlm" hand-off needs the parts of upstream's FlexiCT-3D-VLM (torch-format §3.2) and a text tower of the
+    """A "vlm" hand-off needs the parts of upstream's FlexiCT-3D-VLM (docs/torch_format.md §3.2) and a text tower of the
     kind this run trains."""
     missing = [part for part in VLM_PARTS if part not in parts]
     if missing:

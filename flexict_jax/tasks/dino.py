@@ -1,4 +1,4 @@
-"""The DINO/iBOT/KoLeo self-distillation task of stages 1 (2D), 1.1 (2D + Gram) and 2 (3D) — recipe §3, §5-§7.
+"""The DINO/iBOT/KoLeo self-distillation task of stages 1 (2D), 1.1 (2D + Gram) and 2 (3D) — docs/recipe.md §3, §5-§7.
 
 Pure functions over pytrees (`flexict_jax.tasks.Task`): `loss_fn` computes the student loss given the EMA
 teacher, and the frozen Gram teacher when the stage has one. The trainer owns sharding, the optimizer, the EMA and the loop; this file owns what is specific
@@ -25,14 +25,14 @@ from flexict_jax.variants import Variant
 
 Params = dict[str, Any]
 # Stage 1 starts from scratch or continues a run; stage 1.1 continues stage 1; stage 2 inflates stage 1's
-# backbone (heads re-initialised, recipe §7). A vision-language source is stage 3's.
+# backbone (heads re-initialised, docs/recipe.md §7). A vision-language source is stage 3's.
 INIT_MODES = ("continue", "inflate_2d_to_3d", "backbone")
 # config.model keys that are not VisionTransformer arguments: the task applies them around the model.
 TASK_MODEL_KEYS = ("compute_dtype",)
 
 
 class DinoModel(nnx.Module):
-    """Backbone + separate DINO (CLS) and iBOT (patch) heads (recipe §2.4, `ibot.separate_head: true`).
+    """Backbone + separate DINO (CLS) and iBOT (patch) heads (docs/recipe.md §2.4, `ibot.separate_head: true`).
 
     The student and the EMA teacher are two parameter sets of this one module structure.
     """
@@ -64,9 +64,9 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
             graphdef: nnx.GraphDef, abstract_state: nnx.State, config: mlc.ConfigDict, patch_size: int,
             teacher_temperature: jax.Array,
             gram_teacher: Params | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Total loss (recipe §3.6) and its terms, plus `target_diagnostics` (logged, not part of the total). `batch`
+    """Total loss (docs/recipe.md §3.6) and its terms, plus `target_diagnostics` (logged, not part of the total). `batch`
     holds this step's masks under "masks"; with a frozen `gram_teacher` (stage 1.1) the batch also has
-    "gram_crops" and the Gram term is added (recipe §3.5). Student, teacher and crops run in
+    "gram_crops" and the Gram term is added (docs/recipe.md §3.5). Student, teacher and crops run in
     config.model.compute_dtype (`precision`); the loss is float32."""
     loss_cfg, n_global, n_local = config.loss, config.data.n_global_crops, config.data.n_local_crops
     dtype = precision.compute_dtype(config.model.get("compute_dtype", "float32"))
@@ -81,7 +81,7 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
     def take_tokens(patch_tokens: jax.Array) -> jax.Array:
         return patch_tokens.reshape((-1, patch_tokens.shape[-1]))[token_index]
 
-    # Teacher: eval mode, unmasked global crops, no gradient (recipe §3.2–3.3).
+    # Teacher: eval mode, unmasked global crops, no gradient (docs/recipe.md §3.2–3.3).
     t_model = merge_model(graphdef, abstract_state, jax.lax.stop_gradient(teacher))
     t_out = t_model.backbone(global_crops, patch_size=patch_size, train=False)
     t_cls_logits = t_model.dino_head(t_out["cls"])
@@ -111,7 +111,7 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
         "dino_local": dino.dino_cross_entropy(s_local_logits, t_cls_probs, tau),
         "dino_global": dino.dino_cross_entropy(s_global_logits, t_cls_probs, tau, ignore_diagonal=True),
         "ibot": ibot.ibot_patch_loss(s_patch_logits, t_patch_probs, token_weight, n_images, tau),
-        # KoLeo on the pre-head CLS of each global crop, averaged over crops (recipe §3.4).
+        # KoLeo on the pre-head CLS of each global crop, averaged over crops (docs/recipe.md §3.4).
         "koleo": jnp.mean(jnp.stack([
             koleo.koleo_loss(cls, group_size=loss_cfg.koleo_group_size)
             for cls in crops_first(s_global["cls"], n_global)])),
@@ -151,7 +151,7 @@ def target_diagnostics(name: str, teacher_logits: jax.Array, targets: jax.Array,
 
 def _gram_term(gram_teacher: Params, teacher: Params, gram_crops: jax.Array, student_patch: jax.Array, *,
                graphdef: nnx.GraphDef, abstract_state: nnx.State, patch_size: int) -> jax.Array:
-    """Gram anchoring (recipe §3.5, §6): the frozen Gram teacher sees the same field of view at a higher
+    """Gram anchoring (docs/recipe.md §3.5, §6): the frozen Gram teacher sees the same field of view at a higher
     resolution; its patch grid is resized to the student's before comparing per-image Gram matrices."""
     crops = flatten_crops(gram_crops)
     # Only the backbone of the Gram teacher exists; the EMA teacher's heads fill the unused head slots.
