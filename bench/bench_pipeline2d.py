@@ -81,7 +81,7 @@ def time_transform(data, args, progress: Progress) -> float:
 
 def time_pipeline(data, args, progress: Progress, note: str) -> float:
     """samples/s of the Grain pipeline after a warm-up of two batches per process (start-up, caches)."""
-    it = iter(pipeline2d.build_stage1_dataset(data, seed=args.seed, batch_size=args.batch_size, patch_sizes=(16, 8)))
+    it = iter(pipeline2d.build_slices2d_dataset(data, seed=args.seed, batch_size=args.batch_size, patch_sizes=(16, 8)))
     return common.time_batches(it, args.batch_size, 2 * max(1, data.num_workers), args.batches, progress, note)
 
 

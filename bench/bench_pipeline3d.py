@@ -124,7 +124,7 @@ def time_naive(transform, args, window, progress: Progress) -> tuple[float, floa
 
 def time_grain(data, args, progress: Progress) -> float:
     """samples/s of the Grain pipeline with `--workers` processes, after two batches per worker of warm-up."""
-    it = iter(pipeline3d.build_stage2_dataset(data, seed=args.seed, batch_size=args.batch_size,
+    it = iter(pipeline3d.build_volumes3d_dataset(data, seed=args.seed, batch_size=args.batch_size,
                                               patch_sizes=PATCH_SIZES))
     return common.time_batches(it, args.batch_size, 2 * data.num_workers, args.batches, progress,
                                f"grain {data.num_workers} workers")

@@ -26,7 +26,7 @@ def slices_dir(tmp_path_factory):
 
 def test_batch_shapes_dtypes_and_stats(slices_dir):
     b = 4
-    batches = take(pipeline2d.build_stage1_dataset(data_config(slices_dir), seed=0, batch_size=b,
+    batches = take(pipeline2d.build_slices2d_dataset(data_config(slices_dir), seed=0, batch_size=b,
                                                  patch_sizes=PATCH_SIZES), 3)
     for t, batch in enumerate(batches):
         assert set(batch) == {"global_crops", "local_crops", "masks_p8", "masks_p16", "index"}
@@ -44,7 +44,7 @@ def test_batch_shapes_dtypes_and_stats(slices_dir):
 
 def test_unaugmented_full_crop_is_the_z_scored_slice(slices_dir):
     data = unaugmented(data_config(slices_dir))
-    crops = take(pipeline2d.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES), 1)[0]
+    crops = take(pipeline2d.build_slices2d_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES), 1)[0]
     g = crops["global_crops"][..., 0]
     np.testing.assert_array_equal(g[:, 0], g[:, 1])  # both global crops are the whole slice
     assert np.abs(g.mean(axis=(-1, -2))).max() < 0.05
@@ -57,13 +57,13 @@ def test_real_ct_slices(ct_dir, tmp_path):
     hu = np.ascontiguousarray(np.moveaxis(volume[:, :, 30:70:5], -1, 0)).astype(np.int16)  # 8 axial slices
     path = write_slices_dir(tmp_path / "slices", num_shards=2, slices=hu)
     data = data_config(path)
-    batches = take(pipeline2d.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES), 4)
+    batches = take(pipeline2d.build_slices2d_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES), 4)
     for batch in batches:
         assert np.isfinite(batch["global_crops"]).all() and np.isfinite(batch["local_crops"]).all()
         assert (np.count_nonzero(batch["masks_p8"].sum(-1), axis=1) == 1).all()
     # Without augmentation a full-slice crop is the z-scored real slice, bicubic-resized to G.
     unaugmented(data)
-    crops = take(pipeline2d.build_stage1_dataset(data, seed=0, batch_size=8, patch_sizes=PATCH_SIZES), 1)[0]
+    crops = take(pipeline2d.build_slices2d_dataset(data, seed=0, batch_size=8, patch_sizes=PATCH_SIZES), 1)[0]
     expected = {k: resized_crop(normalize_hu(hu[k]), (0, 0, S, S), G) for k in range(len(hu))}
     for crop in crops["global_crops"][:, 0, :, :, 0]:
         assert min(np.abs(crop - e).max() for e in expected.values()) < 1e-5
@@ -72,7 +72,7 @@ def test_real_ct_slices(ct_dir, tmp_path):
 
 
 def test_masks_exact_counts_one_masked_global_crop(slices_dir):
-    batches = take(pipeline2d.build_stage1_dataset(data_config(slices_dir), seed=1, batch_size=4,
+    batches = take(pipeline2d.build_slices2d_dataset(data_config(slices_dir), seed=1, batch_size=4,
                                                  patch_sizes=PATCH_SIZES), 4)
     counts8 = np.concatenate([x["masks_p8"].sum(-1) for x in batches])  # [examples, 2 crops]
     assert (np.count_nonzero(counts8, axis=1) == 1).all()  # round(2 * 0.5) = 1 masked crop per example
@@ -84,9 +84,9 @@ def test_masks_exact_counts_one_masked_global_crop(slices_dir):
 
 def test_same_seed_same_batches_different_seed_differs(slices_dir):
     data = data_config(slices_dir)
-    a = take(pipeline2d.build_stage1_dataset(data, seed=3, batch_size=4, patch_sizes=PATCH_SIZES), 2)
-    b = take(pipeline2d.build_stage1_dataset(data, seed=3, batch_size=4, patch_sizes=PATCH_SIZES), 2)
-    c = take(pipeline2d.build_stage1_dataset(data, seed=4, batch_size=4, patch_sizes=PATCH_SIZES), 2)
+    a = take(pipeline2d.build_slices2d_dataset(data, seed=3, batch_size=4, patch_sizes=PATCH_SIZES), 2)
+    b = take(pipeline2d.build_slices2d_dataset(data, seed=3, batch_size=4, patch_sizes=PATCH_SIZES), 2)
+    c = take(pipeline2d.build_slices2d_dataset(data, seed=4, batch_size=4, patch_sizes=PATCH_SIZES), 2)
     assert_batches_equal(a, b)
     assert not np.array_equal(a[0]["global_crops"], c[0]["global_crops"])
 
@@ -94,7 +94,7 @@ def test_same_seed_same_batches_different_seed_differs(slices_dir):
 def test_every_epoch_is_a_new_permutation_of_all_records(slices_dir):
     # Full-slice global crops without augmentation reveal which record each example is (its marker cell).
     data = unaugmented(data_config(slices_dir))
-    batches = take(pipeline2d.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES),
+    batches = take(pipeline2d.build_slices2d_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES),
                    2 * NUM_RECORDS // 4)
     cell = CELL * G // S
     ids = []
@@ -109,22 +109,22 @@ def test_every_epoch_is_a_new_permutation_of_all_records(slices_dir):
 
 def test_process_shards_concatenate_to_the_single_process_batch(slices_dir):
     data = data_config(slices_dir)
-    whole = take(pipeline2d.build_stage1_dataset(data, seed=5, batch_size=4, patch_sizes=PATCH_SIZES), 3)
-    parts = [take(pipeline2d.build_stage1_dataset(data, seed=5, batch_size=2, patch_sizes=PATCH_SIZES,
+    whole = take(pipeline2d.build_slices2d_dataset(data, seed=5, batch_size=4, patch_sizes=PATCH_SIZES), 3)
+    parts = [take(pipeline2d.build_slices2d_dataset(data, seed=5, batch_size=2, patch_sizes=PATCH_SIZES,
                                                 process_index=p, process_count=2), 3) for p in range(2)]
     assert_batches_equal(whole, assemble_process_batches(parts))
     np.testing.assert_array_equal(parts[1][1]["index"], [6, 7])  # contiguous rows, not interleaved
 
 
 def test_restored_iterator_continues_with_the_next_batches(slices_dir):
-    assert_resumes(lambda: pipeline2d.build_stage1_dataset(data_config(slices_dir), seed=6, batch_size=4,
+    assert_resumes(lambda: pipeline2d.build_slices2d_dataset(data_config(slices_dir), seed=6, batch_size=4,
                                                          patch_sizes=PATCH_SIZES), skip=2)
 
 
 def test_two_grain_workers_match_in_process(slices_dir):
-    in_process = take(pipeline2d.build_stage1_dataset(data_config(slices_dir), seed=7, batch_size=4,
+    in_process = take(pipeline2d.build_slices2d_dataset(data_config(slices_dir), seed=7, batch_size=4,
                                                     patch_sizes=PATCH_SIZES), 3)
-    ds = pipeline2d.build_stage1_dataset(data_config(slices_dir, num_workers=2), seed=7, batch_size=4,
+    ds = pipeline2d.build_slices2d_dataset(data_config(slices_dir, num_workers=2), seed=7, batch_size=4,
                                        patch_sizes=PATCH_SIZES)
     assert_batches_equal(take_closing(ds, 3), in_process)
 
@@ -159,29 +159,29 @@ def test_bad_slices_dir_gives_clear_error(tmp_path, breakage, message):
             index["num_records"] = 25
         index_path.write_text(json.dumps(index))
     with pytest.raises((FileNotFoundError, ValueError), match=message):
-        pipeline2d.build_stage1_dataset(data_config(path), seed=0, batch_size=4, patch_sizes=PATCH_SIZES)
+        pipeline2d.build_slices2d_dataset(data_config(path), seed=0, batch_size=4, patch_sizes=PATCH_SIZES)
 
 
 def test_unset_data_dir_names_the_config_key(slices_dir):
     data = data_config(slices_dir)
     data.dir = None
     with pytest.raises(KeyError, match="data.dir"):
-        pipeline2d.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES)
+        pipeline2d.build_slices2d_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES)
 
 
 def test_bad_config_values_name_their_key(slices_dir):
     data = data_config(slices_dir)
     data.intensity.noise_probability = 0.5
     with pytest.raises(KeyError, match="data.intensity has unknown key.*noise_probability"):
-        pipeline2d.build_stage1_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES)
+        pipeline2d.build_slices2d_dataset(data, seed=0, batch_size=4, patch_sizes=PATCH_SIZES)
     with pytest.raises(ValueError, match="data.local_crop_scale"):
-        pipeline2d.build_stage1_dataset(data_config(slices_dir, local_crop_scale=(0.5, 0.1)), seed=0,
+        pipeline2d.build_slices2d_dataset(data_config(slices_dir, local_crop_scale=(0.5, 0.1)), seed=0,
                                       batch_size=4, patch_sizes=PATCH_SIZES)
 
 
 def test_corrupt_record_error_names_the_shard_and_record(tmp_path):
     path = write_slices_dir(tmp_path / "slices", num_records=8, num_shards=1, corrupt=3)
-    ds = pipeline2d.build_stage1_dataset(data_config(path), seed=0, batch_size=8, patch_sizes=PATCH_SIZES)
+    ds = pipeline2d.build_slices2d_dataset(data_config(path), seed=0, batch_size=8, patch_sizes=PATCH_SIZES)
     with pytest.raises(records.CorruptRecordError,
                        match=r"slices-00000-of-00001.arrayrecord: record 3 \(record 3 of 8\) is corrupt: not a "
                              r"flexict_jax"):

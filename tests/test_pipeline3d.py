@@ -62,7 +62,7 @@ def plain(data, **overrides):
 
 
 def build(data, seed=0, batch_size=4, **kwargs):
-    return pipeline3d.build_stage2_dataset(data, seed=seed, batch_size=batch_size, patch_sizes=PATCH_SIZES, **kwargs)
+    return pipeline3d.build_volumes3d_dataset(data, seed=seed, batch_size=batch_size, patch_sizes=PATCH_SIZES, **kwargs)
 
 
 def whole_volume(dataset, row):

@@ -26,7 +26,7 @@ def slices_dir(tmp_path_factory):
 def hires(data, *, seed=0, batch_size=4, **kwargs):
     args = dict(seed=seed, batch_size=batch_size, patch_sizes=PATCH_SIZES, patch_size_probs=PATCH_PROBS,
                 resolutions=RESOLUTIONS, resolution_probs=RESOLUTION_PROBS)
-    return pipeline2d.build_stage1_hires_dataset(data, **{**args, **kwargs})
+    return pipeline2d.build_slices2d_hires_dataset(data, **{**args, **kwargs})
 
 
 def step_resolution(seed: int, step: int) -> int:

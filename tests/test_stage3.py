@@ -166,7 +166,7 @@ def test_siglip_train_steps_learn_the_scale_and_bias_and_clamp_the_scale(phantom
 # --- the stage-3 data pipeline --------------------------------------------------------------------------------
 
 def _batches(config, n, **kwargs):
-    it = iter(pipeline_align.build_align_dataset(config.data, config.text, seed=config.seed,
+    it = iter(pipeline_align.build_reports3d_dataset(config.data, config.text, seed=config.seed,
                                                  batch_size=kwargs.pop("batch_size", 4),
                                                  patch_sizes=config.patch_sizes, **kwargs))
     return [next(it) for _ in range(n)]
@@ -197,11 +197,11 @@ def test_align_batches_shapes_determinism_and_host_split(phantom_reports):
     assert {manifest[row] for b in first for row in b["volume_row"]} <= train_ids
 
     # Resumable: a restored iterator state continues the same stream (the trainer checkpoints it).
-    it = iter(pipeline_align.build_align_dataset(config.data, config.text, seed=config.seed, batch_size=4,
+    it = iter(pipeline_align.build_reports3d_dataset(config.data, config.text, seed=config.seed, batch_size=4,
                                                  patch_sizes=config.patch_sizes))
     next(it)
     state = it.get_state()
-    resumed = iter(pipeline_align.build_align_dataset(config.data, config.text, seed=config.seed, batch_size=4,
+    resumed = iter(pipeline_align.build_reports3d_dataset(config.data, config.text, seed=config.seed, batch_size=4,
                                                       patch_sizes=config.patch_sizes))
     resumed.set_state(state)
     np.testing.assert_array_equal(next(resumed)["caption_tokens"], first[1]["caption_tokens"])

@@ -37,24 +37,24 @@ def validate(config: mlc.ConfigDict) -> None:
 
 def _slices2d(config: mlc.ConfigDict, **common) -> grain.IterDataset:
     from flexict_jax.data import pipeline2d
-    return pipeline2d.build_stage1_dataset(config.data, **common)
+    return pipeline2d.build_slices2d_dataset(config.data, **common)
 
 
 def _slices2d_hires(config: mlc.ConfigDict, **common) -> grain.IterDataset:
     from flexict_jax.data import pipeline2d
-    return pipeline2d.build_stage1_hires_dataset(
+    return pipeline2d.build_slices2d_hires_dataset(
         config.data, patch_size_probs=config.patch_size_probs, resolutions=config.data.resolutions,
         resolution_probs=config.data.resolution_probs, **common)
 
 
 def _volumes3d(config: mlc.ConfigDict, **common) -> grain.IterDataset:
     from flexict_jax.data import pipeline3d
-    return pipeline3d.build_stage2_dataset(config.data, **common)
+    return pipeline3d.build_volumes3d_dataset(config.data, **common)
 
 
 def _reports3d(config: mlc.ConfigDict, **common) -> grain.IterDataset:
     from flexict_jax.data import pipeline_align
-    return pipeline_align.build_align_dataset(config.data, config.text, **common)
+    return pipeline_align.build_reports3d_dataset(config.data, config.text, **common)
 
 
 # config.data.kind -> its pipeline (imported on use: each pulls in its own dependencies).

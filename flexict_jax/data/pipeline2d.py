@@ -5,7 +5,7 @@ example i depends only on (seed, i), global batch t is examples [t·B, (t+1)·B)
 Grain workers, and a restored iterator state continues the same stream. This module adds the slice transform
 (docs/recipe.md §5).
 
-Stage 1.1 (`build_stage1_hires_dataset`, docs/recipe.md §6) uses the same graph, but every batch has the resolution of
+Stage 1.1 (`build_slices2d_hires_dataset`, docs/recipe.md §6) uses the same graph, but every batch has the resolution of
 the training step it feeds. Contract: batch t of the stream is consumed by training step t, which holds when a
 run starts at step 0 and, on resume, because the checkpoint restores the iterator state with the step. Example i
 belongs to batch t = i // (global batch) and takes its resolution from `variants.variant_for_step(seed, t, ...)`,
@@ -124,7 +124,7 @@ def _one_resolution_per_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndar
     return {**batch, "resolution_index": np.asarray(resolution[0])}
 
 
-def build_stage1_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_size: int,
+def build_slices2d_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_size: int,
                          patch_sizes: Sequence[int], process_index: int = 0,
                          process_count: int = 1, first_batch: int = 0) -> grain.IterDataset:
     """The infinite stage-1 stream of this process's batches (config `data`, docs/recipe.md §5).
@@ -141,7 +141,7 @@ def build_stage1_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_si
         first_batch=first_batch)
 
 
-def build_stage1_hires_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_size: int,
+def build_slices2d_hires_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_size: int,
                                patch_sizes: Sequence[int], patch_size_probs: Sequence[float],
                                resolutions: Sequence[Sequence[int]], resolution_probs: Sequence[float],
                                process_index: int = 0, process_count: int = 1,

@@ -76,7 +76,7 @@ class VolumeViewsTransform(grain.transforms.MapWithIndex):
         return example
 
 
-def build_stage2_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_size: int,
+def build_volumes3d_dataset(data: ml_collections.ConfigDict, *, seed: int, batch_size: int,
                          patch_sizes: Sequence[int], process_index: int = 0,
                          process_count: int = 1, first_batch: int = 0) -> grain.IterDataset:
     """The infinite stage-2 stream of this process's batches (config `data`, docs/recipe.md §7).

@@ -145,7 +145,7 @@ def _text_lengths(text: Mapping[str, Any]) -> tuple[int, int, int]:
     return lengths
 
 
-def build_align_dataset(data: ml_collections.ConfigDict, text: ml_collections.ConfigDict, *, seed: int,
+def build_reports3d_dataset(data: ml_collections.ConfigDict, text: ml_collections.ConfigDict, *, seed: int,
                         batch_size: int, patch_sizes: Sequence[int], process_index: int = 0,
                         process_count: int = 1, first_batch: int = 0) -> grain.IterDataset:
     """The infinite stage-3 stream of this process's batches (config `data` and `text`, docs/recipe.md §8).
