@@ -34,9 +34,9 @@ import scipy.ndimage  # noqa: E402
 
 from configs import stage2  # noqa: E402
 from data_prep import ingest, volume_stats  # noqa: E402
-from flexict_jax.imaging import readers  # noqa: E402
 from flexict_jax.data import pipeline3d  # noqa: E402
 from flexict_jax.data.volume_source import Volume, VolumeSource  # noqa: E402
+from flexict_jax.imaging import readers  # noqa: E402
 from flexict_jax.progress import Progress  # noqa: E402
 
 SHARED_CT = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"

@@ -47,9 +47,9 @@ import numpy as np
 
 from data_prep import beam, outputs
 from flexict_jax import parallel
+from flexict_jax.data import volume_store
 from flexict_jax.imaging import dicom, geometry, readers
 from flexict_jax.imaging.geometry import IMAGE_FILL_HU, LABEL_FILL
-from flexict_jax.data import volume_store
 from flexict_jax.progress import Progress
 
 EXIT_OK, EXIT_FATAL, EXIT_REFUSED = 0, 1, 2

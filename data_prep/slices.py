@@ -32,15 +32,16 @@ import json
 import math
 import pathlib
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
 from data_prep import beam, outputs
-from flexict_jax.imaging import readers
 from flexict_jax.data import records, volume_store
 from flexict_jax.data.slice_source import INDEX_FILE, SLICES_FORMAT
+from flexict_jax.imaging import readers
 from flexict_jax.progress import Progress
 
 BODY_HU = -500.0  # above this a voxel is body tissue (air is about -1000 HU, fat about -100 HU)

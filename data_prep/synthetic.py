@@ -23,7 +23,7 @@ import dataclasses
 import json
 import pathlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np

@@ -39,9 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flexict_jax.imaging import dicom, geometry, readers
 from flexict_jax import checkpointing, torch_format
 from flexict_jax.data.intensity import normalize_hu
+from flexict_jax.imaging import dicom, geometry, readers
 from flexict_jax.models.vit import VisionTransformer
 from flexict_jax.progress import Progress
 

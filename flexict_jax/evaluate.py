@@ -176,7 +176,8 @@ def run_retrieval(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import ml_collections as mlc
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from flexict_jax import checkpointing, sharding, tasks
     from flexict_jax.evals import stage3

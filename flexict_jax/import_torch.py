@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flexict_jax.imaging.readers import file_sha256
 from flexict_jax import torch_format
+from flexict_jax.imaging.readers import file_sha256
 
 KINDS = torch_format.MODEL_KINDS
 

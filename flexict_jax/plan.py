@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
 from flexict_jax.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -117,6 +118,7 @@ def abstract_batch(config: mlc.ConfigDict, variant: Variant) -> dict[str, Any]:
     pipeline delivers (see its `build_*_dataset` docstring), narrowed by the task's `step_batch`."""
     import jax
     import numpy as np
+
     from flexict_jax import tasks
     from flexict_jax.data import datasets
 
@@ -151,6 +153,7 @@ def model_flops(config: mlc.ConfigDict, program: Program, variant: Variant, batc
     analysis counts a loop body once and counts recomputed work, and per-device compiled costs count replicated
     work once per device."""
     import jax
+
     from flexict_jax import sharding, train_step
     if config.model.scan_blocks or config.model.remat_policy != "none":
         config = config.copy_and_resolve_references()
@@ -240,6 +243,7 @@ def plan(config: mlc.ConfigDict, mesh_shape: tuple[int, ...], *, device_memory: 
     """Compiles every step variant of `config` on a `mesh_shape` mesh of `devices` (default: the local devices;
     `topology_devices` for a TPU slice without one); the plan as a dict."""
     import jax
+
     from flexict_jax import sharding, train_step
     from flexict_jax.data import datasets
 

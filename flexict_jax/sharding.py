@@ -15,7 +15,9 @@ import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from flexict_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")

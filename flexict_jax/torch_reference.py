@@ -37,7 +37,7 @@ SAFETENSORS_WEIGHTS, SAFETENSORS_CONFIG, MODEL_CARD = "model.safetensors", "conf
 ROPE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pi_resize_pinv(old_size: tuple[int, ...], new_size: tuple[int, ...]) -> torch.Tensor:
     """pinv(R) [∏old, ∏new] in fp32, R = the interpolation of every one-hot basis kernel (cached, as upstream)."""
     n_old = math.prod(old_size)

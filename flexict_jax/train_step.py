@@ -18,7 +18,8 @@ import ml_collections as mlc
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from flexict_jax import optim, schedules, sharding, tasks
 from flexict_jax.variants import Variant

@@ -55,8 +55,9 @@ def dicom_dir(shared_data) -> pathlib.Path:
 def real_ct_3mm(tmp_path_factory, ct_dir) -> dict[str, pathlib.Path]:
     """A real abdomen/pelvis CT (ts_example_ct) built with the offline tools: ingested at 3 mm with its HU
     statistics ("dataset", stage-2 layout) and cut into 64-px axial slices ("slices", stage 1)."""
-    from data_prep import ingest, slices, volume_stats
     from run_utils import run_cli
+
+    from data_prep import ingest, slices, volume_stats
     root = tmp_path_factory.mktemp("real_ct_3mm")
     for main, argv in ((ingest.main, ["--input", str(ct_dir / "ts_example_ct.nii.gz"), "--output",
                                       str(root / "dataset"), "--spacing", "3,3,3"]),
@@ -76,8 +77,9 @@ def real_ct_slices(real_ct_3mm) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def real_ct_volumes(tmp_path_factory, ct_dir) -> pathlib.Path:
     """An ingested dataset of two real CT volumes at 4 mm (small enough for tiny 3D crops of 32³)."""
-    from data_prep import ingest, volume_stats
     from run_utils import run_cli
+
+    from data_prep import ingest, volume_stats
     root = tmp_path_factory.mktemp("stage2_real_ct") / "dataset"
     inputs = [str(ct_dir / name) for name in ("ts_example_ct.nii.gz", "vtk_headsq.nii.gz")]
     assert run_cli(ingest.main, ["--input", *inputs, "--output", str(root), "--spacing", "4,4,4"]) == 0
@@ -88,7 +90,8 @@ def real_ct_volumes(tmp_path_factory, ct_dir) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def batch_sharding():
     """Leading (batch) axis split over the 8 fake devices of a 2×4 (data, fsdp) mesh."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from flexict_jax.sharding import make_mesh
     return NamedSharding(make_mesh((2, 4, 1)), P(("data", "fsdp")))
@@ -114,10 +117,11 @@ def ctrate_rows(ctrate_csv) -> list[dict]:
 def phantom_reports(tmp_path_factory) -> pathlib.Path:
     """Reports dir over 6 training phantoms (with lesions) and 4 validation phantoms (2 with, 2 without
     lesions, so the "lesion" finding has both classes), ingested at 6 mm, with its sentencepiece tokenizer."""
+    from run_utils import PHANTOM_SHAPE, ingest_split, run_cli
+
     from data_prep import reports as build_reports
     from data_prep import synthetic, volume_stats
     from data_prep import tokenizer as build_tokenizer
-    from run_utils import PHANTOM_SHAPE, ingest_split, run_cli
     root = tmp_path_factory.mktemp("stage3_data")
     synthetic.write_phantoms(root / "train", count=6, seed=0, shape=PHANTOM_SHAPE, progress=False)
     synthetic.write_phantoms(root / "val_lesions", count=2, seed=1, shape=PHANTOM_SHAPE, progress=False)
@@ -140,9 +144,9 @@ def qwen3_folder(tmp_path_factory) -> tuple[pathlib.Path, dict]:
     import jax
     import numpy as np
     from flax import nnx
+    from run_utils import QWEN3_TINY
 
     from flexict_jax.models import qwen3
-    from run_utils import QWEN3_TINY
     tokenizers = pytest.importorskip("tokenizers")
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     folder = tmp_path_factory.mktemp("qwen3")

@@ -14,10 +14,10 @@ import pathlib
 import sys
 
 import jax
+from run_utils import config_with, restore_latest
 
 from configs import stage1
 from flexict_jax import distributed
-from run_utils import config_with, restore_latest
 
 
 def main(argv: list[str]) -> None:

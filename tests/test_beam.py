@@ -10,10 +10,10 @@ import shutil
 
 import numpy as np
 import pytest
+from run_utils import run_cli
 
 from data_prep import ingest
 from flexict_jax.data import volume_store as vs
-from run_utils import run_cli
 
 pytest.importorskip("apache_beam", reason="Apache Beam is not installed (pip install 'flexict_jax[beam]')")
 

@@ -16,11 +16,10 @@ import time
 import jax
 import numpy as np
 import pytest
+from run_utils import REPO, assert_trees_close, checkpoint_steps, config_with, metrics, restore_latest, saved_state
 
 from configs import stage1
 from flexict_jax import checkpointing, trainer
-from run_utils import (REPO, assert_trees_close, checkpoint_steps, config_with, metrics, restore_latest,
-                       saved_state)
 
 
 def tiny_config(data_dir, **overrides):

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from run_utils import REPO, run_cli
 
 ARGPARSE_CLIS = ["flexict_jax.export", "flexict_jax.import_torch", "flexict_jax.embed", "data_prep.ingest",

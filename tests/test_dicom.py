@@ -9,8 +9,8 @@ import pydicom
 import pytest
 
 from data_prep import ingest
-from flexict_jax.imaging import dicom, geometry, readers
 from flexict_jax.data import volume_store as vs
+from flexict_jax.imaging import dicom, geometry, readers
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,23 @@ import sys
 import jax
 import numpy as np
 import pytest
+from run_utils import (
+    REPO,
+    assemble_process_batches,
+    assert_batches_equal,
+    assert_trees_close,
+    checkpoint_steps,
+    config_with,
+    metrics,
+    read_meta,
+    restore_latest,
+    saved_state,
+    take,
+)
 
 from configs import stage1
 from flexict_jax import checkpointing, export, trainer
 from flexict_jax.data import datasets
-from run_utils import (REPO, assemble_process_batches, assert_batches_equal, assert_trees_close, checkpoint_steps,
-                       config_with, metrics, read_meta, restore_latest, saved_state, take)
 
 # As in test_multiprocess.py: LayerScale 0.1 so the embeddings depend on the input, KoLeo off in the loss (its
 # nearest-neighbour distances amplify float32 summation-order differences between meshes), one patch size so

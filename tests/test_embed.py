@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flexict_jax.imaging import geometry
 from flexict_jax import embed, export, import_torch, torch_format
+from flexict_jax.imaging import geometry
 from flexict_jax.models.vit import VisionTransformer
 
 torch = pytest.importorskip("torch")

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 from matplotlib import image as mpimg
+from run_utils import run_cli
 
 from data_prep import ingest, synthetic
 from flexict_jax import evaluate, export, torch_format, visualize
 from flexict_jax.data import volume_store
 from flexict_jax.evals import features, probes
 from flexict_jax.models.vit import VisionTransformer
-from run_utils import run_cli
 
 ARCH = torch_format.Architecture(dim=48, depth=2, num_heads=2)
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -238,8 +238,9 @@ def _monitor_metric(config, mesh_shape, devices) -> dict:
 
 
 def test_monitor_on_a_2x4_mesh_equals_one_device(real_labelled, real_ct_volumes):
-    from configs import stage2
     from run_utils import config_with
+
+    from configs import stage2
 
     config = config_with(stage2.get_config, "tiny", real_ct_volumes, **{
         "eval.every_steps": 2, "eval.dataset": str(real_labelled), "eval.patch_size": 8, "eval.crop": 32,

@@ -13,17 +13,18 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from run_utils import config_with, metrics, run_cli, saved_state
 
 from configs import stage1, stage3
 from data_prep import ingest, slices, synthetic
-from flexict_jax.imaging.readers import file_sha256
 from flexict_jax import checkpointing, embed, export, handoff, import_torch, sharding, torch_format, train_step, trainer
 from flexict_jax.errors import ConfigError
-from run_utils import config_with, metrics, run_cli, saved_state
+from flexict_jax.imaging.readers import file_sha256
 
 torch = pytest.importorskip("torch")
-from flexict_jax import torch_reference  # noqa: E402  (imports torch)
 from run_utils import QWEN3_TINY, last_bf16_bit_flipped  # noqa: E402
+
+from flexict_jax import torch_reference  # noqa: E402  (imports torch)
 
 pytestmark = pytest.mark.slow  # end to end: trains real runs (the fast loop is `pytest -m "not slow"`)
 

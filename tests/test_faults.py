@@ -17,12 +17,13 @@ import sys
 import numpy as np
 import pytest
 import tensorstore as ts
+from run_utils import REPO, config_with, metrics, run_cli, take
 
 from configs import stage1
-from data_prep import ingest, slices, verify as verify_cli, volume_stats
+from data_prep import ingest, slices, volume_stats
+from data_prep import verify as verify_cli
 from flexict_jax import checkpointing, faults, trainer
 from flexict_jax.data import datasets, records, slice_source, volume_source, volume_store
-from run_utils import REPO, config_with, metrics, run_cli, take
 
 BATCH = 8  # the tiny stage-1 global batch
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from data_prep import ingest
-from flexict_jax.imaging import readers
 from flexict_jax.data import volume_store as vs
+from flexict_jax.imaging import readers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIVER, SPLEEN = 5, 1  # TotalSegmentator `total` classes (shared/data/ct/ts_total_classes.csv)

@@ -14,7 +14,6 @@ from flexict_jax.losses.koleo import koleo_loss
 from flexict_jax.losses.sinkhorn import sinkhorn_knopp
 
 
-
 def literal_sinkhorn(logits: np.ndarray, temperature: float, n_iterations: int = 3) -> np.ndarray:
     """Recipe §3.1 step by step in float64, with the K×N transpose and without the max shift."""
     q = np.exp(np.asarray(logits, np.float64) / temperature).T  # K×N

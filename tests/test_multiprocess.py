@@ -17,10 +17,10 @@ import time
 
 import numpy as np
 import pytest
+from run_utils import REPO, checkpoint_steps, read_meta
 
 from configs import stage1
 from flexict_jax import trainer
-from run_utils import REPO, checkpoint_steps, read_meta
 
 pytestmark = pytest.mark.slow  # end to end: trains real runs (the fast loop is `pytest -m "not slow"`)
 

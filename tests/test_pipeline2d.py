@@ -5,16 +5,26 @@ import json
 
 import numpy as np
 import pytest
+from run_utils import (
+    CELL,
+    NUM_RECORDS,
+    assemble_process_batches,
+    assert_batches_equal,
+    assert_resumes,
+    synthetic_slice,
+    take,
+    take_closing,
+    unaugmented,
+    write_slices_dir,
+)
+from run_utils import SLICE_GLOBAL as G
+from run_utils import SLICE_LOCAL as L
+from run_utils import SLICE_SIZE as S
+from run_utils import slices_data_config as data_config
 
 from flexict_jax.data import pipeline2d, records, slice_source
 from flexict_jax.data.crops2d import resized_crop
 from flexict_jax.data.intensity import normalize_hu
-from run_utils import SLICE_GLOBAL as G
-from run_utils import SLICE_LOCAL as L
-from run_utils import SLICE_SIZE as S
-from run_utils import (CELL, NUM_RECORDS, assemble_process_batches, assert_batches_equal, assert_resumes,
-                       synthetic_slice, take, take_closing, unaugmented, write_slices_dir)
-from run_utils import slices_data_config as data_config
 
 PATCH_SIZES = (8, 16)
 

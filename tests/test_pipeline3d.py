@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from run_utils import assemble_process_batches, assert_batches_equal, assert_resumes, take, take_closing
 
 from configs import stage2, stage3
 from data_prep import ingest, synthetic, volume_stats
@@ -16,7 +17,6 @@ from flexict_jax.data import crops3d, pipeline3d, volume_source, volume_store
 from flexict_jax.data.crops3d import Box, PaddedVolume
 from flexict_jax.data.intensity import IntensityDraw, apply_separable, hu_stats, z_score
 from flexict_jax.data.volume_source import Volume, VolumeSource
-from run_utils import assemble_process_batches, assert_batches_equal, assert_resumes, take, take_closing
 
 G, L = 32, 16
 PATCH_SIZES = (8, 16)

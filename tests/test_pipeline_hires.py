@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from run_utils import SLICE_SIZE as S
+from run_utils import assert_batches_equal, synthetic_slice, take, unaugmented, write_slices_dir
+from run_utils import slices_data_config as data_config
 
 from flexict_jax import variants
 from flexict_jax.data import pipeline2d, slice_source
 from flexict_jax.data.crops2d import resize_crops, resized_crop
 from flexict_jax.data.intensity import normalize_hu
-from run_utils import SLICE_SIZE as S
-from run_utils import assert_batches_equal, synthetic_slice, take, unaugmented, write_slices_dir
-from run_utils import slices_data_config as data_config
 
 PATCH_SIZES, PATCH_PROBS = (16, 8), (0.5, 0.5)
 # (global, local, Gram) at 1/16 of docs/recipe.md §6's first two rows, plus a row whose Gram crop is the global size.

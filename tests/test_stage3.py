@@ -18,7 +18,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import stage3_eval_worker
 from flax import nnx
+from run_utils import (
+    PHANTOM_SHAPE,
+    REPO,
+    assert_trees_close,
+    checkpoint_steps,
+    config_with,
+    ingest_split,
+    metrics,
+    run_cli,
+    saved_state,
+)
 
 from configs import stage1, stage2, stage3
 from data_prep import synthetic, volume_stats
@@ -27,9 +39,6 @@ from flexict_jax.data import datasets, pipeline3d, pipeline_align, report_record
 from flexict_jax.models.vlm import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX
 from flexict_jax.tasks import align
 from flexict_jax.variants import Variant
-import stage3_eval_worker
-from run_utils import (PHANTOM_SHAPE, REPO, assert_trees_close, checkpoint_steps, config_with, ingest_split, metrics,
-                       run_cli, saved_state)
 
 pytestmark = pytest.mark.slow  # end to end: trains real runs (the fast loop is `pytest -m "not slow"`)
 

@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from run_utils import assert_trees_close, checkpoint_steps, config_with, metrics, saved_state
 
 from configs import stage1, stage1_hires, stage2
 from flexict_jax import checkpointing, trainer
 from flexict_jax.models.inflate import inflate_patch_embed
 from flexict_jax.tasks import dino
-from run_utils import assert_trees_close, checkpoint_steps, config_with, metrics, saved_state
 
 pytestmark = pytest.mark.slow  # end to end: trains real runs (the fast loop is `pytest -m "not slow"`)
 

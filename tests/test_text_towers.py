@@ -215,11 +215,11 @@ def test_exported_vlm_text_tower_matches_transformers(hf_model, tmp_path):
     JAX tower computes."""
     import torch
     import transformers
+    from run_utils import run_cli
 
     from flexict_jax import export, import_torch, torch_format
     from flexict_jax.models.vit import VisionTransformer
     from flexict_jax.models.vlm import VisionLanguageHead
-    from run_utils import run_cli
 
     tower = qwen3.qwen3_encoder(QWEN3_TINY, rngs=nnx.Rngs(3))
     _randomise(tower, 4)

@@ -12,8 +12,15 @@ import pytest
 from data_prep import reports as build
 from data_prep import tokenizer as train
 from flexict_jax.data import report_rules, volume_store
-from flexict_jax.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, HuggingFaceTokenizer, SentencePieceTokenizer,
-                                        load_tokenizer)
+from flexict_jax.data.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    HuggingFaceTokenizer,
+    SentencePieceTokenizer,
+    load_tokenizer,
+)
 
 TRAIN_REPORTS = 80
 

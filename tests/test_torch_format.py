@@ -16,8 +16,9 @@ from flexict_jax.models.vit import VisionTransformer
 from flexict_jax.tasks.dino import DinoModel
 
 torch = pytest.importorskip("torch")
-from flexict_jax import torch_reference  # noqa: E402  (imports torch)
 from run_utils import last_bf16_bit_flipped  # noqa: E402
+
+from flexict_jax import torch_reference  # noqa: E402  (imports torch)
 
 # docs/torch_format.md §1.3, values torch computes op by op in bf16.
 BF16_PERIODS = [1.0, 1.2890625, 1.671875, 2.15625, 2.78125, 3.59375, 4.65625, 6.0, 7.78125, 10.0, 12.875, 16.5,

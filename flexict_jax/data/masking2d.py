@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
 import numpy as np
+
 from flexict_jax.errors import ConfigError
 
 # DINOv2 gives up placing rectangles after this many consecutive misses and fills the rest at random.

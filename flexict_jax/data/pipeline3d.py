@@ -33,6 +33,7 @@ from flexict_jax.data.masking3d import RccMasking
 from flexict_jax.data.volume_source import Volume, VolumeSource
 from flexict_jax.errors import ConfigError
 
+
 class VolumeViewsTransform(grain.transforms.MapWithIndex):
     """A `Volume` + its global example index -> one training example (numpy only).
 

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 import ml_collections as mlc
-
 from absl import logging
 
 from flexict_jax.evals import features, monitor, stage3

@@ -23,7 +23,8 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from flexict_jax import distributed, sharding
 from flexict_jax.evals import features, probes

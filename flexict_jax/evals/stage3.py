@@ -30,7 +30,8 @@ import jax
 import ml_collections as mlc
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from flexict_jax import distributed, sharding
 from flexict_jax.data import pipeline_align

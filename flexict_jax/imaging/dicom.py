@@ -26,8 +26,8 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from flexict_jax.imaging.readers import SourceError, SourceVolume, file_sha256
 from flexict_jax import parallel
+from flexict_jax.imaging.readers import SourceError, SourceVolume, file_sha256
 from flexict_jax.progress import Progress
 
 # Two slices closer than this (mm) along the normal are the same position.

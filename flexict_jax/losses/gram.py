@@ -12,17 +12,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
-
-from flexict_jax.ops import l2_normalize
 import numpy as np
 
+from flexict_jax.ops import l2_normalize
 from flexict_jax.resize import resize_matrix
 
 # torch's interpolate mode for the teacher features per grid rank, as `resize_matrix` (method, antialias).
 _GRID_RESIZE_MODE = {2: ("cubic", False), 3: ("linear", False)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _axis_matrix(n_from: int, n_to: int, rank: int) -> np.ndarray:
     method, antialias = _GRID_RESIZE_MODE[rank]
     return resize_matrix(n_from, n_to, method, antialias).astype(np.float32)

@@ -23,7 +23,7 @@ from flexict_jax.resize import resize_matrix
 _RESIZE_MODE = {2: ("cubic", True), 3: ("linear", False)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pi_resize_matrix(old: tuple[int, ...], new: tuple[int, ...]) -> np.ndarray:
     """pinv(R)ᵀ [∏new, ∏old] as float32: maps a flattened base kernel to the kernel for patch size `new`.
 

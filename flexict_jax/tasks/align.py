@@ -28,13 +28,13 @@ from flax import nnx
 
 from flexict_jax import checkpointing
 from flexict_jax.data import pipeline_align
+from flexict_jax.errors import ConfigError
 from flexict_jax.losses import contrastive, dino, ibot, sinkhorn
 from flexict_jax.models import precision, qwen3, vlm
 from flexict_jax.models.text_encoder import TextEncoder
 from flexict_jax.tasks.common import crops_first, flatten_crops, masked_token_capacity, merge_model
 from flexict_jax.tasks.dino import DinoModel
 from flexict_jax.variants import Variant
-from flexict_jax.errors import ConfigError
 
 Params = dict[str, Any]
 CONTRASTIVE_LOSSES = ("clip", "siglip")
