@@ -143,8 +143,8 @@ def model_card(*, arch: torch_format.Architecture, kind: str, fmt: str, step: in
     else:
         loading = ["from flexict_jax.torch_reference import load_pth       # or upstream's Flexi_CT_2D / Flexi_CT_3D",
                    "model = load_pth(\"this_file.pth\")                     # strict load, eval mode"]
-    licences = sorted({*(meta.get("data") or {}).get("licences", {}),
-                       *(init.get("from_data") or {}).get("licences", {})})
+    licences = sorted({*(meta.get("provenance") or {}).get("licences", {}),
+                       *(init.get("from_provenance") or {}).get("licences", {})})
     lines = [
         "---",
         "library_name: flexict_jax",
@@ -172,10 +172,10 @@ def model_card(*, arch: torch_format.Architecture, kind: str, fmt: str, step: in
     if init:
         lines.append(f"- started from `{init.get('from')}` step {init.get('step')} ({init.get('from_stage')}, "
                      f"mode {init.get('mode')})")
-    lines += ["", "### Training data", ""] + _data_lines(meta.get("data"))
+    lines += ["", "### Training data", ""] + _data_lines(meta.get("provenance"))
     if init:
         lines += ["", f"### Data of the run it started from ({init.get('from_stage')})", ""]
-        lines += _data_lines(init.get("from_data"))
+        lines += _data_lines(init.get("from_provenance"))
     lines += [
         "",
         "The weights inherit the terms of these licences; check them before use or redistribution.",

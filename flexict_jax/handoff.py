@@ -112,7 +112,7 @@ def handoff_state(config: mlc.ConfigDict, program: Program) -> tuple[dict, dict]
     if mode != "vlm":
         state = dict(state, params=task.initial_params(config, state["params"]))
     record = {"from": str(source), "step": step, "mode": mode, "from_stage": source_meta.get("stage"),
-              "fresh": sorted(set(params) - set(parts)), "from_data": source_meta.get("data")}
+              "fresh": sorted(set(params) - set(parts)), "from_provenance": source_meta.get("provenance")}
     return state, record
 
 

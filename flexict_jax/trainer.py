@@ -81,7 +81,7 @@ def train(config: mlc.ConfigDict, workdir: str, *, evaluator: EvaluatorFactory |
 
         ckpt = checkpointing.Checkpointer(workdir / "checkpoints", **config.ckpt.to_dict())
         meta = {"stage": config.stage, "config": json.loads(config.to_json_best_effort()),
-                "data": datasets.provenance(config),  # for the model card of an export
+                "provenance": datasets.provenance(config),  # the training data, for the model card of an export
                 "topology": checkpointing.topology(mesh)}
         # Our own checkpoint always wins (a resume never re-applies the hand-off); on any process count or mesh.
         latest = ckpt.restore_latest(program.abstract_state, global_batch_size=config.global_batch_size,
