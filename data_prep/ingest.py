@@ -27,6 +27,11 @@ arguments, unreadable manifest, another ingest running on DATASET_DIR).
 With `--runner=DirectRunner` (or any Apache Beam runner, its options passed through) the hashing and the
 per-volume conversion run as Beam pipelines (data_prep/beam.py) instead of --workers processes; the manifest
 is the same, and the refused sources are also listed in DATASET_DIR/dead_letter.jsonl.
+
+--input and --output may be gs:// URLs (data_prep/storage.py). NIfTI sources are listed in the bucket and
+each is downloaded for its hashing and conversion (DICOM series are read from local disk only); a volume is
+written locally and uploaded (zarr.json last), and the manifest, kept in a local copy, is uploaded at most
+every 30 s and at the end, so a volume may be uploaded but unlisted after a crash: the next run removes it.
 """
 from __future__ import annotations
 
@@ -38,14 +43,13 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from data_prep import beam, outputs
+from data_prep import beam, outputs, storage
 from flexict_jax import parallel
 from flexict_jax.data import volume_store
 from flexict_jax.imaging import dicom, geometry, readers
@@ -55,6 +59,7 @@ from flexict_jax.progress import Progress
 EXIT_OK, EXIT_FATAL, EXIT_REFUSED = 0, 1, 2
 DEFAULT_SPACING = (1.5, 1.5, 1.5)  # docs/recipe.md §5: the slice builder's README spacing, mm (z, y, x)
 LOCK_NAME = ".ingest.lock"
+MANIFEST_PUSH_S = 30.0  # a gs:// dataset's manifest is uploaded at most this often during a run, and at the end
 
 
 class FatalError(Exception):
@@ -84,6 +89,27 @@ class Job:
 
 # --- discovery -----------------------------------------------------------------------------------------------
 
+def _real(path: str) -> str:
+    # The identity of a source: a URL is its own, a local path its real path.
+    return path if storage.is_url(path) else os.path.realpath(path)
+
+
+def _walk_url(given: str, skip: set[str]) -> list[str]:
+    """Objects under the URL `given` (or `given` itself when it is one object), left out as `_walk` does."""
+    names = storage.list_names(given)
+    if not names:
+        return [given] if storage.read_bytes(given) is not None else []
+    files = []
+    for relative in names:
+        parts = relative.split("/")
+        if any(p.startswith(".") for p in parts) or any(p.endswith(".zarr") for p in parts[:-1]):
+            continue
+        path = storage.join(given, relative)
+        if not any(path.startswith(s.rstrip("/") + "/") for s in skip):
+            files.append(path)
+    return files
+
+
 def _walk(given: str, skip: set[str]) -> Iterator[str]:
     """Files under `given` in sorted order, as paths that start with `given`; hidden entries, zarr arrays and
     `skip` (the output directory) are left out."""
@@ -93,9 +119,12 @@ def _walk(given: str, skip: set[str]) -> Iterator[str]:
         yield from (os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
 
 
-def _labels_beside(directory: str, name: str) -> list[str]:
+def _labels_beside(directory: str, name: str, listed: set[str]) -> list[str]:
+    """Label maps beside image `name` in `directory`: local files, or among the `listed` bucket objects."""
     return [os.path.join(directory, name + suffix + ext) for suffix in readers.LABEL_SUFFIXES
-            for ext in readers.NIFTI_SUFFIXES if os.path.isfile(os.path.join(directory, name + suffix + ext))]
+            for ext in readers.NIFTI_SUFFIXES
+            if (os.path.join(directory, name + suffix + ext) in listed if storage.is_url(directory)
+                else os.path.isfile(os.path.join(directory, name + suffix + ext)))]
 
 
 def sanitize_id(name: str) -> str:
@@ -108,30 +137,39 @@ def discover(inputs: Sequence[str], output_dir: str, workers: int = 1) -> tuple[
 
     Returns (candidates sorted by source, problems as "path: reason", number of ignored non-CT files).
     """
-    skip = {os.path.realpath(output_dir)}
-    images, labels, others = [], [], []
+    skip = {_real(output_dir)}
+    images, labels, others, listed = [], [], [], set()
+    problems = []
     for given in inputs:
-        if os.path.isdir(given):
+        if storage.is_url(given):
+            files = _walk_url(given.rstrip("/"), skip)
+            if not files:
+                raise FatalError(f"{given}: no such object or prefix")
+            listed.update(files)
+        elif os.path.isdir(given):
             files = list(_walk(given, skip))
         elif os.path.isfile(given):
             files = [given]
         else:
             raise FatalError(f"{given}: no such file or directory")
         for f in files:
+            if storage.is_url(f) and not readers.is_nifti(f):
+                problems.append(f"{f}: not a NIfTI file; from gs:// only NIfTI is read (copy DICOM series to "
+                                f"local disk and ingest them from there)")
+                continue
             (labels if readers.is_label_name(f) else images if readers.is_nifti(f) else others).append(f)
 
-    problems = []
     series, damaged, not_dicom = dicom.find_series(others, workers, progress=True)
     problems += [f"{path}: {reason}" for path, reason in damaged]
     found: dict[tuple[str, str], Candidate] = {}
 
     def add(name: str, source: str, series_: dicom.DicomSeries | None, beside: tuple[str, str] | None) -> None:
         """`beside` = (folder, name) of the image whose label maps to look for; None: no label possible."""
-        labels_found = _labels_beside(*beside) if beside else []
+        labels_found = _labels_beside(*beside, listed) if beside else []
         if len(labels_found) > 1:
             problems.append(f"{source}: several label maps beside it ({', '.join(labels_found)}); keep one")
             return
-        key = (os.path.realpath(source), series_.uid if series_ else "")  # an input may be given twice
+        key = (_real(source), series_.uid if series_ else "")  # an input may be given twice
         label = labels_found[0] if labels_found else None
         found.setdefault(key, Candidate(sanitize_id(name), source, series_, label))
 
@@ -144,9 +182,9 @@ def discover(inputs: Sequence[str], output_dir: str, workers: int = 1) -> tuple[
         else:
             add(s.folder.name, str(s.folder), s, (str(s.folder.parent), s.folder.name))
 
-    attached = {os.path.realpath(c.label) for c in found.values() if c.label}
+    attached = {_real(c.label) for c in found.values() if c.label}
     for f in labels:
-        if os.path.realpath(f) not in attached:
+        if _real(f) not in attached:
             stem = readers.nifti_stem(f)
             image = next(stem[:-len(s)] for s in readers.LABEL_SUFFIXES if stem.endswith(s))
             problems.append(f"{f}: label map without its image among the inputs (expected {image}.nii.gz "
@@ -163,7 +201,8 @@ def source_sha256(candidate: Candidate) -> tuple[str | None, str | None]:
     try:
         if candidate.series:
             return dicom.series_sha256(candidate.series), None
-        return readers.file_sha256(candidate.source), None
+        with storage.local_copy(candidate.source) as local:
+            return readers.file_sha256(local), None
     except OSError as e:
         return None, f"{candidate.source}: cannot read ({e})"
 
@@ -171,7 +210,25 @@ def source_sha256(candidate: Candidate) -> tuple[str | None, str | None]:
 def _read_image(candidate: Candidate, gantry_tilt: str) -> readers.SourceVolume:
     if candidate.series:
         return dicom.read_series(candidate.series, gantry_tilt)
-    return readers.read_nifti(candidate.source)
+    return _read_nifti(candidate.source)
+
+
+def _read_nifti(source: str, what: str = "image") -> readers.SourceVolume:
+    """`readers.read_nifti` of a local file or a gs:// object (downloaded for the read); a refusal names
+    `source`, not the download."""
+    with storage.local_copy(source) as local:
+        try:
+            return readers.read_nifti(local, what)
+        except readers.SourceError as e:
+            if str(local) == source:
+                raise
+            raise readers.SourceError(str(e).replace(str(local), source)) from e
+
+
+def _write_volume(dataset_dir: str, relative: str, array: np.ndarray, attributes: dict) -> None:
+    """`volume_store.write_volume` into the dataset, which may be a gs:// URL (written locally, then uploaded)."""
+    with storage.writing(storage.join(storage.location(dataset_dir), relative), "zarr.json") as path:
+        volume_store.write_volume(path, array, attributes)
 
 
 def _to_int16_hu(values: np.ndarray) -> np.ndarray:
@@ -204,8 +261,8 @@ def _attributes(job: Job, grid: geometry.Grid, kind: str, source: str, sha256: s
 
 def ingest_volume(job: Job) -> tuple[dict | None, str | None]:
     """Converts and writes one volume; returns (manifest entry, None) or (None, "path: reason")."""
-    candidate, dataset_dir = job.candidate, Path(job.dataset_dir)
-    written: list[Path] = []
+    candidate, dataset_dir = job.candidate, job.dataset_dir
+    written: list[str] = []
     try:
         image = _read_image(candidate, job.gantry_tilt)
         readers.check_ct_intensity(image.array, candidate.source)
@@ -217,28 +274,30 @@ def ingest_volume(job: Job) -> tuple[dict | None, str | None]:
         if candidate.series and candidate.series.uid:
             entry["series_uid"] = candidate.series.uid
         if candidate.label:
-            label = readers.read_nifti(candidate.label, "label map")
+            label = _read_nifti(candidate.label, "label map")
             label_map = readers.as_label_map(label.array, candidate.label)
-            label_sha = readers.file_sha256(candidate.label)
+            with storage.local_copy(candidate.label) as local:
+                label_sha = readers.file_sha256(local)
             label_path = f"{volume_store.LABELS_DIR}/{job.volume_id}.zarr"
             on_grid = geometry.to_grid(label_map, label.affine, grid, 0, LABEL_FILL)
             if label_map.any() and not on_grid.any():
                 raise readers.SourceError(f"{candidate.label}: label map does not overlap its image "
                                           f"{candidate.source} in world space")
-            volume_store.write_volume(dataset_dir / label_path, on_grid,
-                                      _attributes(job, grid, "label", candidate.label, label_sha, label))
-            written.append(dataset_dir / label_path)
+            _write_volume(dataset_dir, label_path, on_grid,
+                          _attributes(job, grid, "label", candidate.label, label_sha, label))
+            written.append(label_path)
             entry.update(label_path=label_path, label_source=candidate.label, label_sha256=label_sha,
                          label_content_sha256=volume_store.content_sha256(on_grid))
         hu = _to_int16_hu(geometry.to_grid(image.array, image.affine, grid, 1, IMAGE_FILL_HU))
-        volume_store.write_volume(dataset_dir / entry["path"], hu,
-                                  _attributes(job, grid, "image", candidate.source, job.source_sha256, image))
+        _write_volume(dataset_dir, entry["path"], hu,
+                      _attributes(job, grid, "image", candidate.source, job.source_sha256, image))
         # What `python -m data_prep.verify` checks the stored voxels against.
         entry["content_sha256"] = volume_store.content_sha256(hu)
         return entry, None
     except Exception as e:  # a bad volume is reported and skipped; the batch goes on
-        for path in written:  # our own, never listed: do not leave a label without its image
-            shutil.rmtree(path, ignore_errors=True)
+        for relative in written:  # our own, never listed: do not leave a label without its image
+            with contextlib.suppress(OSError, ValueError):
+                storage.remove(storage.join(storage.location(dataset_dir), relative))
         reason = str(e) if isinstance(e, readers.SourceError) else f"{type(e).__name__}: {e}"
         return None, reason if reason.startswith(candidate.source) else f"{candidate.source}: {reason}"
 
@@ -288,18 +347,16 @@ def load_subjects(path: str) -> dict[str, str]:
     return mapping
 
 
-def remove_interrupted(dataset_dir: Path, entries: list[dict]) -> list[Path]:
+def remove_interrupted(dataset_dir: storage.Location, entries: list[dict]) -> list[storage.Location]:
     """Removes temporary arrays and arrays never listed in the manifest (both left by an interrupted run)."""
     listed = {p for e in entries for p in (e["path"], e["label_path"]) if p}
     removed = []
     for sub in (volume_store.VOLUMES_DIR, volume_store.LABELS_DIR):
-        folder = dataset_dir / sub
-        if not folder.is_dir():
-            continue
-        for child in sorted(folder.iterdir()):
-            unlisted = child.name.endswith(".zarr") and f"{sub}/{child.name}" not in listed
-            if child.name.startswith(volume_store.TMP_PREFIX) or unlisted:
-                shutil.rmtree(child)
+        for name in storage.children(storage.join(dataset_dir, sub)):
+            unlisted = name.endswith(".zarr") and f"{sub}/{name}" not in listed
+            if name.startswith(volume_store.TMP_PREFIX) or unlisted:
+                child = storage.join(dataset_dir, sub, name)
+                storage.remove(child)
                 removed.append(child)
     return removed
 
@@ -309,9 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m data_prep.ingest", description=__doc__.split("\n\n")[0],
         epilog="Exit status: 0 all written or already present, 2 some sources refused, 1 fatal.")
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                        help="NIfTI files (.nii, .nii.gz), DICOM files or folders (searched recursively)")
+                        help="NIfTI files (.nii, .nii.gz), DICOM files or folders (searched recursively); "
+                             "gs:// objects or prefixes for NIfTI")
     parser.add_argument("--output", required=True, metavar="DATASET_DIR",
-                        help="dataset folder: manifest.jsonl, volumes/<id>.zarr, labels/<id>.zarr")
+                        help="dataset folder: manifest.jsonl, volumes/<id>.zarr, labels/<id>.zarr; local or gs://")
     parser.add_argument("--spacing", type=parse_spacing, default=DEFAULT_SPACING, metavar="Z,Y,X|native",
                         help="target voxel spacing in mm (default 1.5,1.5,1.5, docs/recipe.md §5); 'native' keeps "
                              "the source spacing and only reorients (exact)")
@@ -348,7 +406,7 @@ def _results(fn, items: list, pool: concurrent.futures.Executor | None, ordered:
 
 
 def run(args: argparse.Namespace) -> int:
-    dataset_dir = Path(args.output)
+    dataset = storage.location(args.output)
     if args.workers < 1:
         raise FatalError(f"--workers {args.workers}: need at least 1")
     subjects = load_subjects(args.subjects) if args.subjects else {}
@@ -360,15 +418,19 @@ def run(args: argparse.Namespace) -> int:
     if not candidates:
         raise FatalError(f"no NIfTI file or DICOM CT series found in {' '.join(args.input)}")
 
-    try:
-        dataset_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FatalError(f"{dataset_dir}: cannot create the dataset folder ({e})") from e
     extra = {k: v for k, v in (("licence", args.licence), ("split", args.split)) if v is not None}
     written = skipped = 0
     refused = len(problems)
     with contextlib.ExitStack() as stack:
-        # One ingest per dataset: the manifest has a single writer.
+        # A gs:// dataset's manifest and dataset.json are read and written in a local copy, uploaded below.
+        mirror = stack.enter_context(storage.Mirror(dataset, (volume_store.MANIFEST_NAME, volume_store.DATASET_FILE)))
+        dataset_dir = mirror.local
+        try:
+            dataset_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FatalError(f"{dataset_dir}: cannot create the dataset folder ({e})") from e
+        # One ingest per dataset: the manifest has a single writer (for gs://, one per staging folder: see
+        # docs/operations.md on running one ingest per bucket dataset at a time).
         stack.enter_context(outputs.exclusive(dataset_dir, LOCK_NAME, "another ingest is writing to this dataset",
                                               FatalError))
         entries = volume_store.read_manifest(dataset_dir) if (dataset_dir / volume_store.MANIFEST_NAME).exists() \
@@ -377,7 +439,8 @@ def run(args: argparse.Namespace) -> int:
             volume_store.claim_target_spacing(dataset_dir, args.spacing)
         except ValueError as e:
             raise FatalError(str(e)) from e
-        for path in remove_interrupted(dataset_dir, entries):
+        mirror.push(volume_store.DATASET_FILE)
+        for path in remove_interrupted(dataset, entries):
             outputs.report(f"removed {path}: left unlisted by an interrupted run")
         pool = None
         beam_args = args.pipeline_args
@@ -421,12 +484,18 @@ def run(args: argparse.Namespace) -> int:
             known[sha] = volume_id
             taken.add(volume_id)
             jobs.append(Job(candidate, volume_id, sha, _subject(subjects, volume_id, candidate),
-                            str(dataset_dir), args.spacing, extra, args.gantry_tilt))
+                            str(dataset), args.spacing, extra, args.gantry_tilt))
 
         progress = Progress(len(jobs), "ingest")
+        # Also on an error or Ctrl-C: what was listed reaches the bucket (before the staging folder goes).
+        stack.callback(mirror.push, volume_store.MANIFEST_NAME)
         for entry, error in results(ingest_volume, jobs, False, "ingest"):
             if error is None:
+                for key in ("path", "label_path"):  # a gs:// array's zarr.json, which append_manifest checks
+                    if entry[key]:
+                        mirror.fetch(f"{entry[key]}/zarr.json")
                 volume_store.append_manifest(dataset_dir, entry)  # only the parent appends
+                mirror.push(volume_store.MANIFEST_NAME, every_s=MANIFEST_PUSH_S)
                 written += 1
             else:
                 outputs.report(f"refused: {error}")
@@ -436,9 +505,10 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
         if beam_args is not None:
             beam.write_dead_letter(dataset_dir, failures)
+            mirror.push(beam.DEAD_LETTER_NAME)
 
     print(f"ingest: {written} written, {skipped} skipped (already ingested), {refused} refused "
-          f"-> {dataset_dir / volume_store.MANIFEST_NAME}")
+          f"-> {storage.join(dataset, volume_store.MANIFEST_NAME)}")
     if refused and not (written or skipped):
         print("ingest: no volume could be ingested", file=sys.stderr)
         return EXIT_FATAL

@@ -3,7 +3,8 @@
 * `exclusive`: one run of a tool per dataset, so a file the tool rewrites there has a single writer.
 * `check_output`, `staged_dir`, `publish`: an output directory is built beside its destination and renamed
   into place when complete; a non-empty destination is replaced only on request, and only when it holds this
-  tool's own earlier output (never e.g. a dataset given as --output by mistake).
+  tool's own earlier output (never e.g. a dataset given as --output by mistake). A gs:// destination is built
+  in a local folder and uploaded, its index last (`storage.publish_dir`).
 * `ShardWriter`, `WRITER_OPTIONS`: numbered ArrayRecord shards.
 * `ordered_map`: per-volume work in spawned worker processes (`flexict_jax.parallel`) or a Beam pipeline.
 * `write_atomically`: a single file replaced in one rename.
@@ -20,11 +21,13 @@ import os
 import pathlib
 import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from data_prep import storage
 from flexict_jax import parallel
 
 EXIT_FATAL, EXIT_INTERRUPTED = 1, 130
@@ -51,23 +54,25 @@ def exclusive(dataset_dir: pathlib.Path, lock_name: str, busy: str,
 
 # --- output directories ----------------------------------------------------------------------------------------
 
-def is_output_dir(path: pathlib.Path, index_file: str, index_format: str) -> bool:
+def is_output_dir(path: storage.Location, index_file: str, index_format: str) -> bool:
     """Whether `path` holds an `index_file` whose "format" is `index_format` (a tool's own output)."""
     try:
-        return json.loads((path / index_file).read_text()).get("format") == index_format
-    except (OSError, ValueError, AttributeError):
+        index = storage.join(path, index_file)
+        text = storage.read_bytes(index) if storage.is_url(index) else index.read_text()
+        return json.loads(text).get("format") == index_format
+    except (OSError, ValueError, TypeError, AttributeError):
         return False
 
 
-def check_output(output: pathlib.Path, overwrite: bool, *, kind: str, index_file: str, index_format: str,
+def check_output(output: storage.Location, overwrite: bool, *, kind: str, index_file: str, index_format: str,
                  error: type[Exception] = FileExistsError) -> None:
     """Raises `error` unless `output` is absent, an empty directory, or (with `overwrite`) a `kind` directory
     written earlier by the same tool: one with an `index_file` of format `index_format`."""
-    if not output.exists():
+    if not storage.exists(output):
         return
-    if not output.is_dir():
+    if not storage.is_url(output) and not output.is_dir():
         raise error(f"{output}: exists and is not a directory")
-    if any(output.iterdir()):
+    if storage.children(output):
         if not overwrite:
             raise error(f"{output}: exists and is not empty; pass --overwrite to replace it")
         if not is_output_dir(output, index_file, index_format):
@@ -91,9 +96,15 @@ def publish(tmp: pathlib.Path, output: pathlib.Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(output: pathlib.Path) -> Iterator[pathlib.Path]:
+def staged_dir(output: storage.Location, index_file: str) -> Iterator[pathlib.Path]:
     """A new hidden directory beside `output` to build it in; published to `output` when the block completes,
-    deleted when it raises, so `output` is never seen half-written."""
+    deleted when it raises, so `output` is never seen half-written. For a gs:// `output`, a local temporary
+    directory, uploaded with `index_file` last."""
+    if storage.is_url(output):
+        with tempfile.TemporaryDirectory(prefix="flexict-output-") as tmp:
+            yield pathlib.Path(tmp)
+            storage.publish_dir(pathlib.Path(tmp), output, index_file)
+        return
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()

@@ -25,7 +25,8 @@ label map (the synthetic phantoms), else "label N".
 
 Bad input is reported and skipped, never fatal: empty or malformed report rows (upstream crashes on them, recipe
 §13 #10), duplicate rows for one volume, volumes whose array is missing, volumes with neither a report nor a
-label map, unreadable label maps. Exit status: 0 every volume has a record and no row was skipped, 2 something
+label map, unreadable label maps. DATASET_DIR, REPORTS_DIR and the reports file may be gs:// URLs
+(data_prep/storage.py); --label-names and labels.json files are read from local disk. Exit status: 0 every volume has a record and no row was skipped, 2 something
 was skipped (listed in index.json), 1 fatal (no manifest, unreadable reports file, no record, refused output).
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from data_prep import beam, ingest, outputs, slices
+from data_prep import beam, ingest, outputs, slices, storage
 from flexict_jax.data import pseudo_reports, report_records, report_rules, volume_store
 from flexict_jax.imaging.readers import NIFTI_SUFFIXES, file_sha256
 from flexict_jax.progress import Progress
@@ -269,10 +270,10 @@ class PseudoJob:
 
 def pseudo_record(job: PseudoJob) -> tuple[dict | None, str | None]:
     """(record, None) or (None, reason) for a volume described from its label map; never raises."""
-    entry, dataset_dir = job.entry, pathlib.Path(job.dataset_dir)
+    entry, dataset_dir = job.entry, storage.location(job.dataset_dir)
     try:
-        label_map = volume_store.open_volume(dataset_dir / entry["label_path"]).read().result()
-        image = volume_store.open_volume(dataset_dir / entry["path"])
+        label_map = volume_store.open_volume(storage.join(dataset_dir, entry["label_path"])).read().result()
+        image = volume_store.open_volume(storage.join(dataset_dir, entry["path"]))
         if list(label_map.shape) != list(entry["shape"]) or list(image.shape) != list(entry["shape"]):
             raise ValueError(f"label map {list(label_map.shape)} / image {list(image.shape)} differ from the "
                              f"manifest shape {entry['shape']}")
@@ -311,23 +312,28 @@ def run(args: argparse.Namespace) -> int:
         raise FatalError(f"--records-per-shard {args.records_per_shard}: need at least 1")
     if args.workers < 1:
         raise FatalError(f"--workers {args.workers}: need at least 1")
-    dataset_dir, output = args.dataset.resolve(), args.output.resolve()
-    entries = volume_store.read_manifest(dataset_dir)
+    dataset_dir, output = (p if storage.is_url(p) else p.resolve() for p in (args.dataset, args.output))
+    with storage.Mirror(dataset_dir, (volume_store.MANIFEST_NAME,), required=(volume_store.MANIFEST_NAME,)) as mirror:
+        entries = volume_store.read_manifest(mirror.local)
+        manifest_sha256 = file_sha256(mirror.local / volume_store.MANIFEST_NAME)
     if not entries:
-        raise FatalError(f"{dataset_dir / volume_store.MANIFEST_NAME}: no volumes")
+        raise FatalError(f"{storage.join(dataset_dir, volume_store.MANIFEST_NAME)}: no volumes")
     outputs.check_output(output, args.overwrite, kind="reports dir", index_file=report_records.INDEX_FILE,
                          index_format=report_records.REPORTS_FORMAT, error=FatalError)
     given_names = read_label_names(args.label_names) if args.label_names else None
 
+    committed = {e["id"]: storage.exists(storage.join(dataset_dir, e["path"], "zarr.json")) for e in entries}
     skipped_volumes = [{"volume_id": e["id"], "reason": f"{e['path']}: volume array missing"}
-                       for e in entries if not (dataset_dir / e["path"] / "zarr.json").is_file()]
-    present = [e for e in entries if (dataset_dir / e["path"] / "zarr.json").is_file()]
+                       for e in entries if not committed[e["id"]]]
+    present = [e for e in entries if committed[e["id"]]]
     by_volume: dict[str, dict] = {}
     skipped_rows: list[dict] = []
     unmatched = 0
     columns = None
     if args.reports is not None:
-        rows, names = read_rows(args.reports)
+        with storage.local_copy(args.reports) as local:
+            rows, names = read_rows(local)
+            reports_sha256 = file_sha256(local)
         columns = resolve_columns(args, names, rows)
         by_volume, skipped_rows, unmatched = join_reports(rows, present, columns)
         for row in skipped_rows:
@@ -367,16 +373,17 @@ def run(args: argparse.Namespace) -> int:
     pools = {key: report_rules.build_positive_pool([r for r in ordered if report_records.split_key(r["split"]) == key])
              for key in splits}
 
-    with outputs.staged_dir(output) as tmp:
+    with outputs.staged_dir(output, report_records.INDEX_FILE) as tmp:
         writer = outputs.ShardWriter(tmp, args.records_per_shard, SHARD_PREFIX)
         for record in ordered:
             writer.write(report_records.encode_report(record))
         shards = writer.finish()
         index = {
             "format": report_records.REPORTS_FORMAT, "shards": shards, "num_records": len(ordered),
-            "dataset": str(dataset_dir), "manifest_sha256": file_sha256(dataset_dir / volume_store.MANIFEST_NAME),
-            "reports_file": str(args.reports.resolve()) if args.reports else None,
-            "reports_sha256": file_sha256(args.reports) if args.reports else None,
+            "dataset": str(dataset_dir), "manifest_sha256": manifest_sha256,
+            "reports_file": str(args.reports if storage.is_url(args.reports) else args.reports.resolve())
+            if args.reports else None,
+            "reports_sha256": reports_sha256 if args.reports else None,
             "columns": dataclasses.asdict(columns) if columns else None,
             "label_names_file": str(args.label_names.resolve()) if args.label_names else None,
             "counts": {source: sum(r["source"] == source for r in ordered) for source in ("report", "pseudo")},
@@ -403,10 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = outputs.ExitOneParser(
         prog="python -m data_prep.reports", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, type=pathlib.Path, metavar="DATASET_DIR",
-                        help="ingested dataset (manifest.jsonl)")
-    parser.add_argument("--output", required=True, type=pathlib.Path, metavar="DIR", help="reports dir to create")
-    parser.add_argument("--reports", type=pathlib.Path, metavar="FILE",
+    parser.add_argument("--dataset", required=True, type=storage.location, metavar="DATASET_DIR",
+                        help="ingested dataset (manifest.jsonl), local or gs://")
+    parser.add_argument("--output", required=True, type=storage.location, metavar="DIR",
+                        help="reports dir to create, local or gs://")
+    parser.add_argument("--reports", type=storage.location, metavar="FILE",
                         help="reports, .csv or .jsonl (default: none, every volume gets a pseudo-report)")
     parser.add_argument("--id-column", help=f"column with the volume id or file name (default: the first of "
                                             f"{', '.join(ID_COLUMNS)})")

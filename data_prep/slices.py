@@ -19,6 +19,9 @@ Body filter. Upstream keeps only slices that TotalSegmentator assigns a body reg
 have no such labels in general, so a body-content threshold replaces it: a slice is kept when at least
 `--min-body-fraction` of its field of view is above -500 HU.
 
+DATASET_DIR and SLICES_DIR may be gs:// URLs (data_prep/storage.py): volumes are read from the bucket by
+TensorStore, the shards are written locally (ArrayRecord writes local files only) and uploaded, index.json last.
+
 Output is written into a temporary directory beside SLICES_DIR and renamed into place at the end; record
 order is deterministic (manifest order, then z). A volume that cannot be read is reported, skipped and
 listed under "skipped" in index.json. Exit status: 0 when every volume was processed, 2 when some were
@@ -38,7 +41,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from data_prep import beam, outputs
+from data_prep import beam, outputs, storage
 from flexict_jax.data import records, volume_store
 from flexict_jax.data.slice_source import INDEX_FILE, SLICES_FORMAT
 from flexict_jax.imaging import readers
@@ -121,7 +124,7 @@ def body_centre(volume: ts.TensorStore, shape: Sequence[int], spacing: Sequence[
     return centre[0], centre[1]
 
 
-def _checked_geometry(entry: dict, volume: ts.TensorStore, path: pathlib.Path
+def _checked_geometry(entry: dict, volume: ts.TensorStore, path: storage.Location
                       ) -> tuple[tuple[int, int, int], tuple[float, float, float], float]:
     """(shape, spacing, S of z_index 0) of a manifest entry, checked against the stored array at `path`."""
     shape = tuple(int(n) for n in volume.shape)
@@ -139,11 +142,11 @@ def _checked_geometry(entry: dict, volume: ts.TensorStore, path: pathlib.Path
     return shape, spacing, origin[2]
 
 
-def volume_slices(dataset_dir: pathlib.Path, entry: dict, options: SliceOptions) -> VolumeSlices:
+def volume_slices(dataset_dir: storage.Location, entry: dict, options: SliceOptions) -> VolumeSlices:
     """Resamples and filters the axial slices of one manifest entry; never raises for a bad volume."""
     result = VolumeSlices(volume_id=str(entry.get("id")), subject=entry.get("subject"))
     try:
-        path = dataset_dir / entry["path"]
+        path = storage.join(dataset_dir, entry["path"])
         volume = volume_store.open_volume(path)
         shape, spacing, s_origin = _checked_geometry(entry, volume, path)
         centre_y, centre_x = body_centre(volume, shape, spacing)
@@ -176,7 +179,7 @@ def volume_slices(dataset_dir: pathlib.Path, entry: dict, options: SliceOptions)
     return result
 
 
-def build_slices(dataset_dir: pathlib.Path | str, output: pathlib.Path | str, options: SliceOptions = SliceOptions(),
+def build_slices(dataset_dir: storage.Location, output: storage.Location, options: SliceOptions = SliceOptions(),
                  split: str | None = None, records_per_shard: int = 1024, workers: int = 1,
                  overwrite: bool = False, progress: bool = True, pipeline_args: list[str] | None = None
                  ) -> dict[str, Any]:
@@ -188,18 +191,20 @@ def build_slices(dataset_dir: pathlib.Path | str, output: pathlib.Path | str, op
     options.validate()
     if records_per_shard < 1:
         raise ValueError(f"--records-per-shard must be >= 1, got {records_per_shard}")
-    dataset_dir, output = pathlib.Path(dataset_dir).resolve(), pathlib.Path(output).resolve()
-    entries = volume_store.read_manifest(dataset_dir)
-    dataset_spacing = volume_store.check_one_geometry(dataset_dir, entries)
-    manifest_sha256 = readers.file_sha256(dataset_dir / volume_store.MANIFEST_NAME)
+    dataset_dir, output = (p if storage.is_url(p) else pathlib.Path(p).resolve() for p in (dataset_dir, output))
+    with storage.Mirror(dataset_dir, (volume_store.MANIFEST_NAME, volume_store.DATASET_FILE),
+                        required=(volume_store.MANIFEST_NAME,)) as mirror:
+        entries = volume_store.read_manifest(mirror.local)
+        dataset_spacing = volume_store.check_one_geometry(mirror.local, entries)
+        manifest_sha256 = readers.file_sha256(mirror.local / volume_store.MANIFEST_NAME)
     if split is not None:
         entries = [e for e in entries if e.get("split") == split]
     if not entries:
-        raise ValueError(f"{dataset_dir / volume_store.MANIFEST_NAME}: no volumes"
+        raise ValueError(f"{storage.join(dataset_dir, volume_store.MANIFEST_NAME)}: no volumes"
                          + (f" with split {split!r}" if split is not None else ""))
     outputs.check_output(output, overwrite, kind="slices dir", index_file=INDEX_FILE, index_format=SLICES_FORMAT)
 
-    with outputs.staged_dir(output) as tmp:
+    with outputs.staged_dir(output, INDEX_FILE) as tmp:
         writer = outputs.ShardWriter(tmp, records_per_shard, SHARD_PREFIX)
         volumes, skipped, dropped = {}, [], 0
         bar = Progress(len(entries), "slices") if progress else None
@@ -245,8 +250,9 @@ def _volume_slices_star(args: tuple) -> VolumeSlices:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep.slices", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, type=pathlib.Path, help="ingested dataset dir (manifest.jsonl)")
-    parser.add_argument("--output", required=True, type=pathlib.Path, help="slices dir to create")
+    parser.add_argument("--dataset", required=True, type=storage.location,
+                        help="ingested dataset dir (manifest.jsonl), local or gs://")
+    parser.add_argument("--output", required=True, type=storage.location, help="slices dir to create, local or gs://")
     defaults = SliceOptions()
     parser.add_argument("--fov-mm", type=float, default=defaults.fov_mm,
                         help="side of the square field of view in mm (default %(default)s, docs/recipe.md §5)")

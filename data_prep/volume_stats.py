@@ -10,7 +10,8 @@ slab whatever the volume size.
 Re-running computes only volumes that lack statistics for this window or whose source_sha256 changed; other
 entries (other windows, volumes no longer listed) are kept. stats.json is replaced atomically, every
 `--save-every` volumes and at the end, so an interrupted run keeps what it finished. A volume that cannot be
-read is reported with its path and the reason, and the rest go on.
+read is reported with its path and the reason, and the rest go on. DATASET_DIR may be a gs:// URL
+(data_prep/storage.py): volumes are read from the bucket and stats.json is uploaded at each save.
 Exit status: 0 all volumes have statistics, 2 some could not be read, 1 fatal.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import beam, outputs
+from data_prep import beam, outputs, storage
 from flexict_jax import parallel
 from flexict_jax.data import volume_source, volume_store
 from flexict_jax.progress import Progress
@@ -37,7 +38,7 @@ DEFAULT_WINDOW = (-1000.0, 1000.0)  # docs/recipe.md §7: HU clamp before the z-
 SLAB_DEPTH = volume_store.SHARD_SHAPE[0]  # one shard row of the zarr3 layout per read
 
 
-def volume_statistics(path: str | os.PathLike, window: tuple[float, float]) -> dict[str, float]:
+def volume_statistics(path: storage.Location, window: tuple[float, float]) -> dict[str, float]:
     """count, mean, unbiased std, min and max of the volume at `path` clamped to `window`.
 
     Slabs are merged with Chan et al.'s pairwise update of (count, mean, M2), which stays exact in float64 for
@@ -99,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m data_prep.volume_stats", description=__doc__.split("\n\n")[0],
         epilog="Exit status: 0 all volumes have statistics, 2 some could not be read, 1 fatal.")
     parser.add_argument("--dataset", required=True, metavar="DATASET_DIR",
-                        help="an ingested dataset (manifest.jsonl + volumes/) from `python -m data_prep.ingest`")
+                        help="an ingested dataset (manifest.jsonl + volumes/) from `python -m data_prep.ingest`, "
+                             "local or gs://")
     parser.add_argument("--hu-window", type=parse_window, default=DEFAULT_WINDOW, metavar="LOW,HIGH",
                         help="HU clamp applied before the statistics, as the pipeline's data.hu_window "
                              "(default -1000,1000, docs/recipe.md §7; write it as --hu-window=-1000,1000)")
@@ -112,20 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    dataset_dir = Path(args.dataset)
+    dataset = storage.location(args.dataset)
     if args.workers < 1 or args.save_every < 1:
         raise ValueError(f"--workers and --save-every must be >= 1, got {args.workers} and {args.save_every}")
-    entries = volume_store.read_manifest(dataset_dir)
-    stats_path = dataset_dir / volume_source.STATS_NAME
     key = volume_source.window_key(args.hu_window)
     failed = 0
     with contextlib.ExitStack() as stack:
+        # For a gs:// dataset: the manifest and stats.json in a local folder, stats.json uploaded at each save.
+        mirror = stack.enter_context(storage.Mirror(dataset, (volume_store.MANIFEST_NAME, volume_source.STATS_NAME),
+                                                    required=(volume_store.MANIFEST_NAME,)))
+        dataset_dir = mirror.local
+        entries = volume_store.read_manifest(dataset_dir)
+        stats_path = dataset_dir / volume_source.STATS_NAME
+
+        def save() -> None:
+            write_stats_file(stats_path, document)
+            mirror.push(volume_source.STATS_NAME)
+
         # One volume_stats run per dataset: stats.json has a single writer.
         stack.enter_context(outputs.exclusive(dataset_dir, LOCK_NAME,
                                               "another volume_stats run is writing stats.json"))
         document = volume_source.read_stats_file(stats_path)
         section = document["windows"].setdefault(key, {})
-        jobs = [(e["id"], str(dataset_dir / e["path"]), e["source_sha256"], args.hu_window) for e in entries
+        jobs = [(e["id"], str(storage.join(dataset, e["path"])), e["source_sha256"], args.hu_window) for e in entries
                 if section.get(e["id"], {}).get("source_sha256") != e["source_sha256"]]
         pool = None
         if args.workers > 1 and len(jobs) > 1 and args.pipeline_args is None:
@@ -146,15 +157,15 @@ def run(args: argparse.Namespace) -> int:
                     outputs.report(f"failed: {error}")
                     failed += 1
                 if unsaved >= args.save_every:
-                    write_stats_file(stats_path, document)
+                    save()
                     unsaved = 0
                 progress.advance(1, volume_id)
         finally:  # also on Ctrl-C: keep what was computed
             if unsaved:
-                write_stats_file(stats_path, document)
+                save()
             progress.close()
     print(f"volume_stats: {len(jobs) - failed} computed, {len(entries) - len(jobs)} already present, "
-          f"{failed} failed -> {stats_path} (window {key})")
+          f"{failed} failed -> {storage.join(dataset, volume_source.STATS_NAME)} (window {key})")
     return EXIT_FAILED if failed else EXIT_OK
 
 
