@@ -51,6 +51,15 @@ def name(value: Location) -> str:
     return str(value).rstrip("/").rsplit("/", 1)[-1] if is_url(value) else pathlib.Path(value).name
 
 
+@contextlib.contextmanager
+def _naming(url: str) -> Iterator[None]:
+    # TensorStore's errors (ValueError) do not always name the object; the tools report OSError as one line.
+    try:
+        yield
+    except ValueError as e:
+        raise OSError(f"{url}: {e}") from e
+
+
 def _store(url: str) -> ts.KvStore:
     # A key-value store whose keys are the object names under `url/`.
     return ts.KvStore.open(str(url).rstrip("/") + "/").result()
@@ -63,21 +72,24 @@ def _parent_and_key(url: str) -> tuple[ts.KvStore, str]:
 
 def read_bytes(url: str) -> bytes | None:
     """The object at `url`, or None when there is none."""
-    store, key = _parent_and_key(url)
-    result = store.read(key).result()
+    with _naming(url):
+        store, key = _parent_and_key(url)
+        result = store.read(key).result()
     return None if result.state == "missing" else bytes(result.value)
 
 
 def write_bytes(url: str, data: bytes) -> None:
     """Writes the object at `url` (one request: readers see the old object or the new one)."""
-    store, key = _parent_and_key(url)
-    store.write(key, data).result()
+    with _naming(url):
+        store, key = _parent_and_key(url)
+        store.write(key, data).result()
 
 
 def list_names(folder: Location) -> list[str]:
     """Relative names of the files under `folder` (recursive, sorted); [] when there are none."""
     if is_url(folder):
-        return sorted(key.decode() for key in _store(folder).list().result())
+        with _naming(folder):
+            return sorted(key.decode() for key in _store(folder).list().result())
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         return []
@@ -102,9 +114,10 @@ def exists(target: Location) -> bool:
 def remove(target: Location) -> None:
     """Deletes the file or folder `target` with everything under it; nothing when it is absent."""
     if is_url(target):
-        _store(target).delete_range(ts.KvStore.KeyRange()).result()
-        store, key = _parent_and_key(target)
-        store.delete_range(ts.KvStore.KeyRange(key, key + "\0")).result()  # the object named `target` itself
+        with _naming(target):
+            _store(target).delete_range(ts.KvStore.KeyRange()).result()
+            store, key = _parent_and_key(target)
+            store.delete_range(ts.KvStore.KeyRange(key, key + "\0")).result()  # the object named `target` itself
         return
     target = pathlib.Path(target)
     if target.is_dir():
