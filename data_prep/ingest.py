@@ -216,12 +216,12 @@ def _read_image(candidate: Candidate, gantry_tilt: str) -> readers.SourceVolume:
 def _read_nifti(source: str, what: str = "image") -> readers.SourceVolume:
     """`readers.read_nifti` of a local file or a gs:// object (downloaded for the read); a refusal names
     `source`, not the download."""
+    if not storage.is_url(source):
+        return readers.read_nifti(source, what)
     with storage.local_copy(source) as local:
         try:
             return readers.read_nifti(local, what)
         except readers.SourceError as e:
-            if str(local) == source:
-                raise
             raise readers.SourceError(str(e).replace(str(local), source)) from e
 
 
