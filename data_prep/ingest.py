@@ -184,17 +184,8 @@ def _local_series(candidate: Candidate) -> Iterator[dicom.DicomSeries]:
         yield series
         return
     with storage.local_folder(candidate.source, [str(f) for f in series.files]) as folder, \
-            _named_as(folder, candidate.source):
+            storage.named_as(folder, candidate.source):
         yield dataclasses.replace(series, folder=folder, files=tuple(folder / f for f in series.files))
-
-
-@contextlib.contextmanager
-def _named_as(local: Path, source: str) -> Iterator[None]:
-    """Re-raises a `readers.SourceError` about the download `local` as one about `source`."""
-    try:
-        yield
-    except readers.SourceError as e:
-        raise readers.SourceError(str(e).replace(str(local), source)) from e
 
 
 def _labels_beside(directory: str, name: str, listed: set[str]) -> list[str]:
@@ -303,7 +294,7 @@ def _read_nifti(source: str, what: str = "image") -> readers.SourceVolume:
     `source`, not the download."""
     if not storage.is_url(source):
         return readers.read_nifti(source, what)
-    with storage.local_copy(source) as local, _named_as(local, source):
+    with storage.local_copy(source) as local, storage.named_as(local, source):
         return readers.read_nifti(local, what)
 
 

