@@ -21,7 +21,7 @@ import urllib.request
 import pytest
 from run_utils import run_cli
 
-from data_prep import ingest, reports, slices, storage, volume_stats
+from data_prep import beam, ingest, reports, slices, storage, volume_stats
 from flexict_jax.data import report_records
 from flexict_jax.imaging import readers
 
@@ -192,11 +192,15 @@ def _reports(out) -> dict[str, dict]:
     return {r["volume_id"]: r for r in (report_records.decode_report(source[i]) for i in range(len(source)))}
 
 
-def test_label_names_from_gcs_and_beam_outputs_on_gcs_equal_the_local_path(datasets, tmp_path, capsys):
+def test_label_names_from_gcs_and_beam_outputs_on_gcs_equal_the_local_path(datasets, tmp_path, capsys, monkeypatch):
     """labels.json beside the bucket label map, and --label-names as a bucket object, name the structures as
     the local files do; reports, volume_stats and slices on DirectRunner write to gs:// what the local path
     writes."""
     local, remote, raw = datasets["local"], datasets["remote"], datasets["raw"]
+    pipelines = []  # the labels of the Beam pipelines run
+    map_volumes = beam.map_volumes
+    monkeypatch.setattr(beam, "map_volumes", lambda fn, items, args, label: pipelines.append(label) or
+                        map_volumes(fn, items, args, label))
     names = json.dumps({"5": "right kidney"}).encode()
     (raw / "labels.json").write_bytes(names)  # beside ts_example_ct_sm_label.nii.gz, locally and in the bucket
     storage.write_bytes(f"{RAW}/labels.json", names)
@@ -240,6 +244,7 @@ def test_label_names_from_gcs_and_beam_outputs_on_gcs_equal_the_local_path(datas
     assert run_cli(slices.main, ["--dataset", str(local), "--output", str(out_local), "--size", "64"]) == 0
     assert run_cli(slices.main, ["--dataset", remote, "--output", out_remote, "--size", "64", *BEAM]) == 0
     _same_bytes(out_local, out_remote, datasets)
+    assert sorted(set(pipelines)) == ["reports", "slices", "volume_stats"]
 
 
 def test_dicom_series_from_gcs_ingests_like_the_local_series(dicom_datasets, capsys, monkeypatch):
