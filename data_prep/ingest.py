@@ -127,15 +127,18 @@ def _walk(given: str, skip: set[str]) -> Iterator[str]:
         yield from (os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
 
 
-def _header_is_complete(head: bytes) -> bool:
-    """Whether `head` holds a DICOM header up to the PixelData element's tag, VR and length (12 bytes)."""
-    return any(head.find(tag, 0, len(head) - 8) >= 0 for tag in PIXEL_DATA_TAGS)
+def _header_end(head: bytes) -> int | None:
+    """Where the DICOM header in `head` ends: after the PixelData element's tag, VR and length (12 bytes), at
+    its last occurrence (an earlier one could be a value's bytes); None when `head` holds none."""
+    end = max(head.rfind(tag, 0, len(head) - 8) for tag in PIXEL_DATA_TAGS)
+    return end + 12 if end >= 0 else None
 
 
 def _find_series_url(urls: list[str], workers: int) -> tuple[list[tuple[str, dicom.DicomSeries]], list[str], int]:
     """`dicom.find_series` over bucket objects, downloading only their headers: each object's first bytes (all
-    of it when its header runs longer) are written as a stand-in file at `<tmp>/<scheme>/<bucket>/<key>`, so
-    the stand-ins group into series exactly as the objects' local copies would.
+    of it when its header runs longer), cut after the header, are written as a stand-in file at
+    `<tmp>/<scheme>/<bucket>/<key>`, so the stand-ins group into series exactly as the objects' local copies
+    would (the headers are read without the pixel data).
 
     Returns ([(series folder URL, series with its files relative to that folder)], problems, number of
     objects that are not DICOM image slices)."""
@@ -151,14 +154,14 @@ def _find_series_url(urls: list[str], workers: int) -> tuple[list[tuple[str, dic
         stand_ins, problems = [], []
         bar = Progress(len(urls), "fetching DICOM headers")
         for url, head in zip(urls, storage.read_heads(urls, DICOM_HEAD_BYTES)):
-            if head is not None and len(head) == DICOM_HEAD_BYTES and not _header_is_complete(head):
+            if head is not None and len(head) == DICOM_HEAD_BYTES and _header_end(head) is None:
                 head = storage.read_bytes(url)
             if head is None:
                 problems.append(f"{url}: no such object (removed while the input was listed?)")
             else:
                 stand_in = root.joinpath(*url.split("://", 1))
                 stand_in.parent.mkdir(parents=True, exist_ok=True)
-                stand_in.write_bytes(head)
+                stand_in.write_bytes(head[:_header_end(head)])
                 stand_ins.append(stand_in)
             bar.advance()
         bar.close()
