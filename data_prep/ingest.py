@@ -170,7 +170,7 @@ def _find_series_url(urls: list[str], workers: int) -> tuple[list[tuple[str, dic
         located = []
         for s in series:
             folder = url_of(s.folder)
-            if folder.endswith("://") or "/" not in folder.split("://", 1)[1]:
+            if folder.endswith("://"):  # the stand-ins' common folder is above the buckets
                 problems.append(f"{folder}: series {s.uid} spans several buckets; give one bucket's copy")
                 continue
             files = tuple(p.relative_to(s.folder) for p in s.files)
@@ -257,7 +257,8 @@ def discover(inputs: Sequence[str], output_dir: str, workers: int = 1) -> tuple[
         if remote_folders.count(folder) > 1:
             add(s.uid or storage.name(folder), folder, s, None)
         else:
-            add(storage.name(folder), folder, s, tuple(folder.rsplit("/", 1)))
+            in_bucket = "/" in folder.split("://", 1)[1]  # a series at a bucket's top has nothing beside it
+            add(storage.name(folder), folder, s, tuple(folder.rsplit("/", 1)) if in_bucket else None)
 
     attached = {_real(c.label) for c in found.values() if c.label}
     for f in labels:

@@ -191,7 +191,11 @@ def named_as(local: pathlib.Path, source: Location) -> Iterator[None]:
     except ValueError as e:
         if str(local) == str(source) or str(local) not in str(e):
             raise
-        raise type(e)(str(e).replace(str(local), str(source))) from e
+        try:
+            renamed = type(e)(str(e).replace(str(local), str(source)))
+        except TypeError:  # a ValueError subclass built from other arguments (json's): kept as it is
+            raise e from None
+        raise renamed from e
 
 
 @contextlib.contextmanager

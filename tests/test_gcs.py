@@ -34,6 +34,12 @@ RAW = f"gs://{BUCKET}/raw"
 BEAM = ["--runner=DirectRunner", "--direct_num_workers=1"]
 
 
+def _create_bucket(url: str, bucket: str) -> None:
+    request = urllib.request.Request(f"{url}/storage/v1/b", data=json.dumps({"name": bucket}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    urllib.request.urlopen(request).close()
+
+
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     """fake-gcs-server on a free port of 127.0.0.1 with one bucket; TensorStore's GCS endpoint points at it."""
@@ -58,9 +64,7 @@ def emulator(tmp_path_factory):
                 if time.monotonic() > deadline or process.poll() is not None:
                     pytest.fail(f"fake-gcs-server did not start: {(root / 'server.log').read_text()}")
                 time.sleep(0.1)
-        request = urllib.request.Request(f"{url}/storage/v1/b", data=json.dumps({"name": BUCKET}).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
-        urllib.request.urlopen(request).close()
+        _create_bucket(url, BUCKET)
         saved = os.environ.get("TENSORSTORE_GCS_HTTP_URL")
         os.environ["TENSORSTORE_GCS_HTTP_URL"] = url
         yield url
@@ -247,7 +251,7 @@ def test_label_names_from_gcs_and_beam_outputs_on_gcs_equal_the_local_path(datas
     assert sorted(set(pipelines)) == ["reports", "slices", "volume_stats"]
 
 
-def test_dicom_series_from_gcs_ingests_like_the_local_series(dicom_datasets, capsys, monkeypatch):
+def test_dicom_series_from_gcs_ingests_like_the_local_series(dicom_datasets, emulator, dicom_dir, monkeypatch):
     local, remote, raw_url = dicom_datasets["local"], dicom_datasets["remote"], dicom_datasets["raw_url"]
     names = [n for n in storage.list_names(local) if not n.startswith(".")]
     assert any(n.startswith("labels/ts_torso_20.zarr/") for n in names)
@@ -266,6 +270,14 @@ def test_dicom_series_from_gcs_ingests_like_the_local_series(dicom_datasets, cap
     storage.remove(f"{raw_url}/ts_torso_20/{candidate.series.files[0]}")
     sha, error = ingest.source_sha256(candidate)
     assert sha is None and error.startswith(f"{raw_url}/ts_torso_20: cannot read (")
+
+    # a series at the top of a bucket: named after the bucket, nothing beside it to be its label map
+    _create_bucket(emulator, "flexict-series")
+    storage.upload(dicom_dir / "ts_torso_20", "gs://flexict-series")
+    candidates, problems, _ = ingest.discover(["gs://flexict-series"], f"gs://{BUCKET}/elsewhere")
+    assert problems == [] and [(c.name, c.source, c.label) for c in candidates] == [
+        ("flexict-series", "gs://flexict-series", None)]
+    assert ingest.source_sha256(candidates[0]) == (entry["source_sha256"], None)
 
 
 def test_storage_locations():
