@@ -29,7 +29,9 @@ per-volume conversion run as Beam pipelines (data_prep/beam.py) instead of --wor
 is the same, and the refused sources are also listed in DATASET_DIR/dead_letter.jsonl.
 
 --input and --output may be gs:// URLs (data_prep/storage.py). NIfTI sources are listed in the bucket and
-each is downloaded for its hashing and conversion (DICOM series are read from local disk only); a volume is
+each is downloaded for its hashing and conversion. DICOM series are found by the first bytes of each other
+object (its header), and each series' files are downloaded into a temporary folder for its hashing and again
+for its conversion, removed after each; the manifest is the local path's, with URLs as sources. A volume is
 written locally and uploaded (zarr.json last), and the manifest, kept in a local copy, is uploaded at most
 every 30 s and at the end, so a volume may be uploaded but unlisted after a crash: the next run removes it.
 """
@@ -44,6 +46,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -60,6 +63,10 @@ EXIT_OK, EXIT_FATAL, EXIT_REFUSED = 0, 1, 2
 DEFAULT_SPACING = (1.5, 1.5, 1.5)  # docs/recipe.md §5: the slice builder's README spacing, mm (z, y, x)
 LOCK_NAME = ".ingest.lock"
 MANIFEST_PUSH_S = 30.0  # a gs:// dataset's manifest is uploaded at most this often during a run, and at the end
+# A bucket object that is not NIfTI is classified by its first bytes: a CT slice header is a few KiB; one that
+# runs past this is read whole. PixelData (7FE0,0010) ends the header, little and big endian.
+DICOM_HEAD_BYTES = 1 << 16
+PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
 
 
 class FatalError(Exception):
@@ -71,7 +78,7 @@ class Candidate:
     """One source volume found in the inputs."""
     name: str                          # volume id before de-duplication, from the file or folder name
     source: str                        # the NIfTI file or DICOM series folder, as given on the command line
-    series: dicom.DicomSeries | None   # None for NIfTI
+    series: dicom.DicomSeries | None   # None for NIfTI; for a gs:// series, files relative to `source`
     label: str | None                  # the label-map NIfTI beside it
 
 
@@ -95,14 +102,15 @@ def _real(path: str) -> str:
 
 
 def _walk_url(given: str, skip: set[str]) -> list[str]:
-    """Objects under the URL `given` (or `given` itself when it is one object), left out as `_walk` does."""
+    """Objects under the URL `given` (or `given` itself when it is one object), left out as `_walk` does, and
+    without the empty "folder/" objects some tools create."""
     names = storage.list_names(given)
     if not names:
         return [given] if storage.read_bytes(given) is not None else []
     files = []
     for relative in names:
         parts = relative.split("/")
-        if any(p.startswith(".") for p in parts) or any(p.endswith(".zarr") for p in parts[:-1]):
+        if relative.endswith("/") or any(p.startswith(".") for p in parts) or any(p.endswith(".zarr") for p in parts[:-1]):
             continue
         path = storage.join(given, relative)
         if not any(path.startswith(s.rstrip("/") + "/") for s in skip):
@@ -117,6 +125,70 @@ def _walk(given: str, skip: set[str]) -> Iterator[str]:
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.endswith(".zarr")
                          and os.path.realpath(os.path.join(root, d)) not in skip)
         yield from (os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
+
+
+def _header_end(head: bytes) -> int | None:
+    """Where the DICOM header in `head` ends: after the PixelData element's tag, VR and length (12 bytes), at
+    its last occurrence (an earlier one could be a value's bytes); None when `head` holds none."""
+    end = max(head.rfind(tag, 0, len(head) - 8) for tag in PIXEL_DATA_TAGS)
+    return end + 12 if end >= 0 else None
+
+
+def _find_series_url(urls: list[str], workers: int) -> tuple[list[tuple[str, dicom.DicomSeries]], list[str], int]:
+    """`dicom.find_series` over bucket objects, downloading only their headers: each object's first bytes (all
+    of it when its header runs longer), cut after the header, are written as a stand-in file at
+    `<tmp>/<scheme>/<bucket>/<key>`, so the stand-ins group into series exactly as the objects' local copies
+    would (the headers are read without the pixel data).
+
+    Returns ([(series folder URL, series with its files relative to that folder)], problems, number of
+    objects that are not DICOM image slices)."""
+    if not urls:
+        return [], [], 0
+    with tempfile.TemporaryDirectory(prefix="flexict-dicom-headers-") as tmp:
+        root = Path(tmp)
+
+        def url_of(stand_in: Path) -> str:
+            scheme, *rest = stand_in.relative_to(root).parts
+            return f"{scheme}://{'/'.join(rest)}"
+
+        stand_ins, problems = [], []
+        bar = Progress(len(urls), "fetching DICOM headers")
+        for url, head in zip(urls, storage.read_heads(urls, DICOM_HEAD_BYTES)):
+            if head is not None and len(head) == DICOM_HEAD_BYTES and _header_end(head) is None:
+                head = storage.read_bytes(url)
+            if head is None:
+                problems.append(f"{url}: no such object (removed while the input was listed?)")
+            else:
+                stand_in = root.joinpath(*url.split("://", 1))
+                stand_in.parent.mkdir(parents=True, exist_ok=True)
+                stand_in.write_bytes(head[:_header_end(head)])
+                stand_ins.append(stand_in)
+            bar.advance()
+        bar.close()
+        series, damaged, not_dicom = dicom.find_series(stand_ins, workers, progress=True)
+        problems += [f"{url_of(path)}: {reason.replace(str(path), url_of(path))}" for path, reason in damaged]
+        located = []
+        for s in series:
+            folder = url_of(s.folder)
+            if folder.endswith("://"):  # the stand-ins' common folder is above the buckets
+                problems.append(f"{folder}: series {s.uid} spans several buckets; give one bucket's copy")
+                continue
+            files = tuple(p.relative_to(s.folder) for p in s.files)
+            located.append((folder, dicom.DicomSeries(uid=s.uid, folder=Path("."), files=files)))
+    return located, problems, len(not_dicom)
+
+
+@contextlib.contextmanager
+def _local_series(candidate: Candidate) -> Iterator[dicom.DicomSeries]:
+    """`candidate.series` on local disk: itself, or for a gs:// series its files downloaded into a temporary
+    folder for the block (refusals name the bucket objects, not the download)."""
+    series = candidate.series
+    if not storage.is_url(candidate.source):
+        yield series
+        return
+    with storage.local_folder(candidate.source, [str(f) for f in series.files]) as folder, \
+            storage.named_as(folder, candidate.source):
+        yield dataclasses.replace(series, folder=folder, files=tuple(folder / f for f in series.files))
 
 
 def _labels_beside(directory: str, name: str, listed: set[str]) -> list[str]:
@@ -138,7 +210,7 @@ def discover(inputs: Sequence[str], output_dir: str, workers: int = 1) -> tuple[
     Returns (candidates sorted by source, problems as "path: reason", number of ignored non-CT files).
     """
     skip = {_real(output_dir)}
-    images, labels, others, listed = [], [], [], set()
+    images, labels, others, listed, remote_others = [], [], [], set(), []
     problems = []
     for given in inputs:
         if storage.is_url(given):
@@ -153,14 +225,13 @@ def discover(inputs: Sequence[str], output_dir: str, workers: int = 1) -> tuple[
         else:
             raise FatalError(f"{given}: no such file or directory")
         for f in files:
-            if storage.is_url(f) and not readers.is_nifti(f):
-                problems.append(f"{f}: not a NIfTI file; from gs:// only NIfTI is read (copy DICOM series to "
-                                f"local disk and ingest them from there)")
-                continue
-            (labels if readers.is_label_name(f) else images if readers.is_nifti(f) else others).append(f)
+            maybe_dicom = remote_others if storage.is_url(f) else others
+            (labels if readers.is_label_name(f) else images if readers.is_nifti(f) else maybe_dicom).append(f)
 
     series, damaged, not_dicom = dicom.find_series(others, workers, progress=True)
     problems += [f"{path}: {reason}" for path, reason in damaged]
+    remote_series, remote_problems, remote_not_dicom = _find_series_url(remote_others, workers)
+    problems += remote_problems
     found: dict[tuple[str, str], Candidate] = {}
 
     def add(name: str, source: str, series_: dicom.DicomSeries | None, beside: tuple[str, str] | None) -> None:
@@ -181,6 +252,13 @@ def discover(inputs: Sequence[str], output_dir: str, workers: int = 1) -> tuple[
             add(s.uid or s.folder.name, str(s.folder), s, None)
         else:
             add(s.folder.name, str(s.folder), s, (str(s.folder.parent), s.folder.name))
+    remote_folders = [folder for folder, _ in remote_series]
+    for folder, s in remote_series:  # the same, by folder URL
+        if remote_folders.count(folder) > 1:
+            add(s.uid or storage.name(folder), folder, s, None)
+        else:
+            in_bucket = "/" in folder.split("://", 1)[1]  # a series at a bucket's top has nothing beside it
+            add(storage.name(folder), folder, s, tuple(folder.rsplit("/", 1)) if in_bucket else None)
 
     attached = {_real(c.label) for c in found.values() if c.label}
     for f in labels:
@@ -190,7 +268,7 @@ def discover(inputs: Sequence[str], output_dir: str, workers: int = 1) -> tuple[
             problems.append(f"{f}: label map without its image among the inputs (expected {image}.nii.gz "
                             f"or a DICOM series folder {image}/ beside it)")
     candidates = sorted(found.values(), key=lambda c: (c.source, c.name))
-    return candidates, sorted(set(problems)), len(not_dicom)
+    return candidates, sorted(set(problems)), len(not_dicom) + remote_not_dicom
 
 
 # --- per-volume work (runs in worker processes) -----------------------------------------------------------
@@ -200,7 +278,8 @@ def source_sha256(candidate: Candidate) -> tuple[str | None, str | None]:
     the sha256 of its sha256sum listing."""
     try:
         if candidate.series:
-            return dicom.series_sha256(candidate.series), None
+            with _local_series(candidate) as series:
+                return dicom.series_sha256(series), None
         with storage.local_copy(candidate.source) as local:
             return readers.file_sha256(local), None
     except OSError as e:
@@ -209,7 +288,8 @@ def source_sha256(candidate: Candidate) -> tuple[str | None, str | None]:
 
 def _read_image(candidate: Candidate, gantry_tilt: str) -> readers.SourceVolume:
     if candidate.series:
-        return dicom.read_series(candidate.series, gantry_tilt)
+        with _local_series(candidate) as series:
+            return dicom.read_series(series, gantry_tilt)
     return _read_nifti(candidate.source)
 
 
@@ -218,11 +298,8 @@ def _read_nifti(source: str, what: str = "image") -> readers.SourceVolume:
     `source`, not the download."""
     if not storage.is_url(source):
         return readers.read_nifti(source, what)
-    with storage.local_copy(source) as local:
-        try:
-            return readers.read_nifti(local, what)
-        except readers.SourceError as e:
-            raise readers.SourceError(str(e).replace(str(local), source)) from e
+    with storage.local_copy(source) as local, storage.named_as(local, source):
+        return readers.read_nifti(local, what)
 
 
 def _write_volume(dataset_dir: str, relative: str, array: np.ndarray, attributes: dict) -> None:
@@ -367,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 all written or already present, 2 some sources refused, 1 fatal.")
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help="NIfTI files (.nii, .nii.gz), DICOM files or folders (searched recursively); "
-                             "gs:// objects or prefixes for NIfTI")
+                             "local or gs:// objects and prefixes")
     parser.add_argument("--output", required=True, metavar="DATASET_DIR",
                         help="dataset folder: manifest.jsonl, volumes/<id>.zarr, labels/<id>.zarr; local or gs://")
     parser.add_argument("--spacing", type=parse_spacing, default=DEFAULT_SPACING, metavar="Z,Y,X|native",

@@ -26,7 +26,8 @@ label map (the synthetic phantoms), else "label N".
 Bad input is reported and skipped, never fatal: empty or malformed report rows (upstream crashes on them, recipe
 §13 #10), duplicate rows for one volume, volumes whose array is missing, volumes with neither a report nor a
 label map, unreadable label maps. DATASET_DIR, REPORTS_DIR and the reports file may be gs:// URLs
-(data_prep/storage.py); --label-names and labels.json files are read from local disk. Exit status: 0 every volume has a record and no row was skipped, 2 something
+(data_prep/storage.py), and so may --label-names and the source label maps (their labels.json is read beside
+them in the bucket). Exit status: 0 every volume has a record and no row was skipped, 2 something
 was skipped (listed in index.json), 1 fatal (no manifest, unreadable reports file, no record, refused output).
 """
 from __future__ import annotations
@@ -160,12 +161,16 @@ def resolve_columns(args: argparse.Namespace, columns: list[str], rows: list[tup
     return Columns(id_column, text, findings, split, labels)
 
 
-def read_label_names(path: pathlib.Path) -> dict[int, str]:
-    """`pseudo_reports.read_label_names`, its refusal a FatalError (a bad names file stops the run)."""
+def read_label_names(path: storage.Location) -> dict[int, str]:
+    """`pseudo_reports.read_label_names` of a local file or a gs:// object, its refusal a FatalError (a bad
+    names file stops the run)."""
     try:
-        return pseudo_reports.read_label_names(path)
+        with storage.local_copy(path) as local, storage.named_as(local, path):
+            return pseudo_reports.read_label_names(local)
     except ValueError as e:
         raise FatalError(str(e)) from e
+    except OSError as e:  # a missing object (a local file's read error is pseudo_reports' ValueError)
+        raise FatalError(f"cannot read the label names ({e})") from e
 
 
 def volume_key(name: str) -> str:
@@ -296,8 +301,15 @@ def _label_names_for(entry: dict, given: dict[int, str] | None) -> tuple[dict[in
     if given is not None:
         return given, True
     source = entry.get("label_source")
-    beside = pathlib.Path(source).parent / "labels.json" if source else None
-    if beside is not None and beside.is_file():
+    if not source:
+        return {}, False
+    if storage.is_url(source):
+        beside = storage.join(source.rsplit("/", 1)[0], "labels.json")
+        present = storage.read_bytes(beside) is not None
+    else:
+        beside = pathlib.Path(source).parent / "labels.json"
+        present = beside.is_file()
+    if present:
         try:
             return read_label_names(beside), True
         except FatalError as e:  # one bad labels.json costs that volume its names, not the run
@@ -385,7 +397,8 @@ def run(args: argparse.Namespace) -> int:
             if args.reports else None,
             "reports_sha256": reports_sha256 if args.reports else None,
             "columns": dataclasses.asdict(columns) if columns else None,
-            "label_names_file": str(args.label_names.resolve()) if args.label_names else None,
+            "label_names_file": str(args.label_names if storage.is_url(args.label_names)
+                                    else args.label_names.resolve()) if args.label_names else None,
             "counts": {source: sum(r["source"] == source for r in ordered) for source in ("report", "pseudo")},
             "splits": {key: sum(report_records.split_key(r["split"]) == key for r in ordered) for key in splits},
             "sections": sorted({name for r in ordered for name in r["sections"]}),
@@ -426,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label-columns", default="auto", metavar="auto|none|COL,COL",
                         help="0/1 columns kept as finding labels for zero-shot evaluation (default auto: every "
                              "other column whose values are all 0 or 1)")
-    parser.add_argument("--label-names", type=pathlib.Path, metavar="FILE",
+    parser.add_argument("--label-names", type=storage.location, metavar="FILE",
                         help="label value -> structure name for pseudo-reports: CSV 'value,name,...' (e.g. "
                              "TotalSegmentator's ts_total_classes.csv) or JSON {value: name} (default: labels.json "
                              "beside each source label map)")

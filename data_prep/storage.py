@@ -13,7 +13,11 @@ writes local files, and an object store has no rename to publish a finished fold
   read and written there with the local code, and `push`ed back one object at a time;
 * `writing(target)`: a folder (a zarr array) written locally, then uploaded with its marker file last, so a
   reader never opens a half-uploaded array;
-* `local_copy(source)`: an input file downloaded for the duration of a block (a NIfTI volume, a reports file);
+* `local_copy(source)`: an input file downloaded for the duration of a block (a NIfTI volume, a reports file,
+  label names); `named_as` makes a reader's refusal name the object instead of the download;
+* `local_folder(base, names)`: several objects under one prefix downloaded into a temporary folder with the
+  same relative layout (the files of one DICOM series), removed after the block;
+* `read_heads(urls, size)`: the first bytes of many objects, requested concurrently (DICOM headers);
 * `publish_dir(tmp, output)`: a finished output folder uploaded, its index file last.
 """
 from __future__ import annotations
@@ -76,6 +80,26 @@ def read_bytes(url: str) -> bytes | None:
         store, key = _parent_and_key(url)
         result = store.read(key).result()
     return None if result.state == "missing" else bytes(result.value)
+
+
+def read_heads(urls: Sequence[str], size: int, in_flight: int = 64) -> Iterator[bytes | None]:
+    """The first `size` bytes of each object of `urls` (all of a shorter one; None for a missing one), in
+    order, with up to `in_flight` requests outstanding at once."""
+    for start in range(0, len(urls), in_flight):
+        chunk = urls[start:start + in_flight]
+        with _naming(chunk[0]):
+            futures = [store.read(key, byte_range=slice(0, size))
+                       for store, key in (_parent_and_key(url) for url in chunk)]
+        for url, future in zip(chunk, futures):
+            try:
+                result = future.result()
+            except ValueError as e:
+                # A range past the end of a shorter object is refused as a whole (OUT_OF_RANGE): read all of it.
+                if "OUT_OF_RANGE" not in str(e):
+                    raise OSError(f"{url}: {e}") from e
+                yield read_bytes(url)
+                continue
+            yield None if result.state == "missing" else bytes(result.value)
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -154,11 +178,35 @@ def local_copy(source: Location) -> Iterator[pathlib.Path]:
     if not is_url(source):
         yield pathlib.Path(source)
         return
+    with local_folder(source.rstrip("/").rsplit("/", 1)[0], [name(source)]) as folder:
+        yield folder / name(source)
+
+
+@contextlib.contextmanager
+def named_as(local: pathlib.Path, source: Location) -> Iterator[None]:
+    """Re-raises a ValueError (a reader's refusal) that names the download `local` as one naming `source`,
+    so a refusal points at the bucket object, not at a temporary file."""
+    try:
+        yield
+    except ValueError as e:
+        if str(local) == str(source) or str(local) not in str(e):
+            raise
+        try:
+            renamed = type(e)(str(e).replace(str(local), str(source)))
+        except TypeError:  # a ValueError subclass built from other arguments (json's): kept as it is
+            raise e from None
+        raise renamed from e
+
+
+@contextlib.contextmanager
+def local_folder(base: str, names: Sequence[str]) -> Iterator[pathlib.Path]:
+    """The objects `base/name` for each of `names` (relative names) downloaded into a temporary folder at the
+    same relative paths, for the block; deleted afterwards."""
     with tempfile.TemporaryDirectory(prefix="flexict-input-") as tmp:
-        local = pathlib.Path(tmp) / name(source)
-        if not download(source, local):
-            raise FileNotFoundError(f"{source}: no such object")
-        yield local
+        for relative in names:
+            if not download(join(base, relative), pathlib.Path(tmp) / relative):
+                raise FileNotFoundError(f"{join(base, relative)}: no such object")
+        yield pathlib.Path(tmp)
 
 
 @contextlib.contextmanager

