@@ -272,7 +272,7 @@ def results_markdown(result: dict[str, Any]) -> str:
 
 def baseline_table(result: dict[str, Any]) -> str:
     """The checkpoint's balanced accuracies beside its random-init baselines', one row per model."""
-    rows = [(f"{result['checkpoint']} (step {result['step']})", result)]
+    rows = [(str(result['checkpoint']), result)]
     rows += [(f"random init, seed {b['init_seed']}", b) for b in result["random_init_baselines"]]
     lines = ["| model | kNN balanced acc. | linear balanced acc. |", "|---|---|---|"]
     lines += [f"| {name} | {r['knn']['balanced_accuracy']:.3f} | {r['linear']['balanced_accuracy']:.3f} |"
