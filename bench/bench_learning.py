@@ -88,9 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     times["train_s"] = _run(train, log)
     stage1 = run / "stage1"
     probe_dataset = run / "probe_1.5mm"
-    at_init = [_probe(stage1, probe_dataset, run / f"probe_init_seed{s}", log, ["--random-init", f"--seed={s}"])
+    at_init = [_probe(stage1, probe_dataset, run / f"probe_init_seed{s}", log, ["--random-init", f"--init-seed={s}"])
                for s in range(args.init_seeds)]
-    # --seed also seeds the probe split: with two subjects the split is the same for every seed, the init is not.
     final = _probe(stage1, probe_dataset, run / "probe_final", log, [])
     from flexict_jax import visualize  # after the subprocesses: this process needs no JAX until here
     from flexict_jax.evals import features

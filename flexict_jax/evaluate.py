@@ -8,7 +8,9 @@
 
 CKPT: a training workdir (its EMA teacher at --step, default the latest), an imported workdir
 (`import_torch`), a FlexiCT `.pth` file or a safetensors export folder. --random-init evaluates the same
-architecture freshly initialised (a workdir's config), the baseline a trained checkpoint must beat.
+architecture freshly initialised (a workdir's config), the baseline a trained checkpoint must beat;
+--init-seed picks the init and leaves the split as it is; --random-init-baselines=N (organs) scores the checkpoint
+and N random inits (seeds 0..N-1) on the same tokens and split and prints them side by side.
 
   * organs: dense probe on an ingested dataset with label maps (flexict_jax.evals.features): every patch token
     gets the majority label of its voxels; a kNN (cosine, k=20, votes weighted exp(sim/0.07), as DINO's kNN
@@ -52,7 +54,7 @@ def _encode(loaded, inputs: np.ndarray, patch_size: int, batch_size: int, label:
 
 def _identity(args: argparse.Namespace, loaded) -> dict[str, Any]:
     return {"checkpoint": loaded.source, "step": loaded.step, "checkpoint_kind": loaded.kind, "kind": args.kind,
-            "random_init": args.random_init}
+            "random_init": args.random_init, "init_seed": args.init_seed if args.random_init else None}
 
 
 def run_organs(args: argparse.Namespace) -> dict[str, Any]:
@@ -61,22 +63,36 @@ def run_organs(args: argparse.Namespace) -> dict[str, Any]:
     if args.dataset is None:
         raise ValueError("--task=organs needs --dataset (an ingested dataset with label maps)")
     loaded = features.load_encoder(args.checkpoint, args.step, args.kind, random_init=args.random_init,
-                                     seed=args.seed)
+                                     seed=args.init_seed)
+    # Loaded first, so that a checkpoint they cannot be built from fails before any encoding.
+    initial = [features.load_encoder(args.checkpoint, args.step, args.kind, random_init=True, seed=seed)
+               for seed in range(args.random_init_baselines)]
     patch_size = args.patch_size or loaded.arch.base_patch_size
     organ = features.organ_inputs(args.dataset, args.kind, patch_size, crop=args.crop,
                                   include_background=args.include_background, min_purity=args.min_purity,
                                   max_slices_per_volume=args.max_slices)
     names = features.class_names(args.dataset, organ.volumes, args.classes,
                                  np.unique(organ.token_labels[organ.token_labels >= 0]))
-    _, patch = _encode(loaded, organ.inputs, patch_size, args.batch_size, "evaluate: features")
-    x, y, rows, z = features.labelled_tokens(patch, organ)
-    split = features.split_tokens(organ, rows, z, test_fraction=args.test_fraction, slab_mm=args.slab_mm,
-                                  seed=args.seed)
-    print(f"evaluate: {len(y)} labelled tokens; {split.description}", file=sys.stderr)
-    result = probes.run_probes(x[split.train], y[split.train], x[split.test], y[split.test], names,
-                               k=args.knn_k, temperature=args.knn_temperature, l2=args.l2)
+
+    def probe(encoder, label: str) -> tuple[dict[str, Any], features.Split]:
+        _, patch = _encode(encoder, organ.inputs, patch_size, args.batch_size, label)
+        x, y, rows, z = features.labelled_tokens(patch, organ)
+        split = features.split_tokens(organ, rows, z, test_fraction=args.test_fraction, slab_mm=args.slab_mm,
+                                      seed=args.seed)
+        return probes.run_probes(x[split.train], y[split.train], x[split.test], y[split.test], names,
+                                 k=args.knn_k, temperature=args.knn_temperature, l2=args.l2), split
+
+    result, split = probe(loaded, "evaluate: features")
+    print(f"evaluate: {int(split.train.sum() + split.test.sum())} labelled tokens; {split.description}",
+          file=sys.stderr)
+    # The baselines see the same tokens and split (by subject, not by features): only the init differs.
+    baselines = []
+    for seed, encoder in enumerate(initial):
+        at_init, _ = probe(encoder, f"evaluate: random init {seed}")
+        baselines.append({"init_seed": seed, "knn": at_init["knn"], "linear": at_init["linear"]})
     return {"task": "organs", **_identity(args, loaded), "patch_size": patch_size, "dataset": str(args.dataset),
             "spacing_mm": list(organ.spacing), "split": split.description, **result,
+            **({"random_init_baselines": baselines} if baselines else {}),
             "settings": {"knn_k": args.knn_k, "knn_temperature": args.knn_temperature, "linear_l2": args.l2,
                          "min_purity": args.min_purity, "include_background": args.include_background}}
 
@@ -129,7 +145,7 @@ def run_classify(args: argparse.Namespace) -> dict[str, Any]:
     if args.labels is None:
         raise ValueError("--task=classify needs --labels=CSV (volume id or path, label[, split])")
     loaded = features.load_encoder(args.checkpoint, args.step, args.kind, random_init=args.random_init,
-                                     seed=args.seed)
+                                     seed=args.init_seed)
     patch_size = args.patch_size or loaded.arch.base_patch_size
     rows = read_label_csv(args.labels)
     class_of = {name: i for i, name in enumerate(sorted({label for _, label, _ in rows}))}
@@ -238,6 +254,8 @@ def results_markdown(result: dict[str, Any]) -> str:
     for probe in ("knn", "linear"):
         if result.get(probe):
             lines.append(f"| {probe} | {result[probe]['balanced_accuracy']:.3f} | {result[probe]['macro_f1']:.3f} |")
+    if result.get("random_init_baselines"):
+        lines += ["", baseline_table(result).rstrip("\n")]
     if result["task"] == "classify":
         lines += ["", "| training fraction | kNN balanced acc. | linear balanced acc. | n_train |", "|---|---|---|---|"]
         for fraction, r in result["fractions"].items():
@@ -249,6 +267,17 @@ def results_markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {name} | {recall:.3f} | {result['linear']['per_class'][name]:.3f} |")
     if result.get("dropped_classes"):
         lines += ["", f"Not scored (absent from one side of the split): {', '.join(result['dropped_classes'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def baseline_table(result: dict[str, Any]) -> str:
+    """The checkpoint's balanced accuracies beside its random-init baselines', one row per model."""
+    rows = [(str(result['checkpoint']), result)]
+    rows += [(f"random init, seed {b['init_seed']}", b) for b in result["random_init_baselines"]]
+    lines = ["| model | kNN balanced acc. | linear balanced acc. |", "|---|---|---|"]
+    lines += [f"| {name} | {r['knn']['balanced_accuracy']:.3f} | {r['linear']['balanced_accuracy']:.3f} |"
+              for name, r in rows]
+    lines.append(f"| chance | {result['chance']:.3f} | {result['chance']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -286,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--l2", type=float, default=1e-3, help="linear probe L2 weight (standardised features)")
     parser.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass")
     parser.add_argument("--seed", type=int, default=0, help="split and subsampling seed")
+    parser.add_argument("--random-init-baselines", type=int, default=0, metavar="N",
+                        help="organs: also score N random inits (seeds 0..N-1) of the workdir's architecture on the "
+                             "same tokens and split, and print them beside the checkpoint")
+    parser.add_argument("--init-seed", type=int, default=0,
+                        help="--random-init: the init's seed (the split keeps --seed, so seeds compare the same "
+                             "tokens)")
     return parser
 
 
@@ -314,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                f"kNN balanced accuracy {result['knn']['balanced_accuracy']:.3f}, linear "
                f"{result['linear']['balanced_accuracy']:.3f} (chance {result['chance']:.3f})")
     print(f"evaluate: {summary} -> {args.out / 'results.json'}")
+    if result.get("random_init_baselines"):
+        print(baseline_table(result), end="")
     return 0
 
 

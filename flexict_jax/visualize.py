@@ -6,9 +6,11 @@
 
 features: the CT (NIfTI file or DICOM folder) is prepared as `embed` prepares it (2d: every axial slice at
 1.5 mm in-plane; 3d: the 160³ crop at 2 mm); the patch tokens of the body (tokens whose voxels are mostly above
-air) are reduced by PCA to 3 components shown as RGB beside the CT on the axial, coronal and sagittal planes
+air) are centred and reduced by PCA (fitted on the body's interior, without the outline tokens) to 3
+components, each coloured by its rank, shown as RGB beside the CT on the axial, coronal and sagittal planes
 through the volume's centre (pca_axial.png, pca_coronal.png, pca_sagittal.png), and for each query point the
-cosine similarity of its token to every token of its axial and coronal planes (similarity_<i>.png). A query is
+cosine similarity of its centred token to every token of its axial and coronal planes (similarity_<i>.png).
+A smaller --patch-size gives a finer token grid (a model trained with patch sizes 16 and 8 takes both). A query is
 z,y,x in voxels of the model input grid (LPS, as `embed` writes it), or z,y,x mm in LPS millimetres (suffix
 "mm"); default: three points on the body of the central axial slice. Anatomy-aligned features show organs as
 regions of one colour and light up the query's organ.
@@ -58,15 +60,44 @@ def body_tokens(inputs: np.ndarray, patch_size: int) -> np.ndarray:
     return majority == 1
 
 
-def pca_rgb(features: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """[..., 3] colours in [0, 1]: the first 3 principal components of the masked features, each scaled by its
-    1st-99th percentile; unmasked tokens are black."""
-    x = features[mask].astype(np.float64)
-    x -= x.mean(0)
-    _, _, vt = np.linalg.svd(x, full_matrices=False)
-    projected = (features.astype(np.float64) - features[mask].mean(0)) @ vt[:3].T
-    low, high = np.percentile(projected[mask], 1, axis=0), np.percentile(projected[mask], 99, axis=0)
-    rgb = np.clip((projected - low) / np.maximum(high - low, 1e-9), 0, 1)
+def interior_tokens(mask: np.ndarray, axes: Sequence[int]) -> np.ndarray:
+    """Body tokens whose neighbours along `axes` are body too. Tokens on the body outline mix air and skin; their
+    features differ from everything else by far more than organs differ from each other, so a PCA fitted with
+    them spends its first components on the outline."""
+    inner = mask.copy()
+    for axis in axes:
+        ahead, behind = [slice(None)] * mask.ndim, [slice(None)] * mask.ndim
+        ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
+        inner[tuple(ahead)] &= mask[tuple(behind)]
+        inner[tuple(behind)] &= mask[tuple(ahead)]
+        edge = [slice(None)] * mask.ndim
+        for end in (0, -1):  # a token on the grid's border has a neighbour outside the picture: not interior
+            edge[axis] = end
+            inner[tuple(edge)] = False
+    return inner
+
+
+def centred(features: np.ndarray, fit: np.ndarray) -> np.ndarray:
+    """Features minus their mean over the `fit` tokens: every token shares a large common component (raw body
+    tokens are 0.9-cosine-similar to each other), which would hide the differences between organs."""
+    return features.astype(np.float64) - features[fit].astype(np.float64).mean(0)
+
+
+def pca_rgb(features: np.ndarray, mask: np.ndarray, fit: np.ndarray | None = None) -> np.ndarray:
+    """[..., 3] colours in [0, 1]: the first 3 principal components of the centred features, fitted on the
+    `fit` tokens (default: all masked ones; the pictures pass the interior of the body) and applied to every
+    masked token. Each component is coloured by its rank among the `fit` tokens (histogram equalisation), so
+    every picture uses the full colour range: features that separate organs paint them as regions, features
+    that do not paint noise. Unmasked tokens are black."""
+    fit = mask if fit is None or fit.sum() < 4 else fit & mask
+    x = centred(features, fit)
+    _, _, vt = np.linalg.svd(x[fit], full_matrices=False)
+    projected = x @ vt[:3].T
+    rgb = np.zeros(projected.shape)
+    for c in range(projected.shape[-1]):
+        reference = np.sort(projected[fit][:, c])  # outline tokens beyond the interior's range saturate
+        rgb[..., c] = np.searchsorted(reference, projected[..., c]) / len(reference)
+    rgb = np.clip(rgb, 0, 1)
     rgb[~mask] = 0
     return rgb
 
@@ -149,7 +180,8 @@ def write_feature_pictures(loaded, path: pathlib.Path, kind: str, out: pathlib.P
     spacing = [float(s) for s in extra["spacing_mm"]] if "spacing_mm" in extra else [1.0, 1.0, 1.0]
     if not mask.any():
         raise ValueError(f"{path}: no body token found (is it a CT in HU?)")
-    rgb = pca_rgb(features, mask)
+    inplane = (1, 2)  # 2d: tokens of one slice neighbour each other in y and x only
+    rgb = pca_rgb(features, mask, interior_tokens(mask, inplane if kind == "2d" else (0, 1, 2)))
     out.mkdir(parents=True, exist_ok=True)
     written = []
     centre = [int(round(v)) for v in np.argwhere(mask).mean(0)]
@@ -171,7 +203,8 @@ def write_feature_pictures(loaded, path: pathlib.Path, kind: str, out: pathlib.P
     affine = extra.get("input_affine_zyx_to_lps")
     points = ([tuple(int(v) for v in np.asarray(parse_query(q, affine)) // np.asarray(token)) for q in queries]
               if queries else default_queries(mask))
-    unit = features / np.maximum(np.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
+    relative = centred(features, mask)
+    unit = relative / np.maximum(np.linalg.norm(relative, axis=-1, keepdims=True), 1e-12)
     for i, (qz, qy, qx) in enumerate(points):
         if not all(0 <= v < n for v, n in zip((qz, qy, qx), mask.shape)):
             raise ValueError(f"query {i} at token {(qz, qy, qx)} lies outside the token grid {mask.shape}")

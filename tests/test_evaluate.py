@@ -1,6 +1,7 @@
 """Frozen-feature evaluation (probes, organ tokens, evaluate CLI), pictures, and the in-training organ monitor."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -134,6 +135,35 @@ def test_organ_probe_on_real_ct_with_totalsegmentator_labels(real_labelled, expo
     assert result["n_train"] > 100 and result["n_test"] > 100
     assert result["checkpoint"] == str(export_2d) and result["checkpoint_kind"] == "2d"
     assert "kNN recall" in (out / "results.md").read_text()
+
+
+def test_random_init_baselines_share_the_checkpoints_tokens_and_split(phantoms, export_2d, tmp_path, capsys,
+                                                                      monkeypatch):
+    """--random-init-baselines scores each init on the checkpoint's own tokens and subject split: a "random init"
+    that is the checkpoint itself scores exactly as the checkpoint, another init differs; both are printed."""
+    load = features.load_encoder
+
+    def fake_init(checkpoint, step, kind, *, random_init=False, seed=0):
+        loaded = load(checkpoint, step, kind)
+        if not random_init or seed == 0:  # seed 0: the checkpoint's own weights, for the identity check
+            return loaded
+        model = VisionTransformer(**ARCH.to_config(), layerscale_init=0.5, rngs=nnx.Rngs(100 + seed))
+        return dataclasses.replace(loaded, model=model, source=f"random init (seed {seed})", step=0)
+
+    monkeypatch.setattr(features, "load_encoder", fake_init)
+    out = tmp_path / "baselines"
+    code = run_cli(evaluate.main, ["--checkpoint", str(export_2d), "--kind", "2d", "--task", "organs", "--dataset",
+                                   str(phantoms), "--out", str(out), "--patch-size", "8", "--seed", "3",
+                                   "--random-init-baselines", "2"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    result = json.loads((out / "results.json").read_text())
+    same, other = result["random_init_baselines"]
+    assert (same["init_seed"], other["init_seed"]) == (0, 1)
+    for probe in ("knn", "linear"):
+        assert same[probe] == result[probe]
+    assert other["knn"] != result["knn"]
+    assert "random init, seed 1" in printed and "random init, seed 1" in (out / "results.md").read_text()
 
 
 def test_clear_one_line_errors(real_labelled, export_2d, ct_dir, tmp_path, capsys):
