@@ -7,7 +7,7 @@
 For each stage, patch size and chip kind it walks the slices from the smallest up (from --min-chips), keeping
 the recipe's global batch or --global-batch (per-chip batch = global batch / chips; slices that do not divide it
 are skipped), and at each slice the remat policies in order; the first (slice, remat) whose step fits 90% of the
-chip's HBM ends the walk. Each attempt is `flexict_jax.plan.plan` on the slice's compile-only devices
+chip's HBM ends the walk (an attempt that does not fit is not timed). Each attempt is `flexict_jax.plan.plan` on the slice's compile-only devices
 (`plan.topology_devices`), the result kept as
 bench/results/plan_tpu_<stage>_p<patch>_<topology>_<remat>_<dtype>[_gb<global batch>][_unrolled].json; a
 markdown table of the fits (and of the last attempt where nothing fit) is printed at the end. `--unrolled`
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                                       args.global_batch, args.unrolled)
                 start = time.perf_counter()
                 try:
-                    result = plan.plan(config, (1, -1, 1), devices=plan.topology_devices(topology))
+                    result = plan.plan(config, (1, -1, 1), devices=plan.topology_devices(topology), estimate_unfit=False)
                 except Exception as e:  # noqa: BLE001 - a case that fails to compile is reported, the walk goes on
                     print(f"{stage} p{patch_size} {topology} remat={remat}: FAILED {type(e).__name__}: {e}")
                     failures += 1

@@ -263,9 +263,10 @@ def device_memory_bytes(device: Any) -> int | None:
 
 
 def plan(config: mlc.ConfigDict, mesh_shape: tuple[int, ...], *, device_memory: int | None = None,
-         headroom: float = 0.1, devices: list[Any] | None = None) -> dict[str, Any]:
+         headroom: float = 0.1, devices: list[Any] | None = None, estimate_unfit: bool = True) -> dict[str, Any]:
     """Compiles every step variant of `config` on a `mesh_shape` mesh of `devices` (default: the local devices;
-    `topology_devices` for a TPU slice without one); the plan as a dict."""
+    `topology_devices` for a TPU slice without one); the plan as a dict. estimate_unfit=False skips the step
+    time (a second compile on TPU) of a variant that does not fit."""
     import jax
 
     from flexict_jax import sharding, train_step
@@ -294,9 +295,12 @@ def plan(config: mlc.ConfigDict, mesh_shape: tuple[int, ...], *, device_memory: 
         rows = []
         for variant in datasets.step_variants(config):
             row, compiled = compile_variant(config, program, variant)
-            row.update(step_estimate(config, program, variant, compiled, row, chip, attention_impl))
             if device_memory:
                 row["fits"] = row["memory_per_device"]["peak"] <= (1 - headroom) * device_memory
+            if estimate_unfit or row.get("fits", True):
+                row.update(step_estimate(config, program, variant, compiled, row, chip, attention_impl))
+            else:
+                row.update(estimated_step_s=None, estimated_samples_per_s=None, estimated_mfu=None)
             rows.append(row)
     return {"stage": config.stage, "mesh": dict(mesh.shape), "device_kind": device.device_kind,
             "platform": device.platform, "num_devices": mesh.size,
