@@ -14,11 +14,15 @@ for K such slices joined by the data-centre network (the mesh's data axis must t
 is allocated: the state and the batch are abstract (`jax.ShapeDtypeStruct`) and the step is only lowered and
 compiled.
 
+The step compiled is the one a run on the target compiles: `model.attention_impl=auto` resolves by the mesh's
+devices (splash attention on a TPU slice, even from a CPU host), and the plan records the kernel it resolved to.
+
 On TPU the plan also gives the TPU cost model's step time (`cost_analysis()["optimal_seconds"]`) and from it
 samples/s and the model FLOP utilisation against the chip's bf16 peak (`TPU_CHIPS`). The cost model prices a
-loop body once whatever its trip count (measured: a 16-step `lax.scan` of a matmul is priced as one step), so
-with `model.scan_blocks` the estimate comes from the same step compiled with the blocks unrolled. It is a model
-of the chip, not a measurement: it leaves out the input pipeline and host overheads.
+loop body once whatever its trip count (measured: a 16-step `lax.scan` of a matmul is priced as one step), and
+prices the Pallas splash kernel at almost nothing (it carries no cost estimate), so the time comes from the
+same step compiled again with the blocks unrolled and XLA attention in place of splash. It is a model of the
+chip, not a measurement: it leaves out the input pipeline and host overheads.
 
 Per-device peak = arguments + outputs − aliased (the donated state is reused for the new one) + temporaries,
 from XLA's buffer assignment (`compiled.memory_analysis()`); tests/test_plan.py checks it against the measured
