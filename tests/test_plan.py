@@ -250,6 +250,27 @@ def test_auto_attention_follows_the_target_platform(compile_only_libtpu):
     assert attention.resolve("xla", jnp.bfloat16, 72, platform="tpu") == "xla"  # a named kernel stays
 
 
+@needs_libtpu
+def test_tpu_cost_model_does_not_price_the_splash_kernel(compile_only_libtpu):
+    """Why the planner times the step with XLA attention: the splash kernel (a Pallas call without a cost
+    estimate) adds next to no FLOPs to the TPU compiler's cost analysis, XLA's attention all of them. When JAX
+    gives splash a cost estimate this fails, and the planner can time the splash step itself."""
+    import jax
+    import jax.numpy as jnp
+    batch, length, heads, head_dim = 4, 1024, 2, 128
+    attention_flops = 4 * batch * heads * length**2 * head_dim  # q·kᵀ and p·v, forward only
+    mesh = sharding.make_mesh((1, -1, 1), plan.topology_devices("v5p:2x2x1"))
+    x = jax.ShapeDtypeStruct((batch, length, heads, head_dim), jnp.bfloat16)
+    flops = {}
+    with sharding.activate(mesh, stage1.get_config("tiny").sharding_rules):
+        for impl in ("xla", "splash"):
+            step = jax.jit(lambda q, k, v, impl=impl: attention.dot_product_attention(q, k, v, scale=0.1, impl=impl))
+            cost = step.lower(x, x, x).compile().cost_analysis()
+            flops[impl] = (cost[0] if isinstance(cost, list) else cost)["flops"] * mesh.size
+    assert flops["xla"] >= 0.9 * attention_flops, flops
+    assert flops["splash"] < 0.05 * attention_flops, flops
+
+
 def test_topology_without_libtpu_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(ValueError, match=r"libtpu, which is not installed: pip install 'flexict_jax\[tpu\]'"):
