@@ -2,17 +2,19 @@
 
     python bench/plan_tpu_table.py [--stages stage1,stage1_hires,stage2,stage3] [--patch-sizes 16,8] \
         [--chips v5p,v6e] [--remat none,full] [--min-chips 1] [--max-chips 64] [--global-batch N] [--unrolled] \
-        [--compute-dtype bfloat16] [--stage3-hf-folder DIR] [--out-dir bench/results]
+        [--attention-impl auto] [--memory-only] [--compute-dtype bfloat16] [--stage3-hf-folder DIR] \
+        [--out-dir bench/results]
 
 For each stage, patch size and chip kind it walks the slices from the smallest up (from --min-chips), keeping
 the recipe's global batch or --global-batch (per-chip batch = global batch / chips; slices that do not divide it
 are skipped), and at each slice the remat policies in order; the first (slice, remat) whose step fits 90% of the
 chip's HBM ends the walk (an attempt that does not fit is not timed). Each attempt is `flexict_jax.plan.plan` on the slice's compile-only devices
 (`plan.topology_devices`), the result kept as
-bench/results/plan_tpu_<stage>_p<patch>_<topology>_<remat>_<dtype>[_gb<global batch>][_unrolled].json; a
-markdown table of the fits (and of the last attempt where nothing fit) is printed at the end. `--unrolled`
-plans with model.scan_blocks=False: the step the cost model times is then the one whose memory is reported,
-which saves the scanned compile (docs/scaling.md §4 compares the two peaks).
+bench/results/plan_tpu_<stage>_p<patch>_<topology>_<remat>_<dtype>[_gb<global batch>][_unrolled][_<attention>]
+[_memory].json; a markdown table of the fits (and of the last attempt where nothing fit) is printed at the end.
+Where compiles are dear the two halves of a row can be made apart: `--memory-only` compiles the step as
+configured (splash attention on TPU) and skips the time; `--unrolled --attention-impl xla` compiles the one step
+the cost model times (blocks unrolled, XLA attention: docs/scaling.md §4), whose time is then the estimate.
 
 Stage 1.1 is planned at its largest resolution only (512² global, 224² local, 768² Gram crops: the memory
 bound of its five). Stage 3's text tower is the recipe's Qwen3-Embedding-0.6B: from --stage3-hf-folder (a local
@@ -74,7 +76,7 @@ def qwen3_architecture_folder() -> str:
 
 
 def stage_config(stage: str, patch_size: int, chips: int, remat: str, compute_dtype: str, hf_folder: str | None,
-                 global_batch: int | None = None, unrolled: bool = False):
+                 global_batch: int | None = None, unrolled: bool = False, attention_impl: str = "auto"):
     config = STAGES[stage].get_config("base")
     config.patch_sizes, config.patch_size_probs = (patch_size,), (1.0,)
     config.model.remat_policy = remat
@@ -82,6 +84,7 @@ def stage_config(stage: str, patch_size: int, chips: int, remat: str, compute_dt
         config.global_batch_size = global_batch
     if unrolled:
         config.model.scan_blocks = False
+    config.model.attention_impl = attention_impl
     if "compute_dtype" in config.model:
         config.model.compute_dtype = compute_dtype
     if stage == "stage1_hires":
@@ -124,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                         "divide the slices that fit)")
     parser.add_argument("--unrolled", action="store_true", help="plan with model.scan_blocks=False (one compile "
                         "fewer: the estimate is timed on the unrolled step anyway)")
+    parser.add_argument("--attention-impl", default="auto", help="config.model.attention_impl (auto: splash on TPU)")
+    parser.add_argument("--memory-only", action="store_true", help="skip the step-time estimate (a second compile)")
     parser.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--stage3-hf-folder", help="local Qwen3 folder (config.json, tokenizer) for stage 3; "
                         "default: Qwen3-Embedding-0.6B's architecture from qwen3.Qwen3Config")
@@ -150,10 +155,11 @@ def main(argv: list[str] | None = None) -> int:
             for remat in args.remat.split(","):
                 chips = chips_of(topology)
                 config = stage_config(stage, patch_size, chips, remat, args.compute_dtype, hf_folder,
-                                      args.global_batch, args.unrolled)
+                                      args.global_batch, args.unrolled, args.attention_impl)
                 start = time.perf_counter()
                 try:
-                    result = plan.plan(config, (1, -1, 1), devices=plan.topology_devices(topology), estimate_unfit=False)
+                    result = plan.plan(config, (1, -1, 1), devices=plan.topology_devices(topology),
+                                       estimate=not args.memory_only, estimate_unfit=False)
                 except Exception as e:  # noqa: BLE001 - a case that fails to compile is reported, the walk goes on
                     print(f"{stage} p{patch_size} {topology} remat={remat}: FAILED {type(e).__name__}: {e}")
                     failures += 1
@@ -163,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                     result["text_tower"] = {"tower": "qwen3", "hf_folder": args.stage3_hf_folder
                                             or "qwen3.Qwen3Config defaults (Qwen3-Embedding-0.6B architecture)"}
                 name = (f"plan_tpu_{stage}_p{patch_size}_{topology.replace(':', '_')}_{remat}_{result['compute_dtype']}"
-                        + (f"_gb{batch}" if args.global_batch else "") + ("_unrolled" if args.unrolled else ""))
+                        + (f"_gb{batch}" if args.global_batch else "") + ("_unrolled" if args.unrolled else "")
+                        + (f"_{args.attention_impl}" if args.attention_impl != "auto" else "")
+                        + ("_memory" if args.memory_only else ""))
                 (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
                 variant = max(result["variants"], key=lambda v: v["memory_per_device"]["peak"])
                 last = {"stage": stage, "patch_size": patch_size, "chip": chip, "topology": topology, "chips": chips,

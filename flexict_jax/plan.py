@@ -267,10 +267,11 @@ def device_memory_bytes(device: Any) -> int | None:
 
 
 def plan(config: mlc.ConfigDict, mesh_shape: tuple[int, ...], *, device_memory: int | None = None,
-         headroom: float = 0.1, devices: list[Any] | None = None, estimate_unfit: bool = True) -> dict[str, Any]:
+         headroom: float = 0.1, devices: list[Any] | None = None, estimate: bool = True,
+         estimate_unfit: bool = True) -> dict[str, Any]:
     """Compiles every step variant of `config` on a `mesh_shape` mesh of `devices` (default: the local devices;
-    `topology_devices` for a TPU slice without one); the plan as a dict. estimate_unfit=False skips the step
-    time (a second compile on TPU) of a variant that does not fit."""
+    `topology_devices` for a TPU slice without one); the plan as a dict. estimate=False skips the step time (on
+    TPU often a second compile), estimate_unfit=False only for a variant that does not fit."""
     import jax
 
     from flexict_jax import sharding, train_step
@@ -301,7 +302,7 @@ def plan(config: mlc.ConfigDict, mesh_shape: tuple[int, ...], *, device_memory: 
             row, compiled = compile_variant(config, program, variant)
             if device_memory:
                 row["fits"] = row["memory_per_device"]["peak"] <= (1 - headroom) * device_memory
-            if estimate_unfit or row.get("fits", True):
+            if estimate and (estimate_unfit or row.get("fits", True)):
                 row.update(step_estimate(config, program, variant, compiled, row, chip, attention_impl))
             else:
                 row.update(estimated_step_s=None, estimated_samples_per_s=None, estimated_mfu=None)
