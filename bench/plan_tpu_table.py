@@ -19,7 +19,8 @@ the cost model times (blocks unrolled, XLA attention: docs/scaling.md §4), whos
 Stage 1.1 is planned at its largest resolution only (512² global, 224² local, 768² Gram crops: the memory
 bound of its five). Stage 3's text tower is the recipe's Qwen3-Embedding-0.6B: from --stage3-hf-folder (a local
 Qwen3 folder with config.json and the tokenizer; no weights are read), else from `qwen3.Qwen3Config`'s defaults
-(the same architecture) written as a config.json with a stand-in tokenizer into a temporary folder: the plan
+(the same architecture) written as a config.json with a stand-in tokenizer (the `hf` extra's tokenizers) into a
+temporary folder: the plan
 compiles shapes only, and the tokenizer only bounds the ids (the embedding has the config's 151,669 rows). Drop-path groups are cut to the
 per-chip batch where the recipe's per-GPU group is larger, so a group never spans chips (docs/scaling.md §4).
 `--compute-dtype` sets config.model.compute_dtype where the model has it (float32 otherwise; the plan records
