@@ -20,9 +20,9 @@ Stage 1.1 is planned at its largest resolution only (512² global, 224² local, 
 bound of its five). Stage 3's text tower is the recipe's Qwen3-Embedding-0.6B: from --stage3-hf-folder (a local
 Qwen3 folder with config.json and the tokenizer; no weights are read), else from `qwen3.Qwen3Config`'s defaults
 (the same architecture) written as a config.json with a stand-in tokenizer (the `hf` extra's tokenizers) into a
-temporary folder: the plan
-compiles shapes only, and the tokenizer only bounds the ids (the embedding has the config's 151,669 rows). Drop-path groups are cut to the
-per-chip batch where the recipe's per-GPU group is larger, so a group never spans chips (docs/scaling.md §4).
+temporary folder: the plan compiles shapes only, and the tokenizer only bounds the ids (the embedding has the
+config's 151,669 rows). Drop-path groups are cut to the per-chip batch where the recipe's per-GPU group is
+larger, so a group never spans chips (docs/scaling.md §4).
 `--compute-dtype` sets config.model.compute_dtype where the model has it (float32 otherwise; the plan records
 what was used). Compiling ViT-B steps takes minutes each on a small host: the walk prints an ETA.
 """
