@@ -14,11 +14,15 @@ for K such slices joined by the data-centre network (the mesh's data axis must t
 is allocated: the state and the batch are abstract (`jax.ShapeDtypeStruct`) and the step is only lowered and
 compiled.
 
+The step compiled is the one a run on the target compiles: `model.attention_impl=auto` resolves by the mesh's
+devices (splash attention on a TPU slice, even from a CPU host), and the plan records the kernel it resolved to.
+
 On TPU the plan also gives the TPU cost model's step time (`cost_analysis()["optimal_seconds"]`) and from it
 samples/s and the model FLOP utilisation against the chip's bf16 peak (`TPU_CHIPS`). The cost model prices a
-loop body once whatever its trip count (measured: a 16-step `lax.scan` of a matmul is priced as one step), so
-with `model.scan_blocks` the estimate comes from the same step compiled with the blocks unrolled. It is a model
-of the chip, not a measurement: it leaves out the input pipeline and host overheads.
+loop body once whatever its trip count (measured: a 16-step `lax.scan` of a matmul is priced as one step), and
+prices the Pallas splash kernel at almost nothing (it carries no cost estimate), so the time comes from the
+same step compiled again with the blocks unrolled and XLA attention in place of splash. It is a model of the
+chip, not a measurement: it leaves out the input pipeline and host overheads.
 
 Per-device peak = arguments + outputs − aliased (the donated state is reused for the new one) + temporaries,
 from XLA's buffer assignment (`compiled.memory_analysis()`); tests/test_plan.py checks it against the measured
@@ -170,6 +174,16 @@ def model_flops(config: mlc.ConfigDict, program: Program, variant: Variant, batc
     return float(cost.get("flops", float("nan")))
 
 
+def _memory_sizes(compiled: Any) -> dict[str, int]:
+    memory = compiled.memory_analysis()
+    return {name: int(getattr(memory, f"{name}_size_in_bytes")) for name in
+            ("argument", "output", "alias", "temp", "generated_code")}
+
+
+def _peak(sizes: dict[str, int]) -> int:
+    return sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] + sizes["generated_code"]
+
+
 def compile_variant(config: mlc.ConfigDict, program: Program, variant: Variant) -> tuple[dict[str, Any], Any]:
     """Lowers and compiles one step variant against the abstract state; returns its plan row and the compiled
     executable (which can run on real arrays of the same shapes)."""
@@ -180,11 +194,9 @@ def compile_variant(config: mlc.ConfigDict, program: Program, variant: Variant) 
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     done = time.perf_counter()
-    memory = compiled.memory_analysis()
     flops = model_flops(config, program, variant, batch)
-    sizes = {name: int(getattr(memory, f"{name}_size_in_bytes")) for name in
-             ("argument", "output", "alias", "temp", "generated_code")}
-    peak = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] + sizes["generated_code"]
+    sizes = _memory_sizes(compiled)
+    peak = _peak(sizes)
     num_devices = program.mesh.size
     row = {"variant": {"patch_size": variant.patch_size, "resolution_index": variant.resolution_index},
            "batch": {k: [list(v.shape), str(v.dtype)] for k, v in batch.items()},
@@ -195,26 +207,42 @@ def compile_variant(config: mlc.ConfigDict, program: Program, variant: Variant) 
     return row, compiled
 
 
+def _optimal_seconds(compiled: Any) -> float:
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}
+    return float(cost.get("optimal_seconds", -1.0))
+
+
 def step_estimate(config: mlc.ConfigDict, program: Program, variant: Variant, compiled: Any,
-                  row: dict[str, Any], chip: Chip | None) -> dict[str, Any]:
+                  row: dict[str, Any], chip: Chip | None, attention_impl: str) -> dict[str, Any]:
     """The TPU cost model's time for one step of `variant` and what follows from it: samples/s and model FLOP
     utilisation against the chip's bf16 peak. None where the compiler has no cost model (CPU, GPU) or cannot
-    price an operation of the step (it then answers a negative time)."""
+    price an operation of the step (it then answers a negative time).
+
+    The cost model prices a loop body once and a Pallas kernel at almost nothing (docs/scaling.md §4), so the
+    time comes from the step compiled with the blocks unrolled and, where the step runs splash attention
+    (`attention_impl`, as resolved), XLA attention in its place; `estimate_memory_peak` is that program's peak.
+    A splash step compiled unrolled also gives its own time, attention priced as free: a lower bound."""
     from flexict_jax import train_step
     out = {"estimated_step_s": None, "estimated_samples_per_s": None, "estimated_mfu": None}
     if program.mesh.devices.flat[0].platform != "tpu":
         return out
-    if config.model.scan_blocks:  # the cost model prices the scan's body once: time the unrolled blocks
+    if attention_impl == "splash" and not config.model.scan_blocks:
+        seconds = _optimal_seconds(compiled)
+        out["estimated_step_s_attention_unpriced"] = seconds if seconds > 0 else None
+    if config.model.scan_blocks or attention_impl == "splash":
         config = config.copy_and_resolve_references()
         config.model.scan_blocks = False
+        if attention_impl == "splash":
+            config.model.attention_impl = "xla"
         program = train_step.build_program(config, program.mesh)
         batch = abstract_batch(config, variant)
         start = time.perf_counter()
         compiled = program.train_step(config, variant, batch).lower(program.abstract_state, batch).compile()
-        out["estimate_compile_s"] = round(time.perf_counter() - start, 2)
-    cost = compiled.cost_analysis()
-    cost = (cost[0] if isinstance(cost, list) else cost) or {}
-    seconds = float(cost.get("optimal_seconds", -1.0))
+        out.update(estimate_compile_s=round(time.perf_counter() - start, 2),
+                   estimate_attention_impl="xla" if attention_impl == "splash" else attention_impl,
+                   estimate_memory_peak=_peak(_memory_sizes(compiled)))
+    seconds = _optimal_seconds(compiled)
     if seconds > 0:
         out["estimated_step_s"] = seconds
         out["estimated_samples_per_s"] = config.global_batch_size / seconds
@@ -239,13 +267,16 @@ def device_memory_bytes(device: Any) -> int | None:
 
 
 def plan(config: mlc.ConfigDict, mesh_shape: tuple[int, ...], *, device_memory: int | None = None,
-         headroom: float = 0.1, devices: list[Any] | None = None) -> dict[str, Any]:
+         headroom: float = 0.1, devices: list[Any] | None = None, estimate: bool = True,
+         estimate_unfit: bool = True) -> dict[str, Any]:
     """Compiles every step variant of `config` on a `mesh_shape` mesh of `devices` (default: the local devices;
-    `topology_devices` for a TPU slice without one); the plan as a dict."""
+    `topology_devices` for a TPU slice without one); the plan as a dict. estimate=False skips the step time (on
+    TPU often a second compile), estimate_unfit=False only for a variant that does not fit."""
     import jax
 
     from flexict_jax import sharding, train_step
     from flexict_jax.data import datasets
+    from flexict_jax.models import attention
 
     devices = devices or jax.devices()
     mesh = sharding.make_mesh(mesh_shape, devices)
@@ -255,6 +286,11 @@ def plan(config: mlc.ConfigDict, mesh_shape: tuple[int, ...], *, device_memory: 
     device = devices[0]
     chip = TPU_CHIPS.get(device.device_kind) if device.platform == "tpu" else None
     device_memory = device_memory if device_memory is not None else device_memory_bytes(device)
+    model = config.model
+    compute_dtype = model.get("compute_dtype", "float32")
+    # What `auto` compiles to on this mesh's platform (the ViT's heads; the text tower's resolve alike on TPU).
+    attention_impl = attention.resolve(model.get("attention_impl", "auto"), compute_dtype,
+                                       model.dim // model.num_heads, platform=device.platform)
     with sharding.activate(mesh, config.sharding_rules):
         start = time.perf_counter()
         program = train_step.build_program(config, mesh)
@@ -264,14 +300,17 @@ def plan(config: mlc.ConfigDict, mesh_shape: tuple[int, ...], *, device_memory: 
         rows = []
         for variant in datasets.step_variants(config):
             row, compiled = compile_variant(config, program, variant)
-            row.update(step_estimate(config, program, variant, compiled, row, chip))
             if device_memory:
                 row["fits"] = row["memory_per_device"]["peak"] <= (1 - headroom) * device_memory
+            if estimate and (estimate_unfit or row.get("fits", True)):
+                row.update(step_estimate(config, program, variant, compiled, row, chip, attention_impl))
+            else:
+                row.update(estimated_step_s=None, estimated_samples_per_s=None, estimated_mfu=None)
             rows.append(row)
     return {"stage": config.stage, "mesh": dict(mesh.shape), "device_kind": device.device_kind,
             "platform": device.platform, "num_devices": mesh.size,
             "num_slices": len({getattr(d, "slice_index", None) or 0 for d in devices}),
-            "compute_dtype": config.model.get("compute_dtype", "float32"),
+            "compute_dtype": compute_dtype, "attention_impl": attention_impl,
             "chip": dataclasses.asdict(chip) if chip else None,
             "global_batch_size": config.global_batch_size,
             "device_memory_bytes": device_memory, "headroom": headroom, "build_s": round(build_s, 2),
@@ -291,7 +330,8 @@ def format_plan(result: dict[str, Any]) -> str:
     lines = [f"{result['stage']}: mesh {result['mesh']} on {result['num_devices']} x {result['device_kind']} "
              f"({result['platform']}"
              + (f", {result['num_slices']} slices" if result["num_slices"] > 1 else "")
-             + f"), global batch {result['global_batch_size']}, compute dtype {result['compute_dtype']}",
+             + f"), global batch {result['global_batch_size']}, compute dtype {result['compute_dtype']}, "
+             f"attention {result['attention_impl']}",
              f"parameters {_size(params['total_bytes'])}, {_size(params['bytes_per_device'])} per device "
              f"({100 * params['replicated_fraction']:.1f}% of the bytes replicated); train state (student, "
              f"teacher, optimizer) {_size(result['state_bytes'])} in all"]
@@ -314,7 +354,13 @@ def format_plan(result: dict[str, Any]) -> str:
         if row.get("estimated_step_s"):
             lines.append(f"  TPU cost model: {1e3 * row['estimated_step_s']:,.3g} ms per step, "
                          f"{row['estimated_samples_per_s']:,.1f} samples/s"
-                         + (f", MFU {100 * row['estimated_mfu']:.1f}% of the bf16 peak" if row["estimated_mfu"] else ""))
+                         + (f", MFU {100 * row['estimated_mfu']:.1f}% of the bf16 peak" if row["estimated_mfu"] else "")
+                         + (f" (timed with {row['estimate_attention_impl']} attention: the cost model does not "
+                            f"price the splash kernel)" if row.get("estimate_attention_impl") == "xla"
+                            and result["attention_impl"] == "splash" else ""))
+            if row.get("estimated_step_s_attention_unpriced"):
+                lines.append(f"  lower bound, the splash step with its kernel priced as free: "
+                             f"{1e3 * row['estimated_step_s_attention_unpriced']:,.3g} ms per step")
         elif result["platform"] == "tpu":
             lines.append("  TPU cost model: no estimate (an operation of the step has no cost)")
         if "fits" in row:

@@ -7,7 +7,9 @@
 - The planner's per-device peak estimate is within 20% of the peak measured while a real step runs on the CPU.
 - The CLI prints per-device memory, FLOPs and compile time, and says (exit 1) when a config does not fit.
 - With libtpu (the `tpu` extra), `--topology` compiles for a TPU slice on this CPU host and reports per-chip
-  memory against the chip's HBM and the TPU cost model's step time and MFU.
+  memory against the chip's HBM and the TPU cost model's step time and MFU; `attention_impl=auto` follows the
+  target (splash for a TPU slice, as a TPU run compiles it), and the time is taken with XLA attention, which
+  the cost model prices.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import pytest
 from configs import stage1, stage1_hires, stage2
 from flexict_jax import plan, sharding, tasks, train_step
 from flexict_jax.data import datasets
+from flexict_jax.models import attention
 from flexict_jax.variants import Variant
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -225,6 +228,49 @@ def test_topology_devices_of_tpu_slices(compile_only_libtpu):
         plan.topology_devices("v9x:2x2")
 
 
+@needs_libtpu
+def test_auto_attention_follows_the_target_platform(compile_only_libtpu):
+    """`auto` resolves by the devices of the mesh the step is traced under, not by the host's backend: a TPU
+    slice compiled on this CPU host gets splash, as the TPU run would; a CPU mesh and no mesh get xla."""
+    import jax
+    import jax.numpy as jnp
+    seen = {}
+
+    def trace(name, devices):
+        def step(x):
+            seen[name] = attention.resolve("auto", x.dtype, 72)
+            return x
+        mesh = sharding.make_mesh((1, -1, 1), devices)
+        with sharding.activate(mesh, stage1.get_config("tiny").sharding_rules):
+            jax.jit(step).trace(jax.ShapeDtypeStruct((8, 4), jnp.bfloat16))
+    trace("v5p", plan.topology_devices("v5p:2x2x1"))
+    trace("cpu", jax.devices("cpu")[:1])
+    assert seen == {"v5p": "splash", "cpu": "xla"}
+    assert attention.resolve("auto", jnp.bfloat16, 72) == "xla"  # no mesh: this host's backend, the CPU
+    assert attention.resolve("xla", jnp.bfloat16, 72, platform="tpu") == "xla"  # a named kernel stays
+
+
+@needs_libtpu
+def test_tpu_cost_model_does_not_price_the_splash_kernel(compile_only_libtpu):
+    """Why the planner times the step with XLA attention: the splash kernel (a Pallas call without a cost
+    estimate) adds next to no FLOPs to the TPU compiler's cost analysis, XLA's attention all of them. When JAX
+    gives splash a cost estimate this fails, and the planner can time the splash step itself."""
+    import jax
+    import jax.numpy as jnp
+    batch, length, heads, head_dim = 4, 1024, 2, 128
+    attention_flops = 4 * batch * heads * length**2 * head_dim  # q·kᵀ and p·v, forward only
+    mesh = sharding.make_mesh((1, -1, 1), plan.topology_devices("v5p:2x2x1"))
+    x = jax.ShapeDtypeStruct((batch, length, heads, head_dim), jnp.bfloat16)
+    flops = {}
+    with sharding.activate(mesh, stage1.get_config("tiny").sharding_rules):
+        for impl in ("xla", "splash"):
+            step = jax.jit(lambda q, k, v, impl=impl: attention.dot_product_attention(q, k, v, scale=0.1, impl=impl))
+            cost = step.lower(x, x, x).compile().cost_analysis()
+            flops[impl] = (cost[0] if isinstance(cost, list) else cost)["flops"] * mesh.size
+    assert flops["xla"] >= 0.9 * attention_flops, flops
+    assert flops["splash"] < 0.05 * attention_flops, flops
+
+
 def test_topology_without_libtpu_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(ValueError, match=r"libtpu, which is not installed: pip install 'flexict_jax\[tpu\]'"):
@@ -234,7 +280,9 @@ def test_topology_without_libtpu_is_a_clear_error(monkeypatch):
 @needs_libtpu
 def test_cli_plans_a_tpu_slice_ahead_of_time(tmp_path):
     """The tiny stage-1 step compiled by the TPU compiler for a v5p slice on this CPU host: per-chip memory
-    against the chip's HBM, and the cost model's step time, samples/s and MFU."""
+    against the chip's HBM, and the cost model's step time, samples/s and MFU. `auto` attention compiles the
+    splash kernel, as on a TPU; the cost model prices that kernel at almost nothing, so the time comes from the
+    same step compiled with XLA attention, and the splash step's own time is kept as a lower bound."""
     out = tmp_path / "plan.json"
     proc = subprocess.run(
         [sys.executable, "-m", "flexict_jax.plan", "--config=configs/stage1.py:tiny", "--topology=v5p:2x2x1",
@@ -246,12 +294,15 @@ def test_cli_plans_a_tpu_slice_ahead_of_time(tmp_path):
     result = json.loads(out.read_text())
     assert (result["platform"], result["device_kind"], result["num_devices"]) == ("tpu", "TPU v5", 4)
     assert result["topology"] == "v5p:2x2x1" and result["compute_dtype"] == "float32"
+    assert result["attention_impl"] == "splash" and "attention splash" in proc.stdout
     assert result["device_memory_bytes"] == plan.TPU_CHIPS["TPU v5"].hbm_bytes
     assert result["chip"]["bf16_flops"] == 459e12
     row, = result["variants"]
     assert row["fits"] is True and 0 < row["memory_per_device"]["peak"] < 1 << 30
     assert row["compile_s"] > 0 and row["flops_per_step"] > 0
-    assert row["estimated_step_s"] > 0
+    assert row["estimated_step_s"] > 0 and row["estimate_attention_impl"] == "xla"
+    assert row["estimated_step_s_attention_unpriced"] > 0
+    assert 0 < row["estimate_memory_peak"] < 1 << 30 and row["estimate_compile_s"] > 0
     assert row["estimated_samples_per_s"] == pytest.approx(8 / row["estimated_step_s"])
     assert row["estimated_mfu"] == pytest.approx(
         row["flops_per_device"] / (row["estimated_step_s"] * 459e12))

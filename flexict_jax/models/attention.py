@@ -11,9 +11,9 @@
   "splash" the Pallas TPU splash-attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`): flash
            attention in VMEM blocks, run per device under `shard_map` over the batch. The sequence is padded to a
            multiple of 128 and the padding kept out by segment ids, so padded keys get no weight.
-  "auto"   cudnn on GPU in bf16/fp16 when the head fits it, splash on TPU, xla otherwise. It reads
-           `jax.default_backend()` at trace time: ahead-of-time compilation for another platform (e.g. TPU
-           topologies on a CPU host) should name the kernel explicitly.
+  "auto"   cudnn on GPU in bf16/fp16 when the head fits it, splash on TPU, xla otherwise, for the platform the
+           step is compiled for: the devices of the mesh being traced under (so ahead-of-time compilation for
+           TPU topologies on a CPU host picks splash, as the TPU run would), else `jax.default_backend()`.
 """
 from __future__ import annotations
 
@@ -38,11 +38,15 @@ def check_impl(impl: str) -> str:
 
 
 def resolve(impl: str, dtype: jnp.dtype, head_dim: int, platform: str | None = None) -> str:
-    """The kernel `impl` stands for on `platform` (default: jax's default backend) for this dtype and head."""
+    """The kernel `impl` stands for on `platform` for this dtype and head. Default platform: that of the mesh
+    the step is traced under (`jax.set_mesh`; a compile-only TPU topology on a CPU host is "tpu"), else jax's
+    default backend."""
     check_impl(impl)
     if impl != "auto":
         return impl
-    platform = jax.default_backend() if platform is None else platform
+    if platform is None:
+        device = jax.sharding.get_abstract_mesh().abstract_device
+        platform = device.platform if device is not None else jax.default_backend()
     if (platform in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM):
         return "cudnn"
