@@ -1,17 +1,18 @@
 """FlexiCT-B encoder forward + backward side by side: upstream's PyTorch model (`flexict_jax.torch_reference`) and
 ours (JAX, float32 and bfloat16 compute), same weights, same input, same loss, interleaved in one process.
 
-    python bench/bench_torch_vs_jax.py [--cases 2d,3d] [--rounds 3] [--out bench/results/torch_vs_jax_cpu.json]
+    python bench/bench_torch_vs_jax.py [--cases 2d,3d] [--rounds 3] [--variants torch,jax_float32]
+        [--out bench/results/torch_vs_jax_cpu.json]
 
 Cases: "2d" batch 8 × 224², patch 16; "3d" batch 2 × 96³, patch 16 (the ViT-B backbone, 864 wide, 16 deep). The
 loss is mean(h²) of the residual stream before the final norm (every token); both sides differentiate it with
 respect to every backbone parameter. The JAX step is the trainer's backbone: blocks in a scan (config.model.scan_blocks), no
 remat, attention as config.model.attention_impl="auto" picks it, RoPE in float32 (torch reference likewise),
 no drop path and no RoPE rescale (the reference has neither); bf16 casts the float32 parameters and the input as
-the tasks do (`models.precision`). Each round times torch, jax f32, jax bf16 and jax f32 with `jax.nn.dot_product_attention` (the attention this
-code base used before, for the CPU-gap record) once, in that order; the best of
-`--rounds` is reported for each, so the ratios compare the same machine state on a shared, noisy host. The
-first round also checks that both frameworks computed the same loss.
+the tasks do (`models.precision`). Each round times torch, jax f32, jax bf16 and jax f32 with
+`jax.nn.dot_product_attention` (for the CPU-gap record) once, in that order (`--variants` picks a subset; torch and
+jax f32 always run); the best of `--rounds` is reported for each, so the ratios compare the same machine state on
+a shared, noisy host. The first round also checks that both frameworks computed the same loss.
 """
 from __future__ import annotations
 

@@ -3,9 +3,8 @@
   "xla"    two einsums around a float32 softmax, materialising the [B, heads, T, S] scores: the reference, and
            what every CPU run uses. It is the arithmetic of `jax.nn.dot_product_attention(implementation="xla")`
            (float32 logits and softmax whatever the input dtype, a large finite negative for masked logits),
-           written with the heads grouped ahead of the sequence axes for XLA:CPU's batched dots (the
-           ViT-B 2D fwd+bwd step 1.88x faster than with jax's, 3D unchanged: bench/bench_torch_vs_jax.py,
-           docs/benchmarks.md).
+           written heads-first ([B, heads, T, H], torch's layout) so that every dot is a plain 4-D batched
+           matmul for XLA:CPU (docs/jax_notes.md §A7; bench/bench_torch_vs_jax.py, docs/benchmarks.md).
   "cudnn"  the same call with implementation="cudnn": cuDNN's fused flash attention (GPU, bf16/fp16 only,
            head_dim a multiple of 8 and at most 128).
   "splash" the Pallas TPU splash-attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`): flash
