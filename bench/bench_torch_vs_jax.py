@@ -1,17 +1,18 @@
 """FlexiCT-B encoder forward + backward side by side: upstream's PyTorch model (`flexict_jax.torch_reference`) and
 ours (JAX, float32 and bfloat16 compute), same weights, same input, same loss, interleaved in one process.
 
-    python bench/bench_torch_vs_jax.py [--cases 2d,3d] [--rounds 3] [--out bench/results/torch_vs_jax_cpu.json]
+    python bench/bench_torch_vs_jax.py [--cases 2d,3d] [--rounds 3] [--variants torch,jax_float32]
+        [--out bench/results/torch_vs_jax_cpu.json]
 
 Cases: "2d" batch 8 × 224², patch 16; "3d" batch 2 × 96³, patch 16 (the ViT-B backbone, 864 wide, 16 deep). The
 loss is mean(h²) of the residual stream before the final norm (every token); both sides differentiate it with
 respect to every backbone parameter. The JAX step is the trainer's backbone: blocks in a scan (config.model.scan_blocks), no
 remat, attention as config.model.attention_impl="auto" picks it, RoPE in float32 (torch reference likewise),
 no drop path and no RoPE rescale (the reference has neither); bf16 casts the float32 parameters and the input as
-the tasks do (`models.precision`). Each round times torch, jax f32, jax bf16 and jax f32 with `jax.nn.dot_product_attention` (the attention this
-code base used before, for the CPU-gap record) once, in that order; the best of
-`--rounds` is reported for each, so the ratios compare the same machine state on a shared, noisy host. The
-first round also checks that both frameworks computed the same loss.
+the tasks do (`models.precision`). Each round times torch, jax f32, jax bf16 and jax f32 with
+`jax.nn.dot_product_attention` (for the CPU-gap record) once, in that order (`--variants` picks a subset; torch and
+jax f32 always run); the best of `--rounds` is reported for each, so the ratios compare the same machine state on
+a shared, noisy host. The first round also checks that both frameworks computed the same loss.
 """
 from __future__ import annotations
 
@@ -74,7 +75,13 @@ def _torch_step(model, x: np.ndarray, patch_size: int):
     return run
 
 
-def bench_case(name: str, rounds: int, progress: Progress) -> dict:
+VARIANTS = ("torch", "jax_float32", "jax_bfloat16", "jax_float32_jaxnn_attention")
+RATIOS = {"torch_over_jax_f32": ("torch", "jax_float32"), "torch_over_jax_bf16": ("torch", "jax_bfloat16"),
+          "jax_f32_over_bf16": ("jax_float32", "jax_bfloat16"),
+          "jaxnn_attention_over_ours": ("jax_float32_jaxnn_attention", "jax_float32")}
+
+
+def bench_case(name: str, rounds: int, progress: Progress, variants: tuple[str, ...] = VARIANTS) -> dict:
     import torch
 
     from flexict_jax import torch_reference
@@ -94,20 +101,23 @@ def bench_case(name: str, rounds: int, progress: Progress) -> dict:
     runners = {"torch": _torch_step(reference, x, case["patch_size"])}
     compile_s = {}
     for dtype in ("float32", "bfloat16"):
+        if f"jax_{dtype}" not in variants:
+            continue
         start = time.perf_counter()
         runners[f"jax_{dtype}"] = _jax_step(model, x, case["patch_size"], dtype)
         runners[f"jax_{dtype}"]()  # compiles
         compile_s[f"jax_{dtype}"] = time.perf_counter() - start
     # The same step with jax.nn.dot_product_attention(implementation="xla") in place of our "xla" attention
     # (the formulation before bench/README's CPU-gap work): traced, and so compiled, with it swapped in.
-    ours = attention._xla
-    try:
-        attention._xla = lambda q, k, v, *, scale, key_mask, is_causal: jax.nn.dot_product_attention(
-            q, k, v, scale=scale, implementation="xla")
-        runners["jax_float32_jaxnn_attention"] = _jax_step(model, x, case["patch_size"], "float32")
-        runners["jax_float32_jaxnn_attention"]()
-    finally:
-        attention._xla = ours
+    if "jax_float32_jaxnn_attention" in variants:
+        ours = attention._xla
+        try:
+            attention._xla = lambda q, k, v, *, scale, key_mask, is_causal: jax.nn.dot_product_attention(
+                q, k, v, scale=scale, implementation="xla")
+            runners["jax_float32_jaxnn_attention"] = _jax_step(model, x, case["patch_size"], "float32")
+            runners["jax_float32_jaxnn_attention"]()
+        finally:
+            attention._xla = ours
     times = {k: [] for k in runners}
     losses = {}
     for r in range(rounds):
@@ -120,11 +130,9 @@ def bench_case(name: str, rounds: int, progress: Progress) -> dict:
     if abs(losses["jax_float32"] - losses["torch"]) > LOSS_RTOL * abs(losses["torch"]):
         raise RuntimeError(f"{name}: the JAX loss {losses['jax_float32']} differs from torch's {losses['torch']}")
     best = {k: min(v) for k, v in times.items()}
+    ratios = {key: best[a] / best[b] for key, (a, b) in RATIOS.items() if a in best and b in best}
     return {"case": name, **case, "best_s": best, "all_s": times, "losses": losses, "jax_compile_s": compile_s,
-            "torch_over_jax_f32": best["torch"] / best["jax_float32"],
-            "torch_over_jax_bf16": best["torch"] / best["jax_bfloat16"],
-            "jax_f32_over_bf16": best["jax_float32"] / best["jax_bfloat16"],
-            "jaxnn_attention_over_ours": best["jax_float32_jaxnn_attention"] / best["jax_float32"]}
+            "load_average": os.getloadavg(), **ratios}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,17 +143,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads; 0 = torch's default. XLA:CPU's are set before jax loads, by "
                              "XLA_FLAGS (--xla_cpu_multi_thread_eigen=false for one thread)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated, of torch and jax_float32 (always run: the loss check) and "
+                             "jax_bfloat16, jax_float32_jaxnn_attention")
     parser.add_argument("--out", help="also write the JSON result to this file")
     args = parser.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
     unknown = sorted(set(cases) - set(CASES))
+    variants = tuple(dict.fromkeys(["torch", "jax_float32"] + [v for v in args.variants.split(",") if v]))
+    unknown += sorted(set(variants) - set(VARIANTS))
     if unknown or args.rounds < 1:
-        parser.error(f"unknown cases {unknown} (known: {sorted(CASES)})" if unknown else "--rounds must be >= 1")
+        parser.error(f"unknown cases or variants {unknown} (known: {sorted(CASES)}, {VARIANTS})" if unknown
+                     else "--rounds must be >= 1")
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
-    progress = Progress(len(cases) * args.rounds * 4, "torch vs jax")
-    rows = [bench_case(name, args.rounds, progress) for name in cases]
+    progress = Progress(len(cases) * args.rounds * len(variants), "torch vs jax")
+    rows = [bench_case(name, args.rounds, progress, variants) for name in cases]
     progress.close()
     result = {"benchmark": "torch_vs_jax", "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
               "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),

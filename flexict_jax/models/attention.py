@@ -3,9 +3,8 @@
   "xla"    two einsums around a float32 softmax, materialising the [B, heads, T, S] scores: the reference, and
            what every CPU run uses. It is the arithmetic of `jax.nn.dot_product_attention(implementation="xla")`
            (float32 logits and softmax whatever the input dtype, a large finite negative for masked logits),
-           written with the heads grouped ahead of the sequence axes for XLA:CPU's batched dots (the
-           ViT-B 2D fwd+bwd step 1.88x faster than with jax's, 3D unchanged: bench/bench_torch_vs_jax.py,
-           docs/benchmarks.md).
+           written heads-first ([B, heads, T, H], torch's layout) so that every dot is a plain 4-D batched
+           matmul for XLA:CPU (docs/jax_notes.md §A7; bench/bench_torch_vs_jax.py, docs/benchmarks.md).
   "cudnn"  the same call with implementation="cudnn": cuDNN's fused flash attention (GPU, bf16/fp16 only,
            head_dim a multiple of 8 and at most 128).
   "splash" the Pallas TPU splash-attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`): flash
@@ -79,24 +78,33 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
 
 def _xla(q, k, v, *, scale, key_mask, is_causal):
     batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    # Query head h reads kv head h // group (transformers' repeat_kv order).
-    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    kv_heads, keys = k.shape[2], k.shape[1]
+    group = heads // kv_heads
+
+    def heads_first(x):  # [B, T, N, H] -> [B, N, T, H]: batched dots with leading batch dims, as torch's layout
+        return x.transpose(0, 2, 1, 3)
+    # Query head h reads kv head h // group (transformers' repeat_kv order): heads-first, a kv head's `group`
+    # query heads are consecutive, so they fold into its rows ([B, K, G·T, H]) and every dot is a plain 4-D
+    # batched matmul (docs/jax_notes.md §A7).
+    q = heads_first(q).reshape(batch, kv_heads, group * length, head_dim)
+    k, v = heads_first(k), heads_first(v)
     # bf16 operands, float32 logits; the explicit algorithm keeps the backward dots (float32 cotangents) bf16 too,
     # as jax's own version does (jax-ml/jax#24047).
     algorithm = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, precision=algorithm,
+    logits = jnp.einsum("bkqh,bksh->bkqs", q, k, precision=algorithm,
                         preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
     logits = logits * jnp.float32(scale)
     allowed = None if key_mask is None else key_mask[:, None, None, None, :]
     if is_causal:
-        causal = jnp.tril(jnp.ones((length, k.shape[1]), bool))
+        causal = jnp.tril(jnp.ones((length, keys), bool))
         allowed = causal if allowed is None else allowed & causal
     if allowed is not None:  # finite, as jax's: a row with no allowed key averages all values instead of NaN
+        logits = logits.reshape(batch, kv_heads, group, length, keys)
         logits = jnp.where(allowed, logits, -0.7 * jnp.finfo(logits.dtype).max)
+        logits = logits.reshape(batch, kv_heads, group * length, keys)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return out.reshape(batch, length, heads, head_dim)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, v)
+    return out.reshape(batch, heads, length, head_dim).transpose(0, 2, 1, 3)
 
 
 def _splash_sharded(q, k, v, *, scale, key_mask, is_causal, interpret) -> jax.Array | None:

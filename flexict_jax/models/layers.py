@@ -4,6 +4,7 @@ Every parameter carries logical axis names (`nnx.with_partitioning`); the config
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -25,11 +26,49 @@ def trunc_normal(std: float = 0.02) -> nnx.Initializer:
     return init
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense(x: jax.Array, kernel: jax.Array, precision, preferred_element_type) -> jax.Array:
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision,
+                               preferred_element_type=preferred_element_type)
+
+
+def _dense_fwd(x, kernel, precision, preferred_element_type):
+    return _dense(x, kernel, precision, preferred_element_type), (x, kernel)
+
+
+def _dense_bwd(precision, preferred_element_type, residuals, g):
+    x, kernel = residuals
+    dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), precision=precision,
+                             preferred_element_type=preferred_element_type)
+    # The kernel gradient xᵀ·g with xᵀ materialised: left alone, XLA contracts the token axis of both operands,
+    # which XLA:CPU's YNNPACK dots do not take, and transposes the (larger) cotangent for Eigen instead
+    # (docs/jax_notes.md §A7). The barrier keeps the transpose from being folded back into the dot.
+    rows = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+    dkernel = jax.lax.dot_general(rows, g.reshape(-1, g.shape[-1]), (((1,), (0,)), ((), ())), precision=precision,
+                                  preferred_element_type=preferred_element_type)
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                      preferred_element_type=None, out_sharding=None) -> jax.Array:
+    """`nnx.Linear`'s dot_general (last axis of lhs with the first of rhs) with the XLA:CPU-friendly backward above
+    on CPU. Other platforms contract transposed operands natively: plain `lax.dot_general` there. Like
+    attention_impl="auto", it reads `jax.default_backend()` at trace time."""
+    if (out_sharding is not None or dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ()))
+            or jax.default_backend() != "cpu"):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+    return _dense(lhs, rhs, precision, preferred_element_type)
+
+
 def linear(in_features: int, out_features: int, names: tuple[str | None, str | None], *, use_bias: bool = True,
            init_std: float = 0.02, rngs: nnx.Rngs) -> nnx.Linear:
     """Linear layer with trunc-normal(0.02) kernel and zero bias (docs/recipe.md §2.1); bias named by the output axis."""
     return nnx.Linear(
-        in_features, out_features, use_bias=use_bias, rngs=rngs,
+        in_features, out_features, use_bias=use_bias, rngs=rngs, dot_general=dense_dot_general,
         kernel_init=nnx.with_partitioning(trunc_normal(init_std), names),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)))
 
