@@ -36,16 +36,22 @@ def check_impl(impl: str) -> str:
     return impl
 
 
+def target_platform() -> str:
+    """The platform the code being traced will run on: that of the mesh the step is traced under (`jax.set_mesh`;
+    a compile-only TPU topology on a CPU host is "tpu"), else jax's default backend. Kernels chosen per platform
+    (attention here, the dense layers' backward in layers.py) ask this, so an ahead-of-time TPU plan compiles
+    what a TPU run would run."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
 def resolve(impl: str, dtype: jnp.dtype, head_dim: int, platform: str | None = None) -> str:
-    """The kernel `impl` stands for on `platform` for this dtype and head. Default platform: that of the mesh
-    the step is traced under (`jax.set_mesh`; a compile-only TPU topology on a CPU host is "tpu"), else jax's
-    default backend."""
+    """The kernel `impl` stands for on `platform` (default: `target_platform()`) for this dtype and head."""
     check_impl(impl)
     if impl != "auto":
         return impl
     if platform is None:
-        device = jax.sharding.get_abstract_mesh().abstract_device
-        platform = device.platform if device is not None else jax.default_backend()
+        platform = target_platform()
     if (platform in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM):
         return "cudnn"

@@ -55,10 +55,10 @@ _dense.defvjp(_dense_fwd, _dense_bwd)
 def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
                       preferred_element_type=None, out_sharding=None) -> jax.Array:
     """`nnx.Linear`'s dot_general (last axis of lhs with the first of rhs) with the XLA:CPU-friendly backward above
-    on CPU. Other platforms contract transposed operands natively: plain `lax.dot_general` there. Like
-    attention_impl="auto", it reads `jax.default_backend()` at trace time."""
+    on CPU. Other platforms contract transposed operands natively: plain `lax.dot_general` there. The platform is
+    the one the step is traced for (`attention.target_platform`), as for attention_impl="auto"."""
     if (out_sharding is not None or dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ()))
-            or jax.default_backend() != "cpu"):
+            or attention.target_platform() != "cpu"):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type, out_sharding=out_sharding)
     return _dense(lhs, rhs, precision, preferred_element_type)
