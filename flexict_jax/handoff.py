@@ -24,6 +24,7 @@ from flexict_jax.train_step import Program, uses_gram
 
 INIT_MODES = ("continue", "inflate_2d_to_3d", "backbone", "vlm")
 ROPE_PERIODS_KEYS = ("rope_periods_2d", "rope_periods_3d")
+HEADLESS_MODES = ("backbone", "inflate_2d_to_3d")  # the modes that re-initialise the heads unless init.keep_heads
 
 
 def validate(config: mlc.ConfigDict) -> None:
@@ -40,6 +41,9 @@ def validate(config: mlc.ConfigDict) -> None:
                               f"{config.get('task', 'dino')!r} accepts ({task.INIT_MODES})"
                               + ("; 'vlm' starts stage 3 from a vision-language checkpoint: use "
                                  "--config=configs/stage3.py" if config.init.mode == "vlm" else ""))
+        if config.init.get("keep_heads") and config.init.mode not in HEADLESS_MODES:
+            raise ConfigError(f"config.init.keep_heads=True applies to init.mode {HEADLESS_MODES}, not "
+                              f"{config.init.mode!r} (which keeps or takes its heads by itself)")
         if not epath.Path(config.init.from_workdir).exists():
             raise ConfigError(f"config.init.from={config.init.from_workdir!r} does not exist")
 
@@ -81,7 +85,9 @@ def handoff_state(config: mlc.ConfigDict, program: Program) -> tuple[dict, dict]
     """The first state of a stage that continues another run's EMA teacher (docs/recipe.md §1), and a record of it.
 
     The previous teacher becomes both student and teacher; the optimizer starts fresh; heads are kept
-    ("continue") or re-initialised ("backbone", "inflate_2d_to_3d" — upstream drops head keys, docs/recipe.md §7).
+    ("continue") or re-initialised ("backbone", "inflate_2d_to_3d" — upstream drops head keys, docs/recipe.md §7)
+    unless `config.init.keep_heads` (the small-scale settings: a new head at CPU scale takes longer than the
+    stage to learn, docs/evaluation.md "Stage 2: settings tried").
     "vlm" takes every part of the student the source has (see `vlm_source`); the rest (the released VLM has no
     DINO/iBOT heads) starts fresh. The task's `initial_params` (e.g. the Qwen3 weights of config.text.hf_folder)
     applies to the other modes only.
@@ -99,8 +105,8 @@ def handoff_state(config: mlc.ConfigDict, program: Program) -> tuple[dict, dict]
     if mode == "vlm":
         parts = tuple(part for part in params if part in teacher)
     else:
-        parts = (("backbone",) if mode in ("backbone", "inflate_2d_to_3d")
-                 else tuple(task.teacher_params(params)))  # "continue": the parts an EMA teacher has
+        parts = (("backbone",) if mode in HEADLESS_MODES and not config.init.get("keep_heads")
+                 else tuple(task.teacher_params(params)))  # the parts an EMA teacher has
     for part in parts:
         if part not in teacher:
             raise checkpointing.IncompatibleCheckpointError(

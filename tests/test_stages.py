@@ -12,7 +12,8 @@ from flax import nnx
 from run_utils import assert_trees_close, checkpoint_steps, config_with, metrics, saved_state
 
 from configs import stage1, stage1_hires, stage2
-from flexict_jax import checkpointing, trainer
+from flexict_jax import checkpointing, handoff, sharding, train_step, trainer
+from flexict_jax.errors import ConfigError
 from flexict_jax.models.inflate import inflate_patch_embed
 from flexict_jax.tasks import dino
 
@@ -51,6 +52,26 @@ def test_stage2_starts_from_inflated_stage1_teacher(stage2_uninterrupted, stage1
     meta = checkpointing.Checkpointer(stage2_uninterrupted / "checkpoints", every_steps=1, keep_last=9).read_meta(0)
     assert meta["init"]["mode"] == "inflate_2d_to_3d" and meta["init"]["step"] == 6
     assert [r["step"] for r in metrics(stage2_uninterrupted)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_stage2_keep_heads_carries_the_stage1_heads(stage1_run, real_ct_volumes):
+    # The small-scale settings (configs/stage2.py:demo) keep the stage-1 heads through the inflation, so the
+    # objective continues where stage 1 left it; the backbone is inflated as without the option. Hand-off only.
+    config = stage2_config(real_ct_volumes, stage1_run, **{"init.keep_heads": True})
+    mesh = sharding.make_mesh(config.mesh)
+    with sharding.activate(mesh, config.sharding_rules):
+        state, record = handoff.handoff_state(config, train_step.build_program(config, mesh))
+    start, stage1_teacher = jax.device_get(state), saved_state(stage1_run, 6)["teacher"]
+    for head in ("dino_head", "ibot_head"):
+        assert_trees_close(start["params"][head], stage1_teacher[head], atol=0)
+        assert_trees_close(start["teacher"][head], stage1_teacher[head], atol=0)
+    np.testing.assert_array_equal(start["params"]["backbone"]["patch_embed_3d"]["kernel"],
+                                  inflate_patch_embed(stage1_teacher["backbone"])["patch_embed_3d"]["kernel"])
+    assert record["fresh"] == [] and record["mode"] == "inflate_2d_to_3d"
+    # Modes that keep or take their heads by themselves refuse the key.
+    config.init.mode = "continue"
+    with pytest.raises(ConfigError, match="config.init.keep_heads"):
+        handoff.validate(config)
 
 
 def test_stage2_resume_never_reinflates(stage2_uninterrupted, real_ct_volumes, stage1_run, tmp_path):
