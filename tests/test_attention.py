@@ -73,6 +73,7 @@ def test_splash_gradients_match_xla():
         np.testing.assert_allclose(a, b, atol=5e-5)
 
 
+@pytest.mark.slow
 def test_backbone_and_text_tower_outputs_do_not_depend_on_the_kernel():
     """RoPE, the CLS/storage prefix and the text padding go through the kernel unchanged."""
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 1))

@@ -21,6 +21,8 @@ from run_utils import REPO, assert_trees_close, checkpoint_steps, config_with, m
 from configs import stage1
 from flexict_jax import checkpointing, trainer
 
+pytestmark = pytest.mark.slow  # every test restores from a trained run (module fixture: six training steps on real CT)
+
 
 def tiny_config(data_dir, **overrides):
     return config_with(stage1.get_config, "tiny", data_dir, **overrides)
@@ -131,7 +133,6 @@ def test_none_restores_is_one_clear_line_and_moves_nothing(six_steps, real_ct_sl
     assert files_of(workdir) == before
 
 
-@pytest.mark.slow
 def test_kill_during_async_save_then_resume(real_ct_slices, tmp_path):
     """SIGKILL while an async save is being written (the default on real runs), then the same command: the
     unfinished save is moved aside and the run continues from the previous checkpoint to the end."""
@@ -170,7 +171,6 @@ def test_kill_during_async_save_then_resume(real_ct_slices, tmp_path):
     assert list((checkpoints / "corrupt").glob("*.orbax-checkpoint-tmp*"))
 
 
-@pytest.mark.slow
 def test_two_processes_agree_on_the_fallback_step(six_steps, real_ct_slices, tmp_path):
     """2 processes x 4 devices: a newest step whose arrays are damaged is moved aside once, both restore step 3."""
     workdir = shutil.copytree(six_steps, tmp_path / "run")

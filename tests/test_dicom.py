@@ -241,6 +241,7 @@ def test_enhanced_multiframe_ct_is_refused_with_the_reason(series_files, tmp_pat
     assert damaged[0][0] == copies[0] and "enhanced multi-frame CT (2 frames" in damaged[0][1]
 
 
+@pytest.mark.slow
 def test_discovery_in_worker_processes_matches_one_process(series_files, tmp_path, monkeypatch):
     copies = _copy_series(series_files, tmp_path / "series")
     (tmp_path / "series" / "notes.txt").write_text("not DICOM")

@@ -35,6 +35,8 @@ from configs import stage1
 from flexict_jax import checkpointing, export, trainer
 from flexict_jax.data import datasets
 
+pytestmark = pytest.mark.slow  # every test resumes a trained run on another mesh
+
 # As in test_multiprocess.py: LayerScale 0.1 so the embeddings depend on the input, KoLeo off in the loss (its
 # nearest-neighbour distances amplify float32 summation-order differences between meshes), one patch size so
 # each run compiles one step variant.
@@ -144,7 +146,6 @@ def start_processes(count: int, devices: int, workdir: pathlib.Path, data_dir: p
                               stderr=subprocess.STDOUT, timeout=900)
 
 
-@pytest.mark.slow
 def test_1x8_then_2x4_then_1x8_equals_uninterrupted(two_steps, real_ct_slices, tmp_path):
     """Steps 1-2 on 1 process × 8 devices, mesh (1,8,1); step 3 on 2 processes × 4, mesh (2,4,1); step 4 on 1
     process × 8, mesh (1,2,4): the curve and the final parameters are those of 4 uninterrupted steps on 1 × 8."""

@@ -267,6 +267,7 @@ def _monitor_metric(config, mesh_shape, devices) -> dict:
         return monitor(state)
 
 
+@pytest.mark.slow
 def test_monitor_on_a_2x4_mesh_equals_one_device(real_labelled, real_ct_volumes):
     from run_utils import config_with
 

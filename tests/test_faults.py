@@ -25,6 +25,8 @@ from data_prep import verify as verify_cli
 from flexict_jax import checkpointing, faults, trainer
 from flexict_jax.data import datasets, records, slice_source, volume_source, volume_store
 
+pytestmark = pytest.mark.slow  # the checks that matter train or ingest real CT end to end
+
 BATCH = 8  # the tiny stage-1 global batch
 
 
@@ -310,7 +312,6 @@ def test_read_only_workdir_is_one_line(real_ct_slices, tmp_path):
     assert snapshot(workdir) == before
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not unshare_works(), reason="unprivileged user namespaces (unshare) are not available")
 def test_disk_full_during_a_save_is_one_line_and_the_rerun_recovers(real_ct_slices, tmp_path):
     """The workdir on a 600 KiB tmpfs: config and metrics fit, the step-3 checkpoint (1.8 MB) does not; saved

@@ -371,6 +371,7 @@ def test_duplicate_names_subjects_and_provenance(tmp_path, capsys):
         ingest.load_subjects(str(subjects_json))
 
 
+@pytest.mark.slow
 def test_cli_subprocess_with_workers(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()

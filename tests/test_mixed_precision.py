@@ -23,6 +23,8 @@ from flexict_jax.models.text_encoder import TextEncoder
 from flexict_jax.tasks import align, dino
 from flexict_jax.variants import Variant
 
+pytestmark = pytest.mark.slow  # each test compiles full train steps twice (bf16 and f32)
+
 LOSS_RTOL = 1e-2
 GRAD_RTOL = 0.1
 BATCH = 8

@@ -131,6 +131,7 @@ def test_restored_iterator_continues_with_the_next_batches(slices_dir):
                                                          patch_sizes=PATCH_SIZES), skip=2)
 
 
+@pytest.mark.slow
 def test_two_grain_workers_match_in_process(slices_dir):
     in_process = take(pipeline2d.build_slices2d_dataset(data_config(slices_dir), seed=7, batch_size=4,
                                                     patch_sizes=PATCH_SIZES), 3)

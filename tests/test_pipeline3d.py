@@ -114,6 +114,7 @@ def test_restored_iterator_continues_with_the_next_batches(phantoms):
     assert_resumes(lambda: build(data_config(phantoms), seed=6), skip=1)
 
 
+@pytest.mark.slow
 def test_two_grain_workers_match_in_process(phantoms):
     in_process = take(build(data_config(phantoms), seed=7), 2)
     assert_batches_equal(take_closing(build(data_config(phantoms, num_workers=2), seed=7), 2), in_process)

@@ -79,6 +79,7 @@ def test_unaugmented_gram_crop_is_the_whole_slice_at_the_gram_size(slices_dir):
         assert min(errors) < 1e-5, f"example {index}"
 
 
+@pytest.mark.slow
 def test_deterministic_and_independent_of_the_worker_count(slices_dir):
     data = data_config(slices_dir)
     a = take(hires(data, seed=3), 4)

@@ -149,6 +149,7 @@ print(json.dumps({"estimate": row["memory_per_device"]["peak"], "measured": meas
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
 @pytest.mark.parametrize("variant, patch_size", [("tiny", 8), ("demo", 16)])
 def test_planner_estimate_within_20_percent_of_measured_peak(variant, patch_size, tmp_path):
@@ -164,6 +165,7 @@ def test_planner_estimate_within_20_percent_of_measured_peak(variant, patch_size
     assert abs(result["estimate"] - result["measured"]) <= 0.2 * result["measured"], result
 
 
+@pytest.mark.slow
 def test_cli_reports_and_says_when_it_does_not_fit(tmp_path):
     out = tmp_path / "plan.json"
     proc = subprocess.run(
@@ -189,6 +191,7 @@ def test_cli_reports_and_says_when_it_does_not_fit(tmp_path):
     assert proc.returncode == 1 and "not divisible" in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_model_flops_are_the_same_scanned_unrolled_and_rematerialised():
     """The planner's and the benchmark's FLOPs are the model's: XLA's cost analysis of a compiled scan counts the
     loop body once and remat adds recomputation, so `plan.model_flops` lowers the unrolled, stored step."""
@@ -250,6 +253,7 @@ def test_auto_attention_follows_the_target_platform(compile_only_libtpu):
     assert attention.resolve("xla", jnp.bfloat16, 72, platform="tpu") == "xla"  # a named kernel stays
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_tpu_cost_model_does_not_price_the_splash_kernel(compile_only_libtpu):
     """Why the planner times the step with XLA attention: the splash kernel (a Pallas call without a cost
@@ -277,6 +281,7 @@ def test_topology_without_libtpu_is_a_clear_error(monkeypatch):
         plan.topology_devices("v5p:2x2x1")
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_cli_plans_a_tpu_slice_ahead_of_time(tmp_path):
     """The tiny stage-1 step compiled by the TPU compiler for a v5p slice on this CPU host: per-chip memory

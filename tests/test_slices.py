@@ -202,6 +202,7 @@ def test_fatal_errors_exit_1_and_write_nothing(dataset, tmp_path, capsys):
     assert e.value.code == 0 and "--min-body-fraction" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_parallel_workers_write_the_same_records(dataset, built, tmp_path):
     _, output, index = built
     parallel = slices.build_slices(dataset, tmp_path / "parallel", slices.SliceOptions(size=SIZE),

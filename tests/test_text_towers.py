@@ -18,6 +18,8 @@ from flexict_jax import sharding
 from flexict_jax.models import qwen3
 from flexict_jax.models.text_encoder import TextEncoder
 
+pytestmark = pytest.mark.slow  # Qwen3 towers against transformers: minutes of model building
+
 TINY = dict(vocab_size=50, width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=48)
 # configs/common.py's rules plus "vocab", which only the text towers use.
 RULES = [("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"),

@@ -18,6 +18,8 @@ from flexict_jax.models.vit import VisionTransformer
 torch = pytest.importorskip("torch")
 from flexict_jax import torch_reference  # noqa: E402  (imports torch)
 
+pytestmark = pytest.mark.slow  # torch beside JAX at many sizes: minutes of forward passes
+
 ARCH = torch_format.Architecture(dim=96, depth=2, num_heads=4)  # head_dim 24: 2-D and 3-D RoPE both fit
 MAX_ABS, MIN_COSINE = 1e-3, 0.99999  # docs/torch_format.md §6.4, with bf16 RoPE emulation
 OUTPUTS = {"cls": "x_norm_clstoken", "storage": "x_storage_tokens", "patch": "x_norm_patchtokens",
