@@ -186,7 +186,8 @@ def init_section(mode: str = "none") -> mlc.ConfigDict:
     docs/recipe.md §7), "backbone" (backbone only, new heads), "vlm" (stage 3 from an imported FlexiCT-3D-VLM or another
     stage-3 run: backbone, vision projection, text tower and logit scale, and the DINO/iBOT heads when the source
     has them, else new ones). `keep_heads`: "backbone" and "inflate_2d_to_3d" keep the source's heads instead
-    (the small-scale settings, `small_scale_learning`; the recipe re-initialises them)."""
+    (for small-scale experiments, docs/evaluation.md "Stage 2: settings tried"; no config sets it, and the
+    recipe re-initialises them)."""
     # Stored as `from_workdir`: ml_collections cannot address a key named `from` on the command line, so
     # flexict_jax.train rewrites `--config.init.from=` to it.
     return mlc.ConfigDict(dict(from_workdir=mlc.config_dict.placeholder(str), step=mlc.config_dict.placeholder(int),

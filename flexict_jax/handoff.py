@@ -86,8 +86,8 @@ def handoff_state(config: mlc.ConfigDict, program: Program) -> tuple[dict, dict]
 
     The previous teacher becomes both student and teacher; the optimizer starts fresh; heads are kept
     ("continue") or re-initialised ("backbone", "inflate_2d_to_3d" — upstream drops head keys, docs/recipe.md §7)
-    unless `config.init.keep_heads` (the small-scale settings: a new head at CPU scale takes longer than the
-    stage to learn, docs/evaluation.md "Stage 2: settings tried").
+    unless `config.init.keep_heads` (an experiment option: at CPU scale a new head takes longer than the stage
+    to learn, docs/evaluation.md "Stage 2: settings tried").
     "vlm" takes every part of the student the source has (see `vlm_source`); the rest (the released VLM has no
     DINO/iBOT heads) starts fresh. The task's `initial_params` (e.g. the Qwen3 weights of config.text.hf_folder)
     applies to the other modes only.
