@@ -127,6 +127,7 @@ class TensorBoardWriter(_ScalarsAndText):
 
     def __init__(self, logdir: epath.Path, start_step: int):
         logdir.mkdir(parents=True, exist_ok=True)
+        _wait_until_new_files_sort_last(logdir)
         self._writer = EventFileWriter(str(logdir))
         self._first_step = start_step + 1
         # TensorBoard drops events at or after a START's step that it read before it (purge of orphaned data):
@@ -158,6 +159,20 @@ class TensorBoardWriter(_ScalarsAndText):
 
     def close(self) -> None:
         self._writer.close()
+
+
+def _wait_until_new_files_sort_last(logdir: epath.Path) -> None:
+    """TensorBoard reads a run's event files in name order, and the purge above only works if the resumed
+    attempt's file comes after the old ones. The writer names files `events.out.tfevents.<unix second>.<host>.
+    <pid>.<counter>`: within one second the pid and counter compare as text ("10" < "9"), so a writer opened in
+    the same second as an existing file waits for the next second (never longer: a file stamped later by a host
+    whose clock runs ahead cannot be outwaited)."""
+    prefix = "events.out.tfevents."
+    stamps = [f.name[len(prefix):].split(".", 1)[0] for f in logdir.iterdir() if f.name.startswith(prefix)]
+    latest = max((int(stamp) for stamp in stamps if stamp.isdigit()), default=-1)
+    give_up = time.time() + 1.1
+    while int(time.time()) <= latest and time.time() < give_up:
+        time.sleep(0.05)
 
 
 class WandbWriter(_ScalarsAndText):

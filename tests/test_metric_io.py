@@ -43,6 +43,18 @@ def test_resume_supersedes_rows_past_the_restored_step(tmp_path):
     assert scalar_events(tmp_path / "tensorboard", "loss") == [(1, 1), (2, 2), (3, 3), (4, 14), (5, 15), (6, 16)]
 
 
+def test_resume_in_the_same_second_when_the_file_counter_gains_a_digit(tmp_path):
+    """Event files are read in name order; the writer's per-process counter ends the name, so within one second
+    a name ending in .10 sorts before one ending in .9. Seen on CI: the resumed file was read first and the old
+    rows won."""
+    from tensorboard.summary.writer import event_file_writer
+    while True:  # advance the counter until the next two writers get 9 and 10 (or 99 and 100, ...)
+        last = event_file_writer._global_uid.get()
+        if len(str(last + 2)) > len(str(last + 1)):
+            break
+    test_resume_supersedes_rows_past_the_restored_step(tmp_path)
+
+
 def test_read_metrics_merges_rows_of_one_step(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 2, "loss": 1.0}\n{"step": 1, "loss": 2.0}\n'
                                             '{"step": 2, "eval/recall@1": 0.5, "loss": 0.5}\n')
