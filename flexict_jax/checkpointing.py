@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from typing import Any
 
 import jax
@@ -81,6 +82,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True)
         self.directory = absolute(directory)
+        _drop_closed_loop_callbacks()
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
@@ -214,6 +216,25 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _drop_closed_loop_callbacks() -> None:
+    """A failed async save (disk full) makes Orbax close its event loop while TensorStore writes are in flight;
+    each late completion then prints a bare `RuntimeError: Event loop is closed` traceback through
+    `sys.unraisablehook` (docs/jax_notes.md §A6). Those are dropped, every other unraisable is passed on, and the
+    save's own error still reaches the user as one line."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            return
+        previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
 
 
 @jax.jit

@@ -186,3 +186,20 @@ def test_two_processes_agree_on_the_fallback_step(six_steps, real_ct_slices, tmp
     assert checkpoint_steps(workdir) == [3]
     assert sorted(p.name for p in (workdir / "checkpoints" / "corrupt").iterdir()) == ["6"]
     assert (proc.stdout + proc.stderr).count("checkpoint step 6 does not restore") == 1
+
+
+def test_closed_loop_callbacks_after_a_failed_save_are_dropped_and_nothing_else(tmp_path, monkeypatch):
+    """The Checkpointer's unraisable hook drops exactly the late TensorStore completions of a failed async save
+    (RuntimeError 'Event loop is closed', no object) and passes every other unraisable on."""
+    import types
+    passed_on = []
+    monkeypatch.setattr(sys, "unraisablehook", passed_on.append)
+    checkpointing.Checkpointer(tmp_path / "checkpoints", every_steps=1, keep_last=1).close()
+    def unraisable(error, obj=None):
+        return types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None, err_msg=None,
+                                     object=obj)
+    sys.unraisablehook(unraisable(RuntimeError("Event loop is closed")))
+    other = [unraisable(RuntimeError("Event loop is closed"), obj=object()), unraisable(ValueError("x"))]
+    for u in other:
+        sys.unraisablehook(u)
+    assert passed_on == other
