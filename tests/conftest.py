@@ -1,13 +1,17 @@
-"""Test-session setup: 8 fake CPU devices, a persistent compile cache, absl flags, shared-data paths.
+"""Test-session setup: 8 fake CPU devices, absl flags, shared-data paths, trained runs shared by all workers.
 
 The environment variables must be set before anything imports jax, which is why they live at the top of
 conftest.py (pytest imports it first).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import pathlib
+import shutil
+from collections.abc import Callable, Iterator
 
 # XLA:CPU aborts the process when the 8 fake devices do not all reach a collective within its rendezvous
 # timeout, which a loaded 2-core machine can exceed; the tests want correctness, not that watchdog.
@@ -23,6 +27,19 @@ import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("FLEXICT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+# The files that take longest (a --durations profile of the full suite, 2026-12-05), first: with `--dist loadfile
+# --no-loadscope-reorder` (pyproject.toml) the workers take files in this order, so the long ones start early and
+# the short ones fill in at the end, instead of one worker finishing a long file alone.
+LONGEST_FIRST = ("test_train", "test_stage3", "test_ckpt_fallback", "test_elastic", "test_plan", "test_faults",
+                 "test_stages", "test_evaluate", "test_mixed_precision", "test_torch_parity", "test_multiprocess",
+                 "test_text_towers", "test_export")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: file order kept otherwise
 
 
 def pytest_configure(config):
@@ -85,6 +102,61 @@ def real_ct_volumes(tmp_path_factory, ct_dir) -> pathlib.Path:
     assert run_cli(ingest.main, ["--input", *inputs, "--output", str(root), "--spacing", "4,4,4"]) == 0
     assert run_cli(volume_stats.main, ["--dataset", str(root)]) == 0
     return root
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[pathlib.Path], None]) -> pathlib.Path:
+    """A directory built by `build(dir)` once per pytest invocation and shared by all its xdist workers (each
+    worker is its own session, so a session fixture alone would build it once per worker). The first worker to
+    get here builds it under a file lock; the others wait and reuse it. Consumers only read it (copy it before
+    training on it)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "built_once"
+    root.mkdir(exist_ok=True)
+    target, complete = root / name, root / f"{name}.complete"
+    with _exclusive(root / f"{name}.lock"):
+        if not complete.exists():
+            shutil.rmtree(target, ignore_errors=True)  # a build that failed in another worker
+            build(target)
+            complete.touch()
+    return target
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: pathlib.Path) -> Iterator[None]:
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def stage1_tiny_run(tmp_path_factory, real_ct_slices) -> pathlib.Path:
+    """`configs/stage1.py:tiny` on the real-CT slices, patch 16 only: 6 steps, checkpoints 3 and 6. Shared by
+    the checkpoint, stage hand-off and stage-3 tests (read-only: copy it to train on)."""
+    def build(workdir: pathlib.Path) -> None:
+        from run_utils import ONE_VARIANT, config_with
+
+        from configs import stage1
+        from flexict_jax import trainer
+        assert trainer.train(config_with(stage1.get_config, "tiny", real_ct_slices, **ONE_VARIANT), str(workdir)) == 0
+    return built_once(tmp_path_factory, "stage1_tiny", build)
+
+
+@pytest.fixture(scope="session")
+def stage2_tiny_run(tmp_path_factory, real_ct_volumes, stage1_tiny_run) -> pathlib.Path:
+    """`configs/stage2.py:tiny` from `stage1_tiny_run` (the one-time inflation) on two real CT volumes, patch 16
+    only, 6 steps. Shared like `stage1_tiny_run`."""
+    def build(workdir: pathlib.Path) -> None:
+        from run_utils import ONE_VARIANT, config_with
+
+        from configs import stage2
+        from flexict_jax import trainer
+        config = config_with(stage2.get_config, "tiny", real_ct_volumes,
+                             **{"init.from_workdir": str(stage1_tiny_run), **ONE_VARIANT})
+        assert trainer.train(config, str(workdir)) == 0
+    return built_once(tmp_path_factory, "stage2_tiny", build)
 
 
 @pytest.fixture(scope="module")

@@ -16,25 +16,33 @@ import time
 import jax
 import numpy as np
 import pytest
-from run_utils import REPO, assert_trees_close, checkpoint_steps, config_with, metrics, restore_latest, saved_state
+from run_utils import (
+    ONE_VARIANT,
+    REPO,
+    assert_trees_close,
+    checkpoint_steps,
+    cli_overrides,
+    config_with,
+    metrics,
+    restore_latest,
+    saved_state,
+)
 
 from configs import stage1
 from flexict_jax import checkpointing, trainer
 
-pytestmark = pytest.mark.slow  # every test restores from a trained run (module fixture: six training steps on real CT)
+pytestmark = pytest.mark.slow  # every test restores from a trained run (six training steps on real CT)
 
 
 def tiny_config(data_dir, **overrides):
-    return config_with(stage1.get_config, "tiny", data_dir, **overrides)
+    return config_with(stage1.get_config, "tiny", data_dir, **{**ONE_VARIANT, **overrides})
 
 
 @pytest.fixture(scope="module")
-def six_steps(tmp_path_factory, real_ct_slices) -> pathlib.Path:
-    """An uninterrupted 6-step run: checkpoints 3 and 6."""
-    workdir = tmp_path_factory.mktemp("six_steps")
-    assert trainer.train(tiny_config(real_ct_slices), str(workdir)) == 0
-    assert checkpoint_steps(workdir) == [3, 6]
-    return workdir
+def six_steps(stage1_tiny_run) -> pathlib.Path:
+    """An uninterrupted 6-step run of `tiny_config`: checkpoints 3 and 6 (conftest; shared, read-only)."""
+    assert checkpoint_steps(stage1_tiny_run) == [3, 6]
+    return stage1_tiny_run
 
 
 def truncate_arrays(step_dir: pathlib.Path) -> None:
@@ -126,7 +134,8 @@ def test_none_restores_is_one_clear_line_and_moves_nothing(six_steps, real_ct_sl
     before = files_of(workdir)
     proc = subprocess.run(
         [sys.executable, "-m", "flexict_jax.train", "--config=configs/stage1.py:tiny", f"--workdir={workdir}",
-         f"--config.data.dir={real_ct_slices}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+         f"--config.data.dir={real_ct_slices}", *cli_overrides(ONE_VARIANT)], cwd=REPO, capture_output=True,
+        text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     [line] = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert "no checkpoint under" in line and "step 6:" in line and "step 3:" in line
@@ -138,7 +147,7 @@ def test_kill_during_async_save_then_resume(real_ct_slices, tmp_path):
     unfinished save is moved aside and the run continues from the previous checkpoint to the end."""
     cmd = [sys.executable, "-m", "flexict_jax.train", "--config=configs/stage1.py:tiny", f"--workdir={tmp_path}",
            f"--config.data.dir={real_ct_slices}", "--config.ckpt.async_save=True", "--config.ckpt.every_steps=1",
-           "--config.ckpt.keep_last=100", "--config.total_steps=200"]
+           "--config.ckpt.keep_last=100", *cli_overrides(ONE_VARIANT), "--config.total_steps=200"]
     checkpoints = tmp_path / "checkpoints"
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -18,11 +18,13 @@ import jax
 import numpy as np
 import pytest
 from run_utils import (
+    MESH_COMPARABLE,
     REPO,
     assemble_process_batches,
     assert_batches_equal,
     assert_trees_close,
     checkpoint_steps,
+    cli_overrides,
     config_with,
     metrics,
     read_meta,
@@ -37,11 +39,7 @@ from flexict_jax.data import datasets
 
 pytestmark = pytest.mark.slow  # every test resumes a trained run on another mesh
 
-# As in test_multiprocess.py: LayerScale 0.1 so the embeddings depend on the input, KoLeo off in the loss (its
-# nearest-neighbour distances amplify float32 summation-order differences between meshes), one patch size so
-# each run compiles one step variant.
-OVERRIDES = {"model.layerscale_init": 0.1, "loss.koleo_weight": 0.0, "patch_sizes": (16,),
-             "patch_size_probs": (1.0,)}
+OVERRIDES = MESH_COMPARABLE
 TERMS = ("loss", "dino_local", "dino_global", "ibot")  # well conditioned: equal to 1e-5 across meshes
 
 
@@ -50,10 +48,21 @@ def tiny_config(data_dir, **overrides):
 
 
 @pytest.fixture(scope="module")
-def two_steps(tmp_path_factory, real_ct_slices) -> pathlib.Path:
-    """A 1-process × 8-device run checkpointed at step 2."""
-    workdir = tmp_path_factory.mktemp("two_steps")
-    assert trainer.train(tiny_config(real_ct_slices, total_steps=2, **{"ckpt.every_steps": 2}), str(workdir)) == 0
+def four_steps(tmp_path_factory, real_ct_slices) -> pathlib.Path:
+    """4 uninterrupted steps on 1 process × 8 devices, with the checkpoints of steps 2, 3 and 4."""
+    workdir = tmp_path_factory.mktemp("four_steps")
+    config = tiny_config(real_ct_slices, total_steps=4, **{"ckpt.every_steps": 1, "ckpt.keep_last": 3})
+    assert trainer.train(config, str(workdir)) == 0
+    assert checkpoint_steps(workdir) == [2, 3, 4]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def two_steps(four_steps, tmp_path_factory) -> pathlib.Path:
+    """That run as it was after step 2: the later checkpoints removed (a resume drops the logged rows 3-4)."""
+    workdir = shutil.copytree(four_steps, tmp_path_factory.mktemp("two_steps") / "run")
+    for step in (3, 4):
+        shutil.rmtree(workdir / "checkpoints" / str(step))
     return workdir
 
 
@@ -139,19 +148,17 @@ def test_device_count_that_does_not_divide_the_global_batch_is_refused(two_steps
 def start_processes(count: int, devices: int, workdir: pathlib.Path, data_dir: pathlib.Path, log: pathlib.Path,
                     **overrides) -> subprocess.CompletedProcess:
     args = ["--config=configs/stage1.py:tiny", f"--workdir={workdir}", f"--config.data.dir={data_dir}"]
-    args += [f"--config.{k}={v}".replace(" ", "") for k, v in {**OVERRIDES, **overrides}.items()]
+    args += cli_overrides({**OVERRIDES, **overrides})
     with open(log, "w") as out:
         return subprocess.run(["bash", "launch/local_multiprocess.sh", str(count), f"--cpu-devices={devices}",
                                "--", *args], cwd=REPO, env=dict(os.environ, PYTHON=sys.executable), stdout=out,
                               stderr=subprocess.STDOUT, timeout=900)
 
 
-def test_1x8_then_2x4_then_1x8_equals_uninterrupted(two_steps, real_ct_slices, tmp_path):
+def test_1x8_then_2x4_then_1x8_equals_uninterrupted(two_steps, four_steps, real_ct_slices, tmp_path):
     """Steps 1-2 on 1 process × 8 devices, mesh (1,8,1); step 3 on 2 processes × 4, mesh (2,4,1); step 4 on 1
     process × 8, mesh (1,2,4): the curve and the final parameters are those of 4 uninterrupted steps on 1 × 8."""
-    reference = tmp_path / "reference"
-    assert trainer.train(tiny_config(real_ct_slices, total_steps=4), str(reference)) == 0
-
+    reference = four_steps
     workdir = shutil.copytree(two_steps, tmp_path / "elastic")
     log = tmp_path / "two_processes.log"
     result = start_processes(2, 4, workdir, real_ct_slices, log, total_steps=3, mesh=(2, 4, 1))

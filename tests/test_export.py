@@ -13,7 +13,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from run_utils import config_with, metrics, run_cli, saved_state
+from run_utils import ONE_VARIANT, config_with, metrics, run_cli, saved_state
 
 from configs import stage1, stage3
 from data_prep import ingest, slices, synthetic
@@ -521,7 +521,7 @@ def test_stage3_continues_an_imported_vlm_and_another_stage3_run(vlm_pth, phanto
             "init.from_workdir": str(source), "init.mode": "vlm", "text.tower": "qwen3",
             "text.hf_folder": str(folder), "total_steps": 2, "eval.every_steps": 0,
             # One compiled step variant, the cheaper one: patch 16 only, one local crop.
-            "patch_sizes": (16,), "patch_size_probs": (1.0,), "data.n_local_crops": 1, **overrides})
+            **ONE_VARIANT, "data.n_local_crops": 1, **overrides})
 
     assert trainer.train(stage3_config(imported), str(workdir)) == 0
     start = saved_state(workdir, 0)

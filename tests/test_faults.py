@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 import tensorstore as ts
-from run_utils import REPO, config_with, metrics, run_cli, take
+from run_utils import ONE_VARIANT, REPO, cli_overrides, config_with, metrics, run_cli, take
 
 from configs import stage1
 from data_prep import ingest, slices, volume_stats
@@ -77,9 +77,7 @@ def unshare_works() -> bool:
 
 
 def tiny_config(data_dir, **overrides):
-    # One patch size: one step variant to compile.
-    return config_with(stage1.get_config, "tiny", data_dir, patch_sizes=(16,), patch_size_probs=(1.0,),
-                       **overrides)
+    return config_with(stage1.get_config, "tiny", data_dir, **{**ONE_VARIANT, **overrides})
 
 
 # --- 1. reads never invent data --------------------------------------------------------------------------------
@@ -322,7 +320,7 @@ def test_disk_full_during_a_save_is_one_line_and_the_rerun_recovers(real_ct_slic
     script = (f"mount -t tmpfs -o size=600k tmpfs {disk} && \"$@\"; echo '--- rerun' >&2; "
               f"mount -o remount,size=50m {disk} && \"$@\" && ls {disk}/run/checkpoints >&2")
     proc = cli("--config=configs/stage1.py:tiny", f"--workdir={disk}/run", f"--config.data.dir={real_ct_slices}",
-               "--config.patch_sizes=(16,)", "--config.patch_size_probs=(1.0,)", "--config.total_steps=3",
+               *cli_overrides(ONE_VARIANT), "--config.total_steps=3",
                "--config.ckpt.async_save=True",
                prefix=("unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh"))
     full, rerun = proc.stderr.split("--- rerun")

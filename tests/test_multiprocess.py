@@ -17,25 +17,20 @@ import time
 
 import numpy as np
 import pytest
-from run_utils import REPO, checkpoint_steps, read_meta
+from run_utils import MESH_COMPARABLE, REPO, checkpoint_steps, cli_overrides, config_with, read_meta
 
 from configs import stage1
 from flexict_jax import trainer
 
 pytestmark = pytest.mark.slow  # end to end: trains real runs (the fast loop is `pytest -m "not slow"`)
 
-# LayerScale 0.1 so the embeddings depend on the input at init; KoLeo off in the loss because its
-# nearest-neighbour distances amplify float32 summation-order differences (see test_train.py's mesh test).
-# One patch size: each run compiles one step variant (the variant draw itself is a pure function of
-# (seed, step), flexict_jax/variants.py), which keeps this test to a few compiles on 2 cores.
-OVERRIDES = {"model.layerscale_init": 0.1, "loss.koleo_weight": 0.0, "patch_sizes": (16,),
-             "patch_size_probs": (1.0,)}
+OVERRIDES = MESH_COMPARABLE
 
 
 def start_two_processes(workdir: pathlib.Path, data_dir: pathlib.Path, log: pathlib.Path,
                         **overrides) -> subprocess.Popen:
     args = ["--config=configs/stage1.py:tiny", f"--workdir={workdir}", f"--config.data.dir={data_dir}"]
-    args += [f"--config.{k}={v}".replace(" ", "") for k, v in {**OVERRIDES, **overrides}.items()]
+    args += cli_overrides({**OVERRIDES, **overrides})
     with open(log, "w") as out:  # a file, not a pipe: nobody has to drain it while the run goes on
         return subprocess.Popen(["bash", "launch/local_multiprocess.sh", "2", "--cpu-devices=4",
                                  f"--log-dir={log.parent / log.stem}", "--", *args],
@@ -60,11 +55,7 @@ def wait_for_steps(proc: subprocess.Popen, workdir: pathlib.Path, n: int, log: p
 def test_two_processes_match_one_then_preempt_and_resume(real_ct_slices, tmp_path):
     # The reference first (not alongside, to keep this 2-core machine from starving the two processes):
     # 1 process × 8 devices (conftest's fake devices), same config, 3 steps.
-    config = stage1.get_config("tiny")
-    config.data.dir, config.total_steps = str(real_ct_slices), 3
-    for key, value in OVERRIDES.items():
-        section, name = key.rsplit(".", 1) if "." in key else (None, key)
-        (config[section] if section else config)[name] = value
+    config = config_with(stage1.get_config, "tiny", real_ct_slices, total_steps=3, **OVERRIDES)
     assert trainer.train(config, str(tmp_path / "one_process")) == 0
 
     run_dir, log = tmp_path / "two_processes", tmp_path / "launcher.log"

@@ -32,7 +32,7 @@ from run_utils import (
     saved_state,
 )
 
-from configs import stage1, stage2, stage3
+from configs import stage3
 from data_prep import synthetic, volume_stats
 from flexict_jax import checkpointing, evals, sharding, train_step, trainer
 from flexict_jax.data import datasets, pipeline3d, pipeline_align, report_records, report_rules
@@ -43,34 +43,24 @@ from flexict_jax.variants import Variant
 pytestmark = pytest.mark.slow  # end to end: trains real runs (the fast loop is `pytest -m "not slow"`)
 
 
-@pytest.fixture(scope="module")
-def stage2_run(tmp_path_factory, real_ct_slices, real_ct_volumes) -> pathlib.Path:
-    stage1_dir = tmp_path_factory.mktemp("stage1")
-    assert trainer.train(config_with(stage1.get_config, "tiny", real_ct_slices), str(stage1_dir)) == 0
-    stage2_dir = tmp_path_factory.mktemp("stage2")
-    config = config_with(stage2.get_config, "tiny", real_ct_volumes, **{"init.from_workdir": str(stage1_dir)})
-    assert trainer.train(config, str(stage2_dir)) == 0
-    return stage2_dir
-
-
 def stage3_config(reports_dir, stage2_dir=None, arg="tiny", **overrides):
     init = {"init.from_workdir": str(stage2_dir)} if stage2_dir else {}
     return config_with(stage3.get_config, arg, reports_dir, **{**init, **overrides})
 
 
 @pytest.fixture(scope="module")
-def stage3_run(tmp_path_factory, phantom_reports, stage2_run) -> pathlib.Path:
+def stage3_run(tmp_path_factory, phantom_reports, stage2_tiny_run) -> pathlib.Path:
     workdir = tmp_path_factory.mktemp("stage3")
-    config = stage3_config(phantom_reports, stage2_run, **{"ckpt.every_steps": 1, "ckpt.keep_last": 10})
+    config = stage3_config(phantom_reports, stage2_tiny_run, **{"ckpt.every_steps": 1, "ckpt.keep_last": 10})
     assert trainer.train(config, str(workdir), evaluator=evals.build_evaluator) == 0
     return workdir
 
 
 # --- stage 1 -> 2 -> 3 end to end -----------------------------------------------------------------------------
 
-def test_stage3_continues_the_stage2_teacher_and_adds_the_text_side(stage3_run, stage2_run):
+def test_stage3_continues_the_stage2_teacher_and_adds_the_text_side(stage3_run, stage2_tiny_run):
     start = saved_state(stage3_run, 0)
-    stage2_teacher = saved_state(stage2_run, checkpointing.latest_step(stage2_run))["teacher"]
+    stage2_teacher = saved_state(stage2_tiny_run, checkpointing.latest_step(stage2_tiny_run))["teacher"]
     for part in align.IMAGE_PARTS:  # "continue": backbone and both heads (docs/recipe.md §8)
         assert_trees_close(start["params"][part], stage2_teacher[part], atol=0)
     assert set(start["teacher"]) == set(align.IMAGE_PARTS)  # the EMA teacher is the image side only
@@ -368,9 +358,9 @@ def test_clip_image_embedding_from_the_masked_or_the_clean_crop(phantom_reports)
 
 # --- Qwen3 text tower -------------------------------------------------------------------------------------------
 
-def test_qwen3_tower_is_imported_at_the_hand_off(qwen3_folder, phantom_reports, stage2_run, tmp_path):
+def test_qwen3_tower_is_imported_at_the_hand_off(qwen3_folder, phantom_reports, stage2_tiny_run, tmp_path):
     folder, weights = qwen3_folder
-    config = stage3_config(phantom_reports, stage2_run, **{
+    config = stage3_config(phantom_reports, stage2_tiny_run, **{
         "text.tower": "qwen3", "text.hf_folder": str(folder), "total_steps": 1, "eval.every_steps": 0})
     model = align.build_model(config, 0)
     assert model.text_tower.causal and model.text_tower.pooling == "last" and model.text_tower.width == 32

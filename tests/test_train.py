@@ -16,9 +16,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from run_utils import (
+    ONE_VARIANT,
     REPO,
     assert_trees_close,
     checkpoint_steps,
+    cli_overrides,
     config_with,
     metrics,
     saved_state,
@@ -112,8 +114,8 @@ def test_refuses_resume_with_changed_shapes(six_steps, ct_slices):
 
 
 def test_nonfinite_loss_skips_updates_and_stops(ct_slices, tmp_path):
-    assert trainer.train(tiny_config(ct_slices, total_steps=3), str(tmp_path)) == 0
-    poisoned = tiny_config(ct_slices, total_steps=12, max_consecutive_nonfinite=2)
+    assert trainer.train(tiny_config(ct_slices, total_steps=3, **ONE_VARIANT), str(tmp_path)) == 0
+    poisoned = tiny_config(ct_slices, total_steps=12, max_consecutive_nonfinite=2, **ONE_VARIANT)
     poisoned.loss.student_temperature = 0.0  # logits / 0 → non-finite loss
     assert trainer.train(poisoned, str(tmp_path)) == 1
     assert checkpoint_steps(tmp_path)[-1] == 3  # the last good checkpoint is kept, nothing saved during the streak
@@ -150,7 +152,7 @@ def test_host_dispatches_next_step_before_reading_metrics(ct_slices, tmp_path, m
             compile=lambda: counted(jitted.lower(*args).compile())))
 
     monkeypatch.setattr(train_step.Program, "train_step", counted_train_step)
-    config = tiny_config(ct_slices, **{"ckpt.every_steps": 1000})
+    config = tiny_config(ct_slices, **{"ckpt.every_steps": 1000, **ONE_VARIANT})
     assert trainer.train(config, str(tmp_path)) == 0
     expected = [("dispatch", 1)]
     for step in range(2, 7):
@@ -170,7 +172,8 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
 
 def test_sigterm_saves_current_step_and_exits_zero(ct_slices, tmp_path):
     cmd = [sys.executable, "-m", "flexict_jax.train", "--config=configs/stage1.py:tiny", f"--workdir={tmp_path}",
-           f"--config.data.dir={ct_slices}", "--config.total_steps=100000", "--config.ckpt.every_steps=1000"]
+           f"--config.data.dir={ct_slices}", "--config.total_steps=100000", "--config.ckpt.every_steps=1000",
+           *cli_overrides(ONE_VARIANT)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -185,7 +188,7 @@ def test_sigterm_saves_current_step_and_exits_zero(ct_slices, tmp_path):
     last_logged = metrics(tmp_path)[-1]["step"]
     assert checkpoint_steps(tmp_path) == [last_logged]
     # The run then resumes from that step.
-    assert trainer.train(tiny_config(ct_slices, total_steps=last_logged + 2), str(tmp_path)) == 0
+    assert trainer.train(tiny_config(ct_slices, total_steps=last_logged + 2, **ONE_VARIANT), str(tmp_path)) == 0
     assert metrics(tmp_path)[-1]["step"] == last_logged + 2
 
 
