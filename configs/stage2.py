@@ -27,6 +27,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         global_crop_extent=(80, 160),  # voxels per axis, drawn independently per axis (docs/recipe.md §7)
         local_crop_extent=(15, 40),
         pad_to=160, global_crop_mode="random",
+        view_region=mlc.config_dict.placeholder(int),  # None: crops anywhere in the volume (the recipe); see demo
         flip_prob=0.5, flip_global_crops=(0,),  # upstream flips only global crop 1 (docs/recipe.md §13 #8): faithful
         hu_window=(-1000.0, 1000.0), intensity_augment=True, intensity=common.INTENSITY_AUGMENT,
         mask=dict(probability=0.5, ratio=(0.1, 0.5), kind="rcc", grid=4, box_fraction=(0.02, 0.05),
