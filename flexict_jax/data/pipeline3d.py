@@ -6,7 +6,7 @@ Per example (docs/recipe.md §7): clamp + z-score with the volume's own statisti
 minimum, one draw of the intensity augmentation, 2 global crops (independent random size per axis in
 global_crop_extent, resized to G³) of which `flip_global_crops` get RandAxisFlip, 8 local crops (local_crop_extent
 -> L³, every one flipped with flip_prob), and RCC-3D iBOT masks per patch size. Only the voxels each crop needs
-are read (`crops3d`). With `view_region` set (not the recipe: the CPU demo, docs/evaluation.md "Stage 2 on view
+are read (`crops3d`). With `view_region` > 0 (not the recipe: the CPU demo, docs/evaluation.md "Stage 2 on view
 regions"), every crop of an example is drawn inside one random cube of that many voxels per axis, as every 2D crop
 lies in one slice, instead of anywhere in the volume.
 
@@ -46,7 +46,7 @@ class VolumeViewsTransform(grain.transforms.MapWithIndex):
 
     def __init__(self, *, seed: int, hu_window: tuple[float, float], pad_to: int,
                  intensity: IntensityAugment | None, global_crops: VolumeCrops, local_crops: VolumeCrops,
-                 masking: RccMasking, patch_sizes: Sequence[int], view_region: int | None = None):
+                 masking: RccMasking, patch_sizes: Sequence[int], view_region: int = 0):
         self.seed = seed
         self.hu_window = hu_window
         self.pad_to = pad_to
@@ -64,7 +64,7 @@ class VolumeViewsTransform(grain.transforms.MapWithIndex):
         # One draw per example: every crop sees the same augmented volume, as upstream's whole-volume transforms.
         augment = None if self.intensity is None else self.intensity.draw(intensity_rng, 3)
         padded = PaddedVolume(volume, self.hu_window, self.pad_to, augment, noise_rng)
-        region = None if self.view_region is None else random_box(region_rng, padded.shape, (self.view_region,) * 2)
+        region = random_box(region_rng, padded.shape, (self.view_region,) * 2) if self.view_region else None
         try:
             global_crops = self.global_crops(padded, global_rng, region)
             local_crops = self.local_crops(padded, local_rng, region)
@@ -117,11 +117,10 @@ def volume_views_transform(data: Mapping[str, Any], *, seed: int,
     if any(not 0 <= k < n_global for k in flipped):
         raise ConfigError(f"data.flip_global_crops {flipped} must be indices of global crops in "
                          f"[0, data.n_global_crops={n_global})")
-    view_region = data.get("view_region")  # stage 3's data config has no such key: whole volumes
-    if view_region is not None:
-        view_region = grain_common.integer(view_region, "data.view_region")
-        if view_region < 1:
-            raise ConfigError(f"data.view_region must be >= 1 voxel (or None: the whole volume), got {view_region}")
+    # 0: crops anywhere in the volume (the recipe); stage 3's data config has no such key.
+    view_region = grain_common.integer(data.get("view_region", 0), "data.view_region")
+    if view_region < 0:
+        raise ConfigError(f"data.view_region must be >= 0 voxels (0: the whole volume), got {view_region}")
     augment = grain_common.boolean(config_value(data, "intensity_augment"), "data.intensity_augment")
     intensity = grain_common.dataclass_from_config(IntensityAugment, config_value(data, "intensity"),
                                                    "data.intensity")
