@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -288,10 +289,15 @@ def test_no_flip_without_augmentation_keeps_local_crops_unflipped(phantoms):
 def test_view_region_keeps_every_crop_of_an_example_in_one_cube(phantoms, monkeypatch):
     # data.view_region (the CPU demo, not the recipe): all crops of an example lie in one random cube of that many
     # voxels per axis; the other random streams (here the masks) do not change.
-    boxes = []
+    boxes, caller = [], threading.get_ident()
     original = PaddedVolume.read
-    monkeypatch.setattr(PaddedVolume, "read", lambda self, start, stop: boxes.append((start, stop))
-                        or original(self, start, stop))
+
+    def recording_read(self, start, stop):
+        if threading.get_ident() == caller:  # not the prefetch threads an earlier test's stream may have left
+            boxes.append((start, stop))
+        return original(self, start, stop)
+
+    monkeypatch.setattr(PaddedVolume, "read", recording_read)
     source = VolumeSource(phantoms, WINDOW)
     spans, masks = {}, {}
     for region in (0, 20):
