@@ -27,6 +27,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         global_crop_extent=(80, 160),  # voxels per axis, drawn independently per axis (docs/recipe.md §7)
         local_crop_extent=(15, 40),
         pad_to=160, global_crop_mode="random",
+        view_region=0,  # 0: crops anywhere in the volume (the recipe); > 0: see demo
         flip_prob=0.5, flip_global_crops=(0,),  # upstream flips only global crop 1 (docs/recipe.md §13 #8): faithful
         hu_window=(-1000.0, 1000.0), intensity_augment=True, intensity=common.INTENSITY_AUGMENT,
         mask=dict(probability=0.5, ratio=(0.1, 0.5), kind="rcc", grid=4, box_fraction=(0.02, 0.05),
@@ -56,12 +57,17 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         c.optim.freeze_last_layer_steps = 1
     elif variant == "demo":
         common.cpu_sized(c, "demo")
-        c.global_batch_size = 8
-        c.total_steps = 100
+        # Stage 1's demo batch, lr and length (docs/evaluation.md "Stage 2 on view regions"): at batch 8 the
+        # DINO-local term stays at ln K.
+        c.global_batch_size = 16
+        c.total_steps = 300
+        # Every crop of an example lies in one 48³ region (96 mm), as every stage-1 crop lies in one slice: crops
+        # anywhere in a phantom share almost nothing, and the 8 phantoms look alike, so the DINO head collapses
+        # and the DINO terms stay above ln K (docs/evaluation.md "Stage 2 on view regions").
         c.data.update(dict(global_crop_size=48, local_crop_size=24, n_local_crops=4, global_crop_extent=(24, 48),
-                           local_crop_extent=(8, 16), pad_to=48))
+                           local_crop_extent=(12, 24), pad_to=48, view_region=48))
         c.loss.koleo_group_size = 8
-        c.schedules.lr = common.schedule(0.0, 3e-4, 3e-4, warmup_steps=10)
+        c.schedules.lr = common.schedule(0.0, 1e-3, 1e-3, warmup_steps=20)
         c.schedules.momentum = common.constant(0.99)
         c.log_every = 10
         common.small_scale_learning(c)  # the heads are new (init.mode inflate_2d_to_3d); LayerScale comes from stage 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -285,6 +286,34 @@ def test_no_flip_without_augmentation_keeps_local_crops_unflipped(phantoms):
     assert not np.array_equal(unflipped, flipped)
 
 
+def test_view_region_keeps_every_crop_of_an_example_in_one_cube(phantoms, monkeypatch):
+    # data.view_region (the CPU demo, not the recipe): all crops of an example lie in one random cube of that many
+    # voxels per axis; the other random streams (here the masks) do not change.
+    boxes, caller = [], threading.get_ident()
+    original = PaddedVolume.read
+
+    def recording_read(self, start, stop):
+        if threading.get_ident() == caller:  # not the prefetch threads an earlier test's stream may have left
+            boxes.append((start, stop))
+        return original(self, start, stop)
+
+    monkeypatch.setattr(PaddedVolume, "read", recording_read)
+    source = VolumeSource(phantoms, WINDOW)
+    spans, masks = {}, {}
+    for region in (0, 20):
+        transform = pipeline3d.volume_views_transform(plain(data_config(phantoms, view_region=region)), seed=0,
+                                                      patch_sizes=PATCH_SIZES)
+        for index in range(8):
+            boxes.clear()
+            example = transform.map_with_index(index, source[index % len(source)])
+            assert len(boxes) == 2 + 2  # no augmentation: one read per crop, of its box
+            starts, stops = np.array([b[0] for b in boxes]), np.array([b[1] for b in boxes])
+            spans.setdefault(region, []).append(int((stops.max(axis=0) - starts.min(axis=0)).max()))
+            masks.setdefault(region, []).append(example["masks_p8"])
+    assert max(spans[20]) <= 20 < max(spans[0])
+    np.testing.assert_array_equal(np.stack(masks[20]), np.stack(masks[0]))
+
+
 # --- stage 3 views --------------------------------------------------------------------------------------------
 
 def test_stage3_image_views(phantoms):
@@ -359,6 +388,7 @@ def test_missing_or_stale_statistics_name_the_command(phantoms, tmp_path):
     (dict(global_crop_extent=(16.5, 32)), "data.global_crop_extent must be an integer"),
     (dict(local_crop_extent=(12, 6)), "local crops .*1 <= min <= max"),
     (dict(pad_to=0), "data.pad_to"),
+    (dict(view_region=-1), "data.view_region"),
     (dict(dir=None), "data.dir is missing"),
 ])
 def test_bad_config_names_the_key(phantoms, overrides, message):

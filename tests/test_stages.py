@@ -44,8 +44,8 @@ def test_stage2_starts_from_inflated_stage1_teacher(stage2_tiny_run, stage1_tiny
 
 
 def test_stage2_keep_heads_carries_the_stage1_heads(stage1_tiny_run, real_ct_volumes):
-    # The small-scale settings (configs/stage2.py:demo) keep the stage-1 heads through the inflation, so the
-    # objective continues where stage 1 left it; the backbone is inflated as without the option. Hand-off only.
+    # init.keep_heads (an experiment option, docs/evaluation.md) keeps the stage-1 heads through the inflation, so
+    # the objective continues where stage 1 left it; the backbone is inflated as without the option. Hand-off only.
     config = stage2_config(real_ct_volumes, stage1_tiny_run, **{"init.keep_heads": True})
     mesh = sharding.make_mesh(config.mesh)
     with sharding.activate(mesh, config.sharding_rules):

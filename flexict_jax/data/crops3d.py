@@ -133,8 +133,9 @@ class PaddedVolume:
 class VolumeCrops:
     """`n_crops` crops of one padded volume, each resized to size³, some with RandAxisFlip (docs/recipe.md §7, §8).
 
-    mode "random": box size per axis uniform in `extent`, drawn independently per axis, at a random place;
-    "center": the centred size³ box (stage 3), `extent` unused. Crops listed in `flip_crops` (None: all) are
+    mode "random": box size per axis uniform in `extent`, drawn independently per axis, at a random place (inside
+    `region` when one is given, else anywhere in the padded volume); "center": the centred size³ box (stage 3),
+    `extent` and `region` unused. Crops listed in `flip_crops` (None: all) are
     flipped along one random axis with probability `flip_prob` (MONAI RandAxisFlip).
     """
 
@@ -157,13 +158,17 @@ class VolumeCrops:
         if self.flip_crops is not None and any(not 0 <= k < self.n_crops for k in self.flip_crops):
             raise ValueError(f"flipped crops {self.flip_crops} must be indices in [0, {self.n_crops})")
 
-    def __call__(self, volume: PaddedVolume, rng: np.random.Generator) -> np.ndarray:
+    def __call__(self, volume: PaddedVolume, rng: np.random.Generator, region: Box | None = None) -> np.ndarray:
         """float32 [n_crops, size, size, size], axes (z, y, x)."""
         extent = (int(self.extent[0]), int(self.extent[1]))
+        region = region or Box((0, 0, 0), tuple(volume.shape))
         crops = np.empty((self.n_crops,) + (self.size,) * 3, dtype=np.float32)
         for k in range(self.n_crops):
-            box = center_box(volume.shape, self.size) if self.mode == "center" \
-                else random_box(rng, volume.shape, extent)
+            if self.mode == "center":
+                box = center_box(volume.shape, self.size)
+            else:
+                inner = random_box(rng, region.size, extent)
+                box = Box(tuple(a + b for a, b in zip(region.start, inner.start)), inner.size)
             crop = volume.crop(box, self.size)
             if (self.flip_crops is None or k in self.flip_crops) and rng.random() < self.flip_prob:
                 crop = np.flip(crop, axis=int(rng.integers(3)))

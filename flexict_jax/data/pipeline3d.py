@@ -6,7 +6,9 @@ Per example (docs/recipe.md §7): clamp + z-score with the volume's own statisti
 minimum, one draw of the intensity augmentation, 2 global crops (independent random size per axis in
 global_crop_extent, resized to G³) of which `flip_global_crops` get RandAxisFlip, 8 local crops (local_crop_extent
 -> L³, every one flipped with flip_prob), and RCC-3D iBOT masks per patch size. Only the voxels each crop needs
-are read (`crops3d`).
+are read (`crops3d`). With `view_region` > 0 (not the recipe: the CPU demo, docs/evaluation.md "Stage 2 on view
+regions"), every crop of an example is drawn inside one random cube of that many voxels per axis, as every 2D crop
+lies in one slice, instead of anywhere in the volume.
 
 Stage 3 (docs/recipe.md §8) uses the same transform with `configs.stage3.STAGE3_IMAGE_VIEWS` applied to its data
 config: one deterministic centre G³ crop, locals of [20, 40] voxels, no intensity augmentation and no flips.
@@ -26,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from flexict_jax.data import grain_common
-from flexict_jax.data.crops3d import PaddedVolume, VolumeCrops
+from flexict_jax.data.crops3d import PaddedVolume, VolumeCrops, random_box
 from flexict_jax.data.grain_common import config_value
 from flexict_jax.data.intensity import IntensityAugment
 from flexict_jax.data.masking3d import RccMasking
@@ -44,7 +46,7 @@ class VolumeViewsTransform(grain.transforms.MapWithIndex):
 
     def __init__(self, *, seed: int, hu_window: tuple[float, float], pad_to: int,
                  intensity: IntensityAugment | None, global_crops: VolumeCrops, local_crops: VolumeCrops,
-                 masking: RccMasking, patch_sizes: Sequence[int]):
+                 masking: RccMasking, patch_sizes: Sequence[int], view_region: int = 0):
         self.seed = seed
         self.hu_window = hu_window
         self.pad_to = pad_to
@@ -53,16 +55,19 @@ class VolumeViewsTransform(grain.transforms.MapWithIndex):
         self.local_crops = local_crops
         self.masking = masking
         self.patch_sizes = tuple(patch_sizes)
+        self.view_region = view_region
 
     def map_with_index(self, index: int, volume: Volume) -> dict[str, np.ndarray]:
-        intensity_rng, noise_rng, global_rng, local_rng, *mask_rngs = grain_common.example_rngs(
-            self.seed, index, 4 + len(self.patch_sizes))
+        # The region's stream comes last, so the other streams (and the recipe's examples) do not depend on it.
+        intensity_rng, noise_rng, global_rng, local_rng, *mask_rngs, region_rng = grain_common.example_rngs(
+            self.seed, index, 5 + len(self.patch_sizes))
         # One draw per example: every crop sees the same augmented volume, as upstream's whole-volume transforms.
         augment = None if self.intensity is None else self.intensity.draw(intensity_rng, 3)
         padded = PaddedVolume(volume, self.hu_window, self.pad_to, augment, noise_rng)
+        region = random_box(region_rng, padded.shape, (self.view_region,) * 2) if self.view_region else None
         try:
-            global_crops = self.global_crops(padded, global_rng)
-            local_crops = self.local_crops(padded, local_rng)
+            global_crops = self.global_crops(padded, global_rng, region)
+            local_crops = self.local_crops(padded, local_rng, region)
         except Exception as e:  # a corrupt chunk or a missing file: name the example and the volume
             raise ValueError(f"3-D example {index} (seed {self.seed}): volume {volume.volume_id!r} "
                              f"(manifest row {volume.row}, {volume.path or 'in memory'}): {e}") from e
@@ -112,6 +117,10 @@ def volume_views_transform(data: Mapping[str, Any], *, seed: int,
     if any(not 0 <= k < n_global for k in flipped):
         raise ConfigError(f"data.flip_global_crops {flipped} must be indices of global crops in "
                          f"[0, data.n_global_crops={n_global})")
+    # 0: crops anywhere in the volume (the recipe); stage 3's data config has no such key.
+    view_region = grain_common.integer(data.get("view_region", 0), "data.view_region")
+    if view_region < 0:
+        raise ConfigError(f"data.view_region must be >= 0 voxels (0: the whole volume), got {view_region}")
     augment = grain_common.boolean(config_value(data, "intensity_augment"), "data.intensity_augment")
     intensity = grain_common.dataclass_from_config(IntensityAugment, config_value(data, "intensity"),
                                                    "data.intensity")
@@ -123,7 +132,8 @@ def volume_views_transform(data: Mapping[str, Any], *, seed: int,
         global_crops=_volume_crops(data, "global", str(config_value(data, "global_crop_mode")), flipped),
         local_crops=_volume_crops(data, "local", "random", None),  # docs/recipe.md §7: every local crop may flip
         masking=grain_common.dataclass_from_config(RccMasking, config_value(data, "mask"), "data.mask"),
-        patch_sizes=patch_sizes)
+        patch_sizes=patch_sizes,
+        view_region=view_region)
 
 
 def _volume_crops(data: Mapping[str, Any], kind: str, mode: str, flip_crops: tuple[int, ...] | None) -> VolumeCrops:
