@@ -48,6 +48,13 @@ def config_with(get_config, arg: str, data_dir, **overrides):
     return config
 
 
+def xla_env(devices: int, **extra: str) -> dict[str, str]:
+    """The environment of a child process with `devices` fake CPU devices and this session's other XLA flags
+    (conftest.py); XLA takes the last of a repeated flag."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    return dict(os.environ, XLA_FLAGS=flags, **extra)
+
+
 def cli_overrides(overrides: dict) -> list[str]:
     """Dotted-key overrides as `--config.key=value` flags of the training CLI."""
     return [f"--config.{k}={v}".replace(" ", "") for k, v in overrides.items()]

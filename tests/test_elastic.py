@@ -31,6 +31,7 @@ from run_utils import (
     restore_latest,
     saved_state,
     take,
+    xla_env,
 )
 
 from configs import stage1
@@ -134,7 +135,7 @@ def test_changed_global_batch_is_refused(two_steps, real_ct_slices):
 def test_device_count_that_does_not_divide_the_global_batch_is_refused(two_steps, real_ct_slices, tmp_path):
     workdir = shutil.copytree(two_steps, tmp_path / "run")
     before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3")
+    env = xla_env(3)
     proc = subprocess.run(
         [sys.executable, "-m", "flexict_jax.train", "--config=configs/stage1.py:tiny", f"--workdir={workdir}",
          f"--config.data.dir={real_ct_slices}", "--config.total_steps=4"],

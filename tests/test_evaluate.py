@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from matplotlib import image as mpimg
-from run_utils import run_cli
+from run_utils import run_cli, xla_env
 
 from data_prep import ingest, synthetic
 from flexict_jax import evaluate, export, torch_format, visualize
@@ -305,7 +304,7 @@ def test_retrieval_cli_reuses_the_stage3_evaluator_and_writes_examples(tmp_path)
     assert run_cli(tokenizer.main, ["--corpus", str(tmp_path / "reports"), "--vocab-size", "300"]) == 0
     overrides = {"total_steps": 2, "patch_sizes": "(16,)", "patch_size_probs": "(1.0,)", "data.n_local_crops": 1,
                  "eval.split": "train", "eval.every_steps": 2, "eval.patch_size": 16, "mesh": "(1,1,1)"}
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = xla_env(1)
     out = tmp_path / "eval"
     for argv in (["-m", "flexict_jax.train", f"--config={REPO / 'configs/stage3.py'}:tiny",
                   f"--workdir={tmp_path / 'stage3'}", f"--config.data.dir={tmp_path / 'reports'}"]

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 import tensorstore as ts
-from run_utils import ONE_VARIANT, REPO, cli_overrides, config_with, metrics, run_cli, take
+from run_utils import ONE_VARIANT, REPO, cli_overrides, config_with, metrics, run_cli, take, xla_env
 
 from configs import stage1
 from data_prep import ingest, slices, volume_stats
@@ -58,7 +58,7 @@ def corrupt_shard(path: pathlib.Path, fractions: list[float], seed: int = 0) -> 
 
 
 def cli(*args: str, cwd=REPO, timeout: int = 600, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = xla_env(1, JAX_PLATFORMS="cpu")
     return subprocess.run([*prefix, sys.executable, "-m", "flexict_jax.train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

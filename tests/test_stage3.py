@@ -30,6 +30,7 @@ from run_utils import (
     metrics,
     run_cli,
     saved_state,
+    xla_env,
 )
 
 from configs import stage3
@@ -380,7 +381,7 @@ def test_retrieval_on_the_training_split_rises_above_chance(phantom_reports, tmp
     overrides = {"total_steps": 150, "patch_sizes": "(16,)", "patch_size_probs": "(1.0,)", "data.n_local_crops": 1,
                  "eval.split": "train", "eval.every_steps": 50, "eval.patch_size": 16, "log_every": 50,
                  "ckpt.every_steps": 1000, "mesh": "(1,1,1)"}
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = xla_env(1)
     proc = subprocess.run(
         [sys.executable, "-m", "flexict_jax.train", f"--config={REPO / 'configs/stage3.py'}:tiny",
          f"--workdir={tmp_path}", f"--config.data.dir={phantom_reports}"]

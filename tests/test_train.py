@@ -5,7 +5,6 @@ Runs the tiny config (seconds per run). Multi-device runs use the 8 fake CPU dev
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from run_utils import (
     config_with,
     metrics,
     saved_state,
+    xla_env,
 )
 
 from configs import stage1
@@ -87,7 +87,7 @@ def test_one_device_mesh_equals_2x4_mesh(ct_slices, tmp_path):
     sharded = tmp_path / "mesh_2x4"
     assert trainer.train(tiny_config(ct_slices, mesh=(2, 4, 1), **overrides), str(sharded)) == 0
     single = tmp_path / "mesh_1x1"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = xla_env(1)
     proc = subprocess.run(  # from another directory, with a relative --workdir, as users do
         [sys.executable, "-m", "flexict_jax.train", f"--config={REPO / 'configs/stage1.py'}:tiny",
          "--workdir=mesh_1x1", f"--config.data.dir={ct_slices}", "--config.mesh=(1,1,1)"]
