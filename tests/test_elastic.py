@@ -40,12 +40,11 @@ from flexict_jax.data import datasets
 
 pytestmark = pytest.mark.slow  # every test resumes a trained run on another mesh
 
-OVERRIDES = MESH_COMPARABLE
 TERMS = ("loss", "dino_local", "dino_global", "ibot")  # well conditioned: equal to 1e-5 across meshes
 
 
 def tiny_config(data_dir, **overrides):
-    return config_with(stage1.get_config, "tiny", data_dir, **{**OVERRIDES, **overrides})
+    return config_with(stage1.get_config, "tiny", data_dir, **{**MESH_COMPARABLE, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +148,7 @@ def test_device_count_that_does_not_divide_the_global_batch_is_refused(two_steps
 def start_processes(count: int, devices: int, workdir: pathlib.Path, data_dir: pathlib.Path, log: pathlib.Path,
                     **overrides) -> subprocess.CompletedProcess:
     args = ["--config=configs/stage1.py:tiny", f"--workdir={workdir}", f"--config.data.dir={data_dir}"]
-    args += cli_overrides({**OVERRIDES, **overrides})
+    args += cli_overrides({**MESH_COMPARABLE, **overrides})
     with open(log, "w") as out:
         return subprocess.run(["bash", "launch/local_multiprocess.sh", str(count), f"--cpu-devices={devices}",
                                "--", *args], cwd=REPO, env=dict(os.environ, PYTHON=sys.executable), stdout=out,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from matplotlib import image as mpimg
-from run_utils import run_cli, xla_env
+from run_utils import cli_overrides, run_cli, xla_env
 
 from data_prep import ingest, synthetic
 from flexict_jax import evaluate, export, torch_format, visualize
@@ -308,7 +308,7 @@ def test_retrieval_cli_reuses_the_stage3_evaluator_and_writes_examples(tmp_path)
     out = tmp_path / "eval"
     for argv in (["-m", "flexict_jax.train", f"--config={REPO / 'configs/stage3.py'}:tiny",
                   f"--workdir={tmp_path / 'stage3'}", f"--config.data.dir={tmp_path / 'reports'}"]
-                 + [f"--config.{k}={v}" for k, v in overrides.items()],
+                 + cli_overrides(overrides),
                  ["-m", "flexict_jax.evaluate", f"--checkpoint={tmp_path / 'stage3'}", "--task=retrieval",
                   f"--reports={tmp_path / 'reports'}", f"--out={out}", "--examples=2"]):
         proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True,

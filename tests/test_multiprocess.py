@@ -24,13 +24,12 @@ from flexict_jax import trainer
 
 pytestmark = pytest.mark.slow  # end to end: trains real runs (the fast loop is `pytest -m "not slow"`)
 
-OVERRIDES = MESH_COMPARABLE
 
 
 def start_two_processes(workdir: pathlib.Path, data_dir: pathlib.Path, log: pathlib.Path,
                         **overrides) -> subprocess.Popen:
     args = ["--config=configs/stage1.py:tiny", f"--workdir={workdir}", f"--config.data.dir={data_dir}"]
-    args += cli_overrides({**OVERRIDES, **overrides})
+    args += cli_overrides({**MESH_COMPARABLE, **overrides})
     with open(log, "w") as out:  # a file, not a pipe: nobody has to drain it while the run goes on
         return subprocess.Popen(["bash", "launch/local_multiprocess.sh", "2", "--cpu-devices=4",
                                  f"--log-dir={log.parent / log.stem}", "--", *args],
@@ -55,7 +54,7 @@ def wait_for_steps(proc: subprocess.Popen, workdir: pathlib.Path, n: int, log: p
 def test_two_processes_match_one_then_preempt_and_resume(real_ct_slices, tmp_path):
     # The reference first (not alongside, to keep this 2-core machine from starving the two processes):
     # 1 process × 8 devices (conftest's fake devices), same config, 3 steps.
-    config = config_with(stage1.get_config, "tiny", real_ct_slices, total_steps=3, **OVERRIDES)
+    config = config_with(stage1.get_config, "tiny", real_ct_slices, total_steps=3, **MESH_COMPARABLE)
     assert trainer.train(config, str(tmp_path / "one_process")) == 0
 
     run_dir, log = tmp_path / "two_processes", tmp_path / "launcher.log"

@@ -25,6 +25,7 @@ from run_utils import (
     REPO,
     assert_trees_close,
     checkpoint_steps,
+    cli_overrides,
     config_with,
     ingest_split,
     metrics,
@@ -385,7 +386,7 @@ def test_retrieval_on_the_training_split_rises_above_chance(phantom_reports, tmp
     proc = subprocess.run(
         [sys.executable, "-m", "flexict_jax.train", f"--config={REPO / 'configs/stage3.py'}:tiny",
          f"--workdir={tmp_path}", f"--config.data.dir={phantom_reports}"]
-        + [f"--config.{k}={v}" for k, v in overrides.items()],
+        + cli_overrides(overrides),
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recall = [r["eval/recall@1"] for r in metrics(tmp_path) if "eval/recall@1" in r]

@@ -91,7 +91,7 @@ def test_one_device_mesh_equals_2x4_mesh(ct_slices, tmp_path):
     proc = subprocess.run(  # from another directory, with a relative --workdir, as users do
         [sys.executable, "-m", "flexict_jax.train", f"--config={REPO / 'configs/stage1.py'}:tiny",
          "--workdir=mesh_1x1", f"--config.data.dir={ct_slices}", "--config.mesh=(1,1,1)"]
-        + [f"--config.{k}={v}" for k, v in overrides.items()],
+        + cli_overrides(overrides),
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, eight = metrics(single)[0], metrics(sharded)[0]
