@@ -22,7 +22,8 @@ Qwen3 folder with config.json and the tokenizer; no weights are read), else from
 (the same architecture) written as a config.json with a stand-in tokenizer (the `hf` extra's tokenizers) into a
 temporary folder: the plan compiles shapes only, and the tokenizer only bounds the ids (the embedding has the
 config's 151,669 rows). Drop-path groups are cut to the per-chip batch where the recipe's per-GPU group is
-larger, so a group never spans chips (docs/scaling.md §4).
+larger, so a group never spans chips, and KoLeo's groups become the per-chip batch where --global-batch is not a
+multiple of the recipe's (upstream's KoLeo runs per GPU batch; docs/scaling.md §4).
 `--compute-dtype` sets config.model.compute_dtype where the model has it (float32 otherwise; the plan records
 what was used). Compiling ViT-B steps takes minutes each on a small host: the walk prints an ETA.
 """
@@ -97,6 +98,9 @@ def stage_config(stage: str, patch_size: int, chips: int, remat: str, compute_dt
     group = config.model.drop_path_group_size
     if group and group > per_chip:
         config.model.drop_path_group_size = math.gcd(group, per_chip)
+    koleo_group = config.loss.get("koleo_group_size")
+    if koleo_group and config.global_batch_size % koleo_group:
+        config.loss.koleo_group_size = per_chip
     return config
 
 
@@ -108,9 +112,10 @@ def markdown(rows: list[dict]) -> str:
         step = f"{1e3 * r['estimated_step_s']:,.0f} ms" if r["estimated_step_s"] else "n/a"
         samples = f"{r['samples_per_s']:,.0f}" if r["samples_per_s"] else "n/a"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+        peak = f"{r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else "over HBM (compiler refused)"
         lines.append(
             f"| {r['stage']} | {r['patch_size']} | {r['chip']} | {r['topology']} ({r['chips']}) | {r['per_chip_batch']} "
-            f"| {r['remat']} | {r['attention_impl']} | {'yes' if r['fits'] else 'no'} | {r['peak_gib']:.1f} GiB "
+            f"| {r['remat']} | {r['attention_impl']} | {'yes' if r['fits'] else 'no'} | {peak} "
             f"| {r['hbm_gib']:.0f} GiB | {step} | {samples} | {mfu} | {r['compute_dtype']} | {r['compile_s']:.0f} s |")
     return "\n".join(lines)
 
@@ -174,11 +179,13 @@ def main(argv: list[str] | None = None) -> int:
                         + (f"_{args.attention_impl}" if args.attention_impl != "auto" else "")
                         + ("_memory" if args.memory_only else ""))
                 (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
-                variant = max(result["variants"], key=lambda v: v["memory_per_device"]["peak"])
+                # A variant the TPU compiler refused (over HBM) has no memory figures and is the worst.
+                variant = max(result["variants"], key=lambda v: (v["memory_per_device"] or {}).get("peak", math.inf))
                 last = {"stage": stage, "patch_size": patch_size, "chip": chip, "topology": topology, "chips": chips,
                         "per_chip_batch": batch // chips, "remat": remat, "fits": variant["fits"],
                         "attention_impl": result["attention_impl"], "scan_blocks": config.model.scan_blocks,
-                        "peak_gib": variant["memory_per_device"]["peak"] / plan.GIB,
+                        "peak_gib": variant["memory_per_device"]["peak"] / plan.GIB if variant["memory_per_device"]
+                        else None, "compiler_refusal": variant.get("compiler_refusal"),
                         "hbm_gib": result["device_memory_bytes"] / plan.GIB,
                         "estimated_step_s": variant["estimated_step_s"],
                         "samples_per_s": variant["estimated_samples_per_s"], "mfu": variant["estimated_mfu"],

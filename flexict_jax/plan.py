@@ -187,23 +187,34 @@ def _peak(sizes: dict[str, int]) -> int:
 def compile_variant(config: mlc.ConfigDict, program: Program, variant: Variant) -> tuple[dict[str, Any], Any]:
     """Lowers and compiles one step variant against the abstract state; returns its plan row and the compiled
     executable (which can run on real arrays of the same shapes)."""
+    import jax
     batch = abstract_batch(config, variant)
     step = program.train_step(config, variant, batch)
     start = time.perf_counter()
     lowered = step.lower(program.abstract_state, batch)
     lowered_at = time.perf_counter()
-    compiled = lowered.compile()
+    try:
+        compiled, refusal = lowered.compile(), None
+    except jax.errors.JaxRuntimeError as e:
+        # The TPU compiler refuses a program whose buffers exceed the chip's HBM (RESOURCE_EXHAUSTED, with the
+        # bytes it needed): for the plan that is the answer "does not fit", not a crash.
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        compiled, refusal = None, str(e).strip().splitlines()[0].rstrip(".")
     done = time.perf_counter()
     flops = model_flops(config, program, variant, batch)
-    sizes = _memory_sizes(compiled)
-    peak = _peak(sizes)
     num_devices = program.mesh.size
     row = {"variant": {"patch_size": variant.patch_size, "resolution_index": variant.resolution_index},
            "batch": {k: [list(v.shape), str(v.dtype)] for k, v in batch.items()},
-           "memory_per_device": {**sizes, "peak": peak},
+           "memory_per_device": None,
            "flops_per_device": flops / num_devices,
            "flops_per_step": flops,
            "lower_s": round(lowered_at - start, 2), "compile_s": round(done - lowered_at, 2)}
+    if compiled is None:
+        row.update(fits=False, compiler_refusal=refusal)
+    else:
+        sizes = _memory_sizes(compiled)
+        row["memory_per_device"] = {**sizes, "peak": _peak(sizes)}
     return row, compiled
 
 
@@ -300,9 +311,9 @@ def plan(config: mlc.ConfigDict, mesh_shape: tuple[int, ...], *, device_memory: 
         rows = []
         for variant in datasets.step_variants(config):
             row, compiled = compile_variant(config, program, variant)
-            if device_memory:
+            if device_memory and compiled is not None:
                 row["fits"] = row["memory_per_device"]["peak"] <= (1 - headroom) * device_memory
-            if estimate and (estimate_unfit or row.get("fits", True)):
+            if compiled is not None and estimate and (estimate_unfit or row.get("fits", True)):
                 row.update(step_estimate(config, program, variant, compiled, row, chip, attention_impl))
             else:
                 row.update(estimated_step_s=None, estimated_samples_per_s=None, estimated_mfu=None)
@@ -324,6 +335,11 @@ def _size(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
+def _remedy(result: dict[str, Any]) -> str:
+    return ("Use more devices (fsdp), a smaller global batch"
+            + (", or config.model.remat_policy=full." if result["remat_policy"] == "none" else "."))
+
+
 def format_plan(result: dict[str, Any]) -> str:
     """The plan as the human-readable text the CLI prints."""
     params = result["params"]
@@ -343,11 +359,14 @@ def format_plan(result: dict[str, Any]) -> str:
     limit = result["device_memory_bytes"]
     for row in result["variants"]:
         m, v = row["memory_per_device"], row["variant"]
-        lines += [f"variant patch {v['patch_size']}, resolution {v['resolution_index']}: "
-                  f"compile {row['compile_s']:.1f} s (+ lower {row['lower_s']:.1f} s), "
-                  f"{row['flops_per_step'] / 1e9:,.1f} GFLOP per step, {row['flops_per_device'] / 1e9:,.1f} per "
-                  f"device",
-                  f"  per device: arguments {_size(m['argument'])}, outputs {_size(m['output'])}, aliased "
+        lines.append(f"variant patch {v['patch_size']}, resolution {v['resolution_index']}: "
+                     f"compile {row['compile_s']:.1f} s (+ lower {row['lower_s']:.1f} s), "
+                     f"{row['flops_per_step'] / 1e9:,.1f} GFLOP per step, {row['flops_per_device'] / 1e9:,.1f} per "
+                     f"device")
+        if m is None:
+            lines.append(f"  DOES NOT FIT: the compiler refused it: {row['compiler_refusal']}. {_remedy(result)}")
+            continue
+        lines += [f"  per device: arguments {_size(m['argument'])}, outputs {_size(m['output'])}, aliased "
                   f"{_size(m['alias'])}, temporaries {_size(m['temp'])}, code {_size(m['generated_code'])}",
                   f"  peak per device {_size(m['peak'])}"
                   + (f" of {_size(limit)}" if limit else " (no device memory given: --device-memory-gb)")]
@@ -367,9 +386,7 @@ def format_plan(result: dict[str, Any]) -> str:
             usable = (1 - result["headroom"]) * limit
             lines.append("  fits" if row["fits"] else
                          f"  DOES NOT FIT: needs {_size(m['peak'])} per device, {_size(usable)} usable "
-                         f"({100 * (1 - result['headroom']):.0f}% of {_size(limit)}). Use more devices (fsdp), a "
-                         f"smaller global batch" + (", or config.model.remat_policy=full."
-                                                    if result["remat_policy"] == "none" else "."))
+                         f"({100 * (1 - result['headroom']):.0f}% of {_size(limit)}). {_remedy(result)}")
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@
 - With libtpu (the `tpu` extra), `--topology` compiles for a TPU slice on this CPU host and reports per-chip
   memory against the chip's HBM and the TPU cost model's step time and MFU; `attention_impl=auto` follows the
   target (splash for a TPU slice, as a TPU run compiles it), and the time is taken with XLA attention, which
-  the cost model prices.
+  the cost model prices. A step the TPU compiler refuses for the chip's HBM is a variant that does not fit.
 """
 from __future__ import annotations
 
@@ -273,6 +273,20 @@ def test_tpu_cost_model_does_not_price_the_splash_kernel(compile_only_libtpu):
             flops[impl] = (cost[0] if isinstance(cost, list) else cost)["flops"] * mesh.size
     assert flops["xla"] >= 0.9 * attention_flops, flops
     assert flops["splash"] < 0.05 * attention_flops, flops
+
+
+@needs_libtpu
+def test_a_step_the_tpu_compiler_refuses_for_its_hbm_is_a_plan_that_does_not_fit(compile_only_libtpu):
+    """The TPU compiler itself refuses a program whose buffers exceed the chip's HBM; the plan reports that
+    variant as not fitting, with the compiler's reason, instead of failing."""
+    config = stage1.get_config("tiny")
+    config.patch_sizes, config.patch_size_probs = (16,), (1.0,)
+    config.global_batch_size = 1 << 17  # ~430 GB of activations on one 16 GiB v5e chip
+    result = plan.plan(config, (1, -1, 1), devices=plan.topology_devices("v5e:1x1"))
+    row, = result["variants"]
+    assert row["fits"] is False and row["memory_per_device"] is None and row["estimated_step_s"] is None
+    assert row["compiler_refusal"].startswith("RESOURCE_EXHAUSTED") and "HBM" in row["compiler_refusal"]
+    assert "DOES NOT FIT: the compiler refused it: RESOURCE_EXHAUSTED" in plan.format_plan(result)
 
 
 def test_topology_without_libtpu_is_a_clear_error(monkeypatch):
