@@ -8,8 +8,10 @@
 For each stage, patch size and chip kind it walks the slices from the smallest up (from --min-chips), keeping
 the recipe's global batch or --global-batch (per-chip batch = global batch / chips; slices that do not divide it
 are skipped), and at each slice the remat policies in order; the first (slice, remat) whose step fits 90% of the
-chip's HBM ends the walk (an attempt that does not fit is not timed). Each attempt is `flexict_jax.plan.plan` on the slice's compile-only devices
-(`plan.topology_devices`), the result kept as
+chip's HBM ends the walk (an attempt that does not fit is not timed). Each attempt is `flexict_jax.plan.plan` on
+the slice's compile-only devices (`plan.topology_devices`), on a mesh that shards the parameters (fsdp) over as
+many chips as the model's width divides (864 = 2⁵·27: up to 32) and is data parallel over the rest (a 64-chip
+slice: data 2 × fsdp 32); the result kept as
 bench/results/plan_tpu_<stage>_p<patch>_<topology>_<remat>_<dtype>[_gb<global batch>][_unrolled][_<attention>]
 [_memory].json; a markdown table of the fits (and of the last attempt where nothing fit) is printed at the end.
 Where compiles are dear the two halves of a row can be made apart: `--memory-only` compiles the step as
@@ -164,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                                       args.global_batch, args.unrolled, args.attention_impl)
                 start = time.perf_counter()
                 try:
-                    result = plan.plan(config, (1, -1, 1), devices=plan.topology_devices(topology),
+                    # fsdp over as many chips as the width divides (864: 32), data parallel over the rest.
+                    fsdp = math.gcd(chips, config.model.dim)
+                    result = plan.plan(config, (chips // fsdp, fsdp, 1), devices=plan.topology_devices(topology),
                                        estimate=not args.memory_only, estimate_unfit=False)
                 except Exception as e:  # noqa: BLE001 - a case that fails to compile is reported, the walk goes on
                     print(f"{stage} p{patch_size} {topology} remat={remat}: FAILED {type(e).__name__}: {e}")

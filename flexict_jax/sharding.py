@@ -96,6 +96,31 @@ def named_sharding_tree(mesh: Mesh, spec_tree: Any) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree, is_leaf=lambda s: isinstance(s, P))
 
 
+def _spec_axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def check_divisible(mesh: Mesh, abstract_params: Any, specs: Any) -> None:
+    """ConfigError naming the first parameter whose sharded dimension the mesh does not divide, and a mesh that
+    does: jax would refuse it later with an IndivisibleError deep in the first compile. The recipe's width
+    (864 = 2⁵·27) splits over at most 32 fsdp devices, so a larger slice puts the rest on the data axis."""
+    flat_specs = dict(jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda s: isinstance(s, P))[0])
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+        for dim, (size, entry) in enumerate(zip(leaf.shape, flat_specs[path])):
+            axes = _spec_axes(entry)
+            shards = math.prod(mesh.shape[a] for a in axes)
+            if size % shards:
+                shape = dict(mesh.shape)
+                hint = ""
+                if axes == ("fsdp",):
+                    fsdp = math.gcd(shape["fsdp"], size)
+                    hint = (f"; e.g. config.mesh=({shape['data'] * shape['fsdp'] // fsdp},{fsdp},{shape['tensor']}) "
+                            f"keeps the devices and moves the rest onto the data axis")
+                raise ConfigError(f"config.mesh {tuple(shape.values())}: parameter {jax.tree_util.keystr(path)} of "
+                                  f"shape {tuple(leaf.shape)} splits dimension {dim} ({size}) over {'×'.join(axes)} "
+                                  f"({shards} devices), which does not divide it{hint}")
+
+
 def parameter_group(path: tuple) -> str:
     """The report group of a parameter: its top-level module ("backbone", "dino_head", ...), with the repeated
     transformer blocks as a group of their own ("backbone/blocks") since they dominate the model's bytes."""
@@ -113,7 +138,7 @@ def sharding_report(mesh: Mesh, abstract_params: Any, specs: Any, *, warn_bytes:
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
         spec = flat_specs[path]
         nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
-        shards = math.prod(mesh.shape[a] for axes in spec if axes for a in ((axes,) if isinstance(axes, str) else axes))
+        shards = math.prod(mesh.shape[a] for entry in spec for a in _spec_axes(entry))
         group = parameter_group(path)
         rows.append({"param": jax.tree_util.keystr(path), "group": group, "shape": list(leaf.shape),
                      "spec": str(spec), "bytes": nbytes, "bytes_per_device": nbytes // shards,

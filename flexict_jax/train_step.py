@@ -85,6 +85,7 @@ def build_program(config: mlc.ConfigDict, mesh: Mesh) -> Program:
     abstract_model = nnx.eval_shape(lambda: task.build_model(config, config.seed))
     graphdef, abstract_params = nnx.split(abstract_model)
     param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+    sharding.check_divisible(mesh, nnx.to_pure_dict(abstract_params), param_specs)
     tx = optim.build_optimizer(nnx.to_pure_dict(abstract_params), config.optim, lr_table=tables["lr"],
                                wd_table=tables["weight_decay"], depth=config.model.depth)
 

@@ -2,7 +2,8 @@
 
 - The recipe-size model (ViT 864×16, 65,536-prototype heads) on a 2×4 fake-device mesh, abstract (no
   allocation): every parameter above 1 MiB is sharded and the report says so; a rule that leaves the prototype
-  layer replicated is reported. Devices of several TPU slices get the slices on the data axis.
+  layer replicated is reported. Devices of several TPU slices get the slices on the data axis. A mesh that
+  does not divide a parameter is one ConfigError with a mesh that does.
 - The planner's abstract batch matches what the real data pipelines deliver.
 - The planner's per-device peak estimate is within 20% of the peak measured while a real step runs on the CPU.
 - The CLI prints per-device memory, FLOPs and compile time, and says (exit 1) when a config does not fit.
@@ -27,6 +28,7 @@ import pytest
 from configs import stage1, stage1_hires, stage2
 from flexict_jax import plan, sharding, tasks, train_step
 from flexict_jax.data import datasets
+from flexict_jax.errors import ConfigError
 from flexict_jax.models import attention
 from flexict_jax.variants import Variant
 
@@ -62,6 +64,21 @@ def test_real_size_model_is_sharded_on_2x4_mesh():
     assert sum(g["bytes_per_device"] for g in groups.values()) == report["bytes_per_device"]
     assert groups["backbone/blocks"]["params"] == 16 * 13
     assert report["replicated_fraction"] < 0.02
+
+
+def test_a_mesh_that_does_not_divide_a_parameter_is_a_config_error_with_a_mesh_that_does():
+    """The recipe's 864 splits over at most 32 fsdp devices; here a 36-wide model on 8 fsdp devices (36 =
+    4·9): one ConfigError naming the parameter and a mesh of the same devices that divides it, which builds."""
+    config = stage1.get_config("tiny")
+    config.model.update(dim=36, num_heads=3)
+    mesh = sharding.make_mesh((1, 8, 1))
+    with pytest.raises(ConfigError, match=r"config.mesh \(1, 8, 1\): parameter .* splits dimension \d+ \(36\) over "
+                       r"fsdp \(8 devices\), which does not divide it; e\.g\. config.mesh=\(2,4,1\)"):
+        with sharding.activate(mesh, config.sharding_rules):
+            train_step.build_program(config, mesh)
+    mesh = sharding.make_mesh((2, 4, 1))
+    with sharding.activate(mesh, config.sharding_rules):
+        train_step.build_program(config, mesh)
 
 
 def test_replicated_prototype_layer_is_reported():
