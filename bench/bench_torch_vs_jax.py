@@ -2,7 +2,7 @@
 ours (JAX, float32 and bfloat16 compute), same weights, same input, same loss, interleaved in one process.
 
     python bench/bench_torch_vs_jax.py [--cases 2d,3d] [--rounds 3] [--variants torch,jax_float32]
-        [--out bench/results/torch_vs_jax_cpu.json]
+        [--clock wall|process] [--out bench/results/torch_vs_jax_cpu.json]
 
 Cases: "2d" batch 8 × 224², patch 16; "3d" batch 2 × 96³, patch 16 (the ViT-B backbone, 864 wide, 16 deep). The
 loss is mean(h²) of the residual stream before the final norm (every token); both sides differentiate it with
@@ -13,6 +13,11 @@ the tasks do (`models.precision`). Each round times torch, jax f32, jax bf16 and
 `jax.nn.dot_product_attention` (for the CPU-gap record) once, in that order (`--variants` picks a subset; torch and
 jax f32 always run); the best of `--rounds` is reported for each, so the ratios compare the same machine state on
 a shared, noisy host. The first round also checks that both frameworks computed the same loss.
+
+`--clock process` times CPU seconds of the whole process instead of wall seconds: with one thread each
+(`--threads 1`, XLA_FLAGS=--xla_cpu_multi_thread_eigen=false) and the process pinned to one core (`taskset -c 1`;
+XLA:CPU otherwise still runs independent ops of the step on two threads), that is the work each framework does,
+which other jobs on the host distort least (docs/jax_notes.md §A7).
 """
 from __future__ import annotations
 
@@ -81,7 +86,11 @@ RATIOS = {"torch_over_jax_f32": ("torch", "jax_float32"), "torch_over_jax_bf16":
           "jaxnn_attention_over_ours": ("jax_float32_jaxnn_attention", "jax_float32")}
 
 
-def bench_case(name: str, rounds: int, progress: Progress, variants: tuple[str, ...] = VARIANTS) -> dict:
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def bench_case(name: str, rounds: int, progress: Progress, variants: tuple[str, ...] = VARIANTS,
+               clock: str = "wall") -> dict:
     import torch
 
     from flexict_jax import torch_reference
@@ -122,16 +131,16 @@ def bench_case(name: str, rounds: int, progress: Progress, variants: tuple[str, 
     losses = {}
     for r in range(rounds):
         for key, run in runners.items():
-            start = time.perf_counter()
+            start = CLOCKS[clock]()
             loss = run()
-            times[key].append(time.perf_counter() - start)
+            times[key].append(CLOCKS[clock]() - start)
             losses.setdefault(key, loss)
             progress.advance(1, f"{name} round {r + 1} {key}")
     if abs(losses["jax_float32"] - losses["torch"]) > LOSS_RTOL * abs(losses["torch"]):
         raise RuntimeError(f"{name}: the JAX loss {losses['jax_float32']} differs from torch's {losses['torch']}")
     best = {k: min(v) for k, v in times.items()}
     ratios = {key: best[a] / best[b] for key, (a, b) in RATIOS.items() if a in best and b in best}
-    return {"case": name, **case, "best_s": best, "all_s": times, "losses": losses, "jax_compile_s": compile_s,
+    return {"case": name, **case, "clock": clock, "best_s": best, "all_s": times, "losses": losses, "jax_compile_s": compile_s,
             "load_average": os.getloadavg(), **ratios}
 
 
@@ -146,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated, of torch and jax_float32 (always run: the loss check) and "
                              "jax_bfloat16, jax_float32_jaxnn_attention")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall seconds, or CPU seconds of the process (see the module docstring)")
     parser.add_argument("--out", help="also write the JSON result to this file")
     args = parser.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
@@ -159,11 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = Progress(len(cases) * args.rounds * len(variants), "torch vs jax")
-    rows = [bench_case(name, args.rounds, progress, variants) for name in cases]
+    rows = [bench_case(name, args.rounds, progress, variants, args.clock) for name in cases]
     progress.close()
     result = {"benchmark": "torch_vs_jax", "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
               "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-              "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average": os.getloadavg(),
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+              "cpu_affinity": sorted(os.sched_getaffinity(0)), "load_average": os.getloadavg(),
               "cpu_count": os.cpu_count(), "python": platform.python_version(),
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
     print(json.dumps(result, indent=1))

@@ -12,7 +12,7 @@ from flax import nnx
 from flexict_jax import sharding
 from flexict_jax.models import rope
 from flexict_jax.models.heads import DINOHead
-from flexict_jax.models.layers import batch_subset_residual
+from flexict_jax.models.layers import batch_subset_residual, gelu
 from flexict_jax.models.patch_embed import PatchEmbed
 from flexict_jax.models.vit import VisionTransformer
 
@@ -184,6 +184,23 @@ def test_bf16_rope_backbone_is_close_to_fp32(images):
     fp32, bf16 = (VisionTransformer(**TINY, layerscale_init=0.5, rope_bf16=b, rngs=nnx.Rngs(0)) for b in (False, True))
     a, b = (_forward(m, images, patch_size=8)["prenorm"] for m in (fp32, bf16))
     assert 0 < float(jnp.abs(a - b).max()) < 5e-2 * float(jnp.abs(a).max())
+
+
+def test_gelu_matches_jax_exact_gelu_and_its_derivatives():
+    # Both tails, zero, and the bulk: the value, the first derivative (the custom rule) and the second (the rule's
+    # own autodiff, as a jvp-of-grad would use it). Absolute tolerance: in the far negative tail 1 + erf rounds to
+    # 0 (as in torch's formula) where erfc keeps values below 1e-6.
+    x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 4001), jnp.array([0.0, -1e-3, 1e-3])])
+
+    def reference(v):
+        return jax.nn.gelu(v, approximate=False)
+    np.testing.assert_allclose(gelu(x), reference(x), rtol=1e-6, atol=1e-6)
+    for order in (1, 2):
+        ours, theirs = gelu, reference
+        for _ in range(order):
+            ours, theirs = jax.grad(ours), jax.grad(theirs)
+        np.testing.assert_allclose(jax.vmap(ours)(x), jax.vmap(theirs)(x), rtol=1e-5, atol=1e-6)
+    assert gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 def test_batch_subset_stochastic_depth():

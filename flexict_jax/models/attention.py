@@ -108,7 +108,11 @@ def _xla(q, k, v, *, scale, key_mask, is_causal):
         logits = logits.reshape(batch, kv_heads, group, length, keys)
         logits = jnp.where(allowed, logits, -0.7 * jnp.finfo(logits.dtype).max)
         logits = logits.reshape(batch, kv_heads, group * length, keys)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    # jax's own softmax derivative (off by default in this jax): its backward keeps the probabilities alone,
+    # where autodiff of the formula also keeps exp(logits - max), one more [B, heads, T, S] array per block
+    # (docs/jax_notes.md §A7).
+    with jax.softmax_custom_jvp(True):
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkqs,bksh->bkqh", probs, v)
     return out.reshape(batch, heads, length, head_dim).transpose(0, 2, 1, 3)
 

@@ -5,7 +5,7 @@ import jax
 from flax import nnx
 
 from flexict_jax import ops
-from flexict_jax.models.layers import linear
+from flexict_jax.models.layers import gelu, linear
 
 
 class DINOHead(nnx.Module):
@@ -41,6 +41,6 @@ class _HeadMlp(nnx.Module):
         self.fc3 = linear(hidden_dim, bottleneck_dim, ("head_mlp2", "bottleneck"), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jax.nn.gelu(self.fc1(x), approximate=False)
-        x = jax.nn.gelu(self.fc2(x), approximate=False)
+        x = gelu(self.fc1(x))
+        x = gelu(self.fc2(x))
         return self.fc3(x)

@@ -64,6 +64,30 @@ def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precisi
     return _dense(lhs, rhs, precision, preferred_element_type)
 
 
+_SQRT_HALF = 0.7071067811865476  # 1/√2
+_INV_SQRT_2PI = 0.3989422804014327  # 1/√(2π)
+
+
+@jax.custom_jvp
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, x·Φ(x), written as torch writes it: 0.5·x·(1 + erf(x/√2)).
+
+    `jax.nn.gelu(approximate=False)` goes through erfc, which XLA expands into a two-branch rational-and-exp
+    formula several times the cost of erf's single rational one, and its autodiff keeps that formula's
+    intermediates for the backward pass. Here the derivative Φ(x) + x·φ(x) is written out, so the backward keeps
+    one array (docs/jax_notes.md §A7).
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * _SQRT_HALF))
+
+
+@gelu.defjvp
+def _gelu_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * _SQRT_HALF))
+    pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * jnp.square(x))
+    return x * cdf, (cdf + x * pdf) * t
+
+
 def linear(in_features: int, out_features: int, names: tuple[str | None, str | None], *, use_bias: bool = True,
            init_std: float = 0.02, rngs: nnx.Rngs) -> nnx.Linear:
     """Linear layer with trunc-normal(0.02) kernel and zero bias (docs/recipe.md §2.1); bias named by the output axis."""
@@ -95,7 +119,7 @@ class Mlp(nnx.Module):
         self.fc2 = linear(hidden_dim, dim, ("mlp", "embed"), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        return self.fc2(gelu(self.fc1(x)))
 
 
 class Attention(nnx.Module):
