@@ -55,7 +55,12 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
             (shape[0] // num_slices, *shape[1:]), (num_slices, 1, 1), devices=devices)
     elif (jax.process_count() == 1 and devices == jax.devices()) or devices[0].platform == "tpu":
         # TPU devices (also compile-only ones of `plan --topology`) are laid out along the physical torus.
-        device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+        try:
+            device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+        except NotImplementedError:
+            # An axis that is no product of whole torus axes (fsdp 32 on a v6e 8x8, where the 864-wide model allows
+            # at most 32: check_divisible) takes part of one; its collectives then run on a part of that ring.
+            device_array = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
     else:
         device_array = np.asarray(devices).reshape(shape)
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -293,6 +293,15 @@ def test_tpu_cost_model_does_not_price_the_splash_kernel(compile_only_libtpu):
 
 
 @needs_libtpu
+def test_a_mesh_axis_across_part_of_a_torus_axis(compile_only_libtpu):
+    """64 v6e chips (an 8×8 torus) as data 2 × fsdp 32, the most fsdp devices the recipe's width allows: 32 is
+    no product of whole torus axes, so the fsdp axis spans part of one."""
+    mesh = sharding.make_mesh((2, 32, 1), plan.topology_devices("v6e:8x8"))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 32, "tensor": 1}
+    assert len({d.id for d in mesh.devices.flat}) == 64
+
+
+@needs_libtpu
 def test_a_step_the_tpu_compiler_refuses_for_its_hbm_is_a_plan_that_does_not_fit(compile_only_libtpu):
     """The TPU compiler itself refuses a program whose buffers exceed the chip's HBM; the plan reports that
     variant as not fitting, with the compiler's reason, instead of failing."""
