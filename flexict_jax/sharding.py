@@ -101,7 +101,8 @@ def named_sharding_tree(mesh: Mesh, spec_tree: Any) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree, is_leaf=lambda s: isinstance(s, P))
 
 
-def _spec_axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+def spec_axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, one name, or a tuple of names) as a tuple."""
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
@@ -112,7 +113,7 @@ def check_divisible(mesh: Mesh, abstract_params: Any, specs: Any) -> None:
     flat_specs = dict(jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda s: isinstance(s, P))[0])
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
         for dim, (size, entry) in enumerate(zip(leaf.shape, flat_specs[path])):
-            axes = _spec_axes(entry)
+            axes = spec_axes(entry)
             shards = math.prod(mesh.shape[a] for a in axes)
             if size % shards:
                 shape = dict(mesh.shape)
@@ -143,7 +144,7 @@ def sharding_report(mesh: Mesh, abstract_params: Any, specs: Any, *, warn_bytes:
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
         spec = flat_specs[path]
         nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
-        shards = math.prod(mesh.shape[a] for entry in spec for a in _spec_axes(entry))
+        shards = math.prod(mesh.shape[a] for entry in spec for a in spec_axes(entry))
         group = parameter_group(path)
         rows.append({"param": jax.tree_util.keystr(path), "group": group, "shape": list(leaf.shape),
                      "spec": str(spec), "bytes": nbytes, "bytes_per_device": nbytes // shards,

@@ -25,7 +25,6 @@ from flexict_jax import trainer
 pytestmark = pytest.mark.slow  # end to end: trains real runs (the fast loop is `pytest -m "not slow"`)
 
 
-
 def start_two_processes(workdir: pathlib.Path, data_dir: pathlib.Path, log: pathlib.Path,
                         **overrides) -> subprocess.Popen:
     args = ["--config=configs/stage1.py:tiny", f"--workdir={workdir}", f"--config.data.dir={data_dir}"]

@@ -129,9 +129,8 @@ def _splash_sharded(q, k, v, *, scale, key_mask, is_causal, interpret) -> jax.Ar
     spec = sharding.logical_to_spec(("batch", "length", "heads", None))
     batch_axes, head_axes = spec[0], spec[2]
 
-    def size(axes) -> int:
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-        return math.prod(mesh.shape[a] for a in axes)
+    def size(entry) -> int:
+        return math.prod(mesh.shape[a] for a in sharding.spec_axes(entry))
     if q.shape[0] % size(batch_axes) or k.shape[2] % size(head_axes):
         return None
     return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, P(batch_axes, None)), out_specs=spec,
