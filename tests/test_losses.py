@@ -8,10 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import stage1
+from flexict_jax.data import masking2d
 from flexict_jax.losses.dino import dino_cross_entropy, dino_term_weights
 from flexict_jax.losses.ibot import gather_masked, ibot_patch_loss
 from flexict_jax.losses.koleo import koleo_loss
 from flexict_jax.losses.sinkhorn import sinkhorn_knopp
+from flexict_jax.tasks.common import gather_masked_tokens, masked_token_capacity
 
 
 def literal_sinkhorn(logits: np.ndarray, temperature: float, n_iterations: int = 3) -> np.ndarray:
@@ -245,6 +248,35 @@ def test_ibot_pipeline_on_sharded_buffer_equals_per_image_reference(batch_shardi
     sharded = jax.jit(step)(*(jax.device_put(a, batch_sharding) for a in (masks, student_tokens, teacher_tokens)))
     assert float(single) == pytest.approx(expected, rel=1e-5)
     assert float(sharded) == pytest.approx(float(single), rel=1e-6)
+
+
+def test_masked_token_buffer_per_example_keeps_the_rows_and_the_batch_sharding(batch_sharding):
+    """The tasks' per-example buffer holds the masked tokens in row-major order with their images' weights, as
+    one buffer over the whole batch would, and a batch-sharded input gives a batch-sharded buffer: the gather
+    over the whole batch came out replicated, so every device ran the iBOT head on every masked token."""
+    config = stage1.get_config("tiny")
+    batch, n_global, n_tokens, dim = 16, config.data.n_global_crops, 16, 6
+    most = int(config.data.mask.ratio[1] * n_tokens)
+    rng = np.random.default_rng(11)
+    masks = np.zeros((batch, n_global, n_tokens), bool)
+    for example in range(batch):  # as the pipeline masks: up to max_masked_crops crops, each up to `most` tokens
+        for crop in range(masking2d.max_masked_crops(n_global, config.data.mask.probability)):
+            masks[example, crop, rng.choice(n_tokens, rng.integers(0, most + 1), replace=False)] = True
+    tokens = rng.normal(size=(batch * n_global, n_tokens, dim)).astype(np.float32)
+
+    masked = gather_masked_tokens(jnp.asarray(masks), config)
+    valid = np.asarray(masked.valid)
+    flat = masks.reshape(-1, n_tokens)
+    np.testing.assert_array_equal(np.asarray(masked.take(tokens))[valid], tokens[flat])
+    per_image = np.repeat(1.0 / np.maximum(flat.sum(1), 1), n_tokens)[flat.reshape(-1)]
+    np.testing.assert_allclose(np.asarray(masked.weight)[valid], per_image, rtol=1e-6)
+    assert not np.asarray(masked.weight)[~valid].any()
+
+    take = jax.jit(lambda m, t: gather_masked_tokens(m, config).take(t))
+    rows = take(jax.device_put(masks, batch_sharding), jax.device_put(tokens, batch_sharding))
+    assert rows.shape == (batch * masked_token_capacity(masks.shape, config), dim)
+    assert not rows.sharding.is_fully_replicated
+    assert rows.sharding.shard_shape(rows.shape) == (rows.shape[0] // 8, dim)
 
 
 # --- KoLeo ----------------------------------------------------------------------------------------------------

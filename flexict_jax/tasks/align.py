@@ -32,7 +32,7 @@ from flexict_jax.errors import ConfigError
 from flexict_jax.losses import contrastive, dino, ibot, sinkhorn
 from flexict_jax.models import precision, qwen3, vlm
 from flexict_jax.models.text_encoder import TextEncoder
-from flexict_jax.tasks.common import crops_first, flatten_crops, masked_token_capacity, merge_model
+from flexict_jax.tasks.common import crops_first, flatten_crops, gather_masked_tokens, merge_model
 from flexict_jax.tasks.dino import DinoModel
 from flexict_jax.variants import Variant
 
@@ -174,19 +174,15 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
     global_crops = flatten_crops(batch["global_crops"]).astype(dtype)  # [B, G, G, G, 1]: one global crop/sample
     local_crops = flatten_crops(batch["local_crops"]).astype(dtype)
     masks = flatten_crops(batch["masks"])
-    token_index, token_valid, token_weight = ibot.gather_masked(
-        masks, masked_token_capacity(batch["masks"].shape, config))
-
-    def take_tokens(patch_tokens: jax.Array) -> jax.Array:
-        return patch_tokens.reshape((-1, patch_tokens.shape[-1]))[token_index]
+    masked = gather_masked_tokens(batch["masks"], config)
 
     # Teacher: eval mode, unmasked global crop. It has no text side; the student's fills those slots, unused.
     t_model = merge_model(graphdef, abstract_state, jax.lax.stop_gradient({**student, **teacher}))
     t_out = t_model.backbone(global_crops, patch_size=patch_size, train=False)
     t_cls_probs = crops_first(sinkhorn.sinkhorn_knopp(t_model.dino_head(t_out["cls"]), teacher_temperature,
                                                        n_iterations=loss_cfg.sinkhorn_iterations), 1)
-    t_patch_probs = sinkhorn.sinkhorn_knopp(t_model.ibot_head(take_tokens(t_out["patch"])), teacher_temperature,
-                                            n_iterations=loss_cfg.sinkhorn_iterations, valid=token_valid)
+    t_patch_probs = sinkhorn.sinkhorn_knopp(t_model.ibot_head(masked.take(t_out["patch"])), teacher_temperature,
+                                            n_iterations=loss_cfg.sinkhorn_iterations, valid=masked.valid)
 
     s_model = merge_model(graphdef, abstract_state, student)
     key_global, key_local, key_clip = jax.random.split(key, 3)
@@ -204,8 +200,8 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
         # 8 student locals vs the 1 teacher global, no global term and no pair-count scale factors (docs/recipe.md §8).
         "dino_local": dino.dino_cross_entropy(crops_first(s_model.dino_head(s_local["cls"]), n_local),
                                               t_cls_probs, tau),
-        "ibot": ibot.ibot_patch_loss(s_model.ibot_head(take_tokens(s_global["patch"])), t_patch_probs,
-                                     token_weight, masks.shape[0], tau),
+        "ibot": ibot.ibot_patch_loss(s_model.ibot_head(masked.take(s_global["patch"])), t_patch_probs,
+                                     masked.weight, masks.shape[0], tau),
         loss_cfg.contrastive: _contrastive_term(s_model, image_emb, caption_emb, loss_cfg.contrastive),
         "osl": _osl_term(s_model, image_emb, batch),
     }

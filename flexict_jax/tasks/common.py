@@ -4,24 +4,55 @@ Pure functions, used by the tasks and by the evaluators that embed with a task's
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections as mlc
 from flax import nnx
 
 from flexict_jax.data import masking2d
+from flexict_jax.losses import ibot
 
 Params = dict[str, Any]
 
 
 def masked_token_capacity(masks_shape: tuple[int, ...], config: mlc.ConfigDict) -> int:
-    """Static size of the iBOT masked-token buffer for masks [B, n_global, N]: the most tokens the data pipeline
-    can mask — at most `masking2d.max_masked_crops` masked crops per example, each with at most
+    """Static size of one example's iBOT masked-token buffer for masks [B, n_global, N]: the most tokens the data
+    pipeline can mask in an example — at most `masking2d.max_masked_crops` masked crops, each with at most
     int(max_ratio * N) tokens (see flexict_jax.data.masking2d)."""
-    batch, n_global, n_tokens = masks_shape
+    _, n_global, n_tokens = masks_shape
     masked_crops = masking2d.max_masked_crops(n_global, config.data.mask.probability)
-    return batch * masked_crops * int(config.data.mask.ratio[1] * n_tokens)
+    return masked_crops * int(config.data.mask.ratio[1] * n_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedTokens:
+    """The iBOT masked-token buffer, one block of rows per example: `index` [B, C] into an example's
+    n_global·N patch tokens, `valid` and `weight` [B·C] (ibot.gather_masked's, per example).
+
+    Per example, not one buffer over the global batch: a gather with indices into the whole batch cannot keep
+    the batch sharding, so the compiler replicated the buffer and ran the iBOT head on every masked token of
+    the global batch on every device, memory and FLOPs that did not shrink with more devices (docs/scaling.md
+    §4). Gathering within each example keeps the rows with their example's device. The rows come in the same
+    order with each example's padding after its own tokens; the losses are weighted sums over valid rows."""
+    index: jax.Array
+    valid: jax.Array
+    weight: jax.Array
+
+    def take(self, patch_tokens: jax.Array) -> jax.Array:
+        """[B·n_global, N, D] patch tokens (sample-major) -> [B·C, D], the buffer's rows."""
+        batch, dim = self.index.shape[0], patch_tokens.shape[-1]
+        per_example = patch_tokens.reshape((batch, -1, dim))
+        return jnp.take_along_axis(per_example, self.index[..., None], axis=1).reshape((-1, dim))
+
+
+def gather_masked_tokens(masks: jax.Array, config: mlc.ConfigDict) -> MaskedTokens:
+    """The buffer of masks [B, n_global, N] (True = masked, predicted by the student)."""
+    capacity = masked_token_capacity(masks.shape, config)
+    index, valid, weight = jax.vmap(ibot.gather_masked, in_axes=(0, None))(masks, capacity)
+    return MaskedTokens(index, valid.reshape(-1), weight.reshape(-1))
 
 
 def merge_model(graphdef: nnx.GraphDef, abstract_state: nnx.State, params: Params) -> nnx.Module:

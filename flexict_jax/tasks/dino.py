@@ -20,7 +20,7 @@ from flexict_jax.losses import dino, gram, ibot, koleo, sinkhorn
 from flexict_jax.models import precision
 from flexict_jax.models.heads import DINOHead
 from flexict_jax.models.vit import VisionTransformer
-from flexict_jax.tasks.common import crops_first, flatten_crops, masked_token_capacity, merge_model
+from flexict_jax.tasks.common import crops_first, flatten_crops, gather_masked_tokens, merge_model
 from flexict_jax.variants import Variant
 
 Params = dict[str, Any]
@@ -75,23 +75,19 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
     local_crops = flatten_crops(batch["local_crops"]).astype(dtype)
     masks = flatten_crops(batch["masks"])  # [B * n_global, N]
     n_images = masks.shape[0]
-    token_index, token_valid, token_weight = ibot.gather_masked(
-        masks, masked_token_capacity(batch["masks"].shape, config))
-
-    def take_tokens(patch_tokens: jax.Array) -> jax.Array:
-        return patch_tokens.reshape((-1, patch_tokens.shape[-1]))[token_index]
+    masked = gather_masked_tokens(batch["masks"], config)
 
     # Teacher: eval mode, unmasked global crops, no gradient (docs/recipe.md §3.2–3.3).
     t_model = merge_model(graphdef, abstract_state, jax.lax.stop_gradient(teacher))
     t_out = t_model.backbone(global_crops, patch_size=patch_size, train=False)
     t_cls_logits = t_model.dino_head(t_out["cls"])
-    t_patch_logits = t_model.ibot_head(take_tokens(t_out["patch"]))
+    t_patch_logits = t_model.ibot_head(masked.take(t_out["patch"]))
     t_cls_probs = sinkhorn.sinkhorn_knopp(t_cls_logits, teacher_temperature,
                                           n_iterations=loss_cfg.sinkhorn_iterations)
     t_patch_probs = sinkhorn.sinkhorn_knopp(t_patch_logits, teacher_temperature,
-                                            n_iterations=loss_cfg.sinkhorn_iterations, valid=token_valid)
+                                            n_iterations=loss_cfg.sinkhorn_iterations, valid=masked.valid)
     diagnostics = {**target_diagnostics("dino", t_cls_logits, t_cls_probs),
-                   **target_diagnostics("ibot", t_patch_logits, t_patch_probs, valid=token_valid)}
+                   **target_diagnostics("ibot", t_patch_logits, t_patch_probs, valid=masked.valid)}
     t_cls_probs = crops_first(t_cls_probs, n_global)
 
     # Student: masked global crops and unmasked local crops, train mode (drop path, RoPE rescale).
@@ -103,14 +99,14 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
                                crops_per_sample=n_local)
     s_global_logits = crops_first(s_model.dino_head(s_global["cls"]), n_global)
     s_local_logits = crops_first(s_model.dino_head(s_local["cls"]), n_local)
-    s_patch_logits = s_model.ibot_head(take_tokens(s_global["patch"]))
+    s_patch_logits = s_model.ibot_head(masked.take(s_global["patch"]))
 
     tau = loss_cfg.student_temperature
     scale_local, scale_global = dino.dino_term_weights(n_global, n_local)
     terms = {
         "dino_local": dino.dino_cross_entropy(s_local_logits, t_cls_probs, tau),
         "dino_global": dino.dino_cross_entropy(s_global_logits, t_cls_probs, tau, ignore_diagonal=True),
-        "ibot": ibot.ibot_patch_loss(s_patch_logits, t_patch_probs, token_weight, n_images, tau),
+        "ibot": ibot.ibot_patch_loss(s_patch_logits, t_patch_probs, masked.weight, n_images, tau),
         # KoLeo on the pre-head CLS of each global crop, averaged over crops (docs/recipe.md §3.4).
         "koleo": jnp.mean(jnp.stack([
             koleo.koleo_loss(cls, group_size=loss_cfg.koleo_group_size)
