@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 from flax import nnx
 
+from flexict_jax import sharding
 from flexict_jax.data import masking2d
 from flexict_jax.losses import ibot
 
@@ -36,23 +37,34 @@ class MaskedTokens:
     the batch sharding, so the compiler replicated the buffer and ran the iBOT head on every masked token of
     the global batch on every device, memory and FLOPs that did not shrink with more devices (docs/scaling.md
     §4). Gathering within each example keeps the rows with their example's device. The rows come in the same
-    order with each example's padding after its own tokens; the losses are weighted sums over valid rows."""
+    order with each example's padding after its own tokens; the losses are weighted sums over valid rows.
+
+    `rows` pins an array over the buffer's rows (the heads' logits, the targets, `valid`, `weight`) to the
+    batch sharding, so the iBOT head, Sinkhorn-Knopp and the loss run on each device's own rows, their sums
+    all-reduced. Left to itself the partitioner may replicate the rows after the head (it did for the tiny
+    configs), and then gathers the boolean `valid` across devices: a collective on booleans, which the TPU
+    cost model cannot price (`plan --topology` gets no step time; docs/scaling.md §4)."""
     index: jax.Array
     valid: jax.Array
     weight: jax.Array
+
+    @staticmethod
+    def rows(x: jax.Array) -> jax.Array:
+        """`x` [B·C, ...] with its rows sharded like the batch (a no-op without an active mesh)."""
+        return sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
     def take(self, patch_tokens: jax.Array) -> jax.Array:
         """[B·n_global, N, D] patch tokens (sample-major) -> [B·C, D], the buffer's rows."""
         batch, dim = self.index.shape[0], patch_tokens.shape[-1]
         per_example = patch_tokens.reshape((batch, -1, dim))
-        return jnp.take_along_axis(per_example, self.index[..., None], axis=1).reshape((-1, dim))
+        return self.rows(jnp.take_along_axis(per_example, self.index[..., None], axis=1).reshape((-1, dim)))
 
 
 def gather_masked_tokens(masks: jax.Array, config: mlc.ConfigDict) -> MaskedTokens:
     """The buffer of masks [B, n_global, N] (True = masked, predicted by the student)."""
     capacity = masked_token_capacity(masks.shape, config)
     index, valid, weight = jax.vmap(ibot.gather_masked, in_axes=(0, None))(masks, capacity)
-    return MaskedTokens(index, valid.reshape(-1), weight.reshape(-1))
+    return MaskedTokens(index, MaskedTokens.rows(valid.reshape(-1)), MaskedTokens.rows(weight.reshape(-1)))
 
 
 def merge_model(graphdef: nnx.GraphDef, abstract_state: nnx.State, params: Params) -> nnx.Module:
