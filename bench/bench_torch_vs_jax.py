@@ -37,7 +37,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from flax import nnx  # noqa: E402
 
 from configs.common import BACKBONES  # noqa: E402
-from flexict_jax import torch_format  # noqa: E402
+from flexict_jax import host_heap, torch_format  # noqa: E402
 from flexict_jax.models import attention, precision  # noqa: E402
 from flexict_jax.models.vit import VisionTransformer  # noqa: E402
 from flexict_jax.progress import Progress  # noqa: E402
@@ -158,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall seconds, or CPU seconds of the process (see the module docstring)")
     parser.add_argument("--out", help="also write the JSON result to this file")
+    parser.add_argument("--host-heap", choices=("keep", "glibc"), default="keep",
+                        help="keep: glibc keeps XLA:CPU's per-step temporaries, as the train CLI sets it "
+                             "(flexict_jax.host_heap); glibc: its defaults")
     args = parser.parse_args(argv)
+    heap = host_heap.keep_step_buffers() if args.host_heap == "keep" else "left alone: --host-heap glibc"
     cases = [c for c in args.cases.split(",") if c]
     unknown = sorted(set(cases) - set(CASES))
     variants = tuple(dict.fromkeys(["torch", "jax_float32"] + [v for v in args.variants.split(",") if v]))
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     progress.close()
     result = {"benchmark": "torch_vs_jax", "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
               "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-              "xla_flags": os.environ.get("XLA_FLAGS", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "host_heap": heap,
               "cpu_affinity": sorted(os.sched_getaffinity(0)), "load_average": os.getloadavg(),
               "cpu_count": os.cpu_count(), "python": platform.python_version(),
               "date": time.strftime("%Y-%m-%d"), "rows": rows}

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import common, stage1, stage2  # noqa: E402
-from flexict_jax import plan, sharding, train_step  # noqa: E402
+from flexict_jax import host_heap, plan, sharding, train_step  # noqa: E402
 from flexict_jax.progress import Progress  # noqa: E402
 from flexict_jax.variants import Variant  # noqa: E402
 
@@ -161,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for every variant, e.g. model.remat_policy=full (repeatable)")
     parser.add_argument("--out", default=None, help="write the JSON result here as well as to stdout")
+    parser.add_argument("--host-heap", choices=("keep", "glibc"), default="keep",
+                        help="keep: glibc keeps XLA:CPU's per-step temporaries, as the train CLI sets it "
+                             "(flexict_jax.host_heap); glibc: its defaults")
     args = parser.parse_args(argv)
+    heap = host_heap.keep_step_buffers() if args.host_heap == "keep" else "left alone: --host-heap glibc"
     overrides = dict(item.split("=", 1) for item in args.set)
     bad = [k for k in overrides if k.count(".") != 1]
     if bad or any("=" not in item for item in args.set):
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             row["utilisation_vs_matmul_peak"] = row["achieved_flops"] / peak
     result = {"benchmark": "train_step", "device": jax.devices()[0].device_kind,
               "platform": jax.default_backend(), "num_devices": jax.device_count(), "host": platform.machine(),
-              "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
+              "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "host_heap": heap,
               "matmul_peak_flops": peak, "matmul_n": matmul_n,
               "bf16_matmul_peak_flops": matmul_peak_flops(matmul_n, jnp.bfloat16), "date": time.strftime("%Y-%m-%d"),
               "rows": rows}

@@ -75,8 +75,11 @@ def _fail(message: str, argv: list[str]) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from flexict_jax import host_heap
+    heap = host_heap.keep_step_buffers()  # before JAX creates its backend's threads
     from flexict_jax import evals, faults, trainer  # after flag parsing, so --help stays fast
     logging.set_verbosity(max(logging.INFO, flags.FLAGS.verbosity))
+    logging.info("host heap: %s", heap)
     logging.get_absl_handler().addFilter(_LibraryInfoFilter(tracebacks=_verbose(sys.argv)))
     try:
         code = trainer.train(_CONFIG.value, _WORKDIR.value, evaluator=evals.build_evaluator)

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("flexict_jax", "flexict_jax.errors", "flexict_jax.ops", "flexict_jax.resize", "flexict_jax.progress",
               "flexict_jax.parallel",
               "flexict_jax.sharding", "flexict_jax.distributed", "flexict_jax.variants", "flexict_jax.schedules",
-              "flexict_jax.optim", "flexict_jax.checkpointing", "flexict_jax.metric_io")),
+              "flexict_jax.optim", "flexict_jax.checkpointing", "flexict_jax.metric_io", "flexict_jax.host_heap")),
     ("config", ("configs",)),
     ("data", ("flexict_jax.data", "flexict_jax.imaging")),
     ("model", ("flexict_jax.models",)),

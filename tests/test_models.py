@@ -12,7 +12,7 @@ from flax import nnx
 from flexict_jax import sharding
 from flexict_jax.models import rope
 from flexict_jax.models.heads import DINOHead
-from flexict_jax.models.layers import batch_subset_residual, gelu
+from flexict_jax.models.layers import batch_subset_residual, dense_dot_general, gelu
 from flexict_jax.models.patch_embed import PatchEmbed
 from flexict_jax.models.vit import VisionTransformer
 
@@ -201,6 +201,21 @@ def test_gelu_matches_jax_exact_gelu_and_its_derivatives():
             ours, theirs = jax.grad(ours), jax.grad(theirs)
         np.testing.assert_allclose(jax.vmap(ours)(x), jax.vmap(theirs)(x), rtol=1e-5, atol=1e-6)
     assert gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 6), (5, 6)])
+def test_cpu_dense_backward_matches_autodiff(shape):
+    """The CPU backward of the linear layers (models.layers, docs/jax_notes.md §A7) gives autodiff's gradients."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    kernel = jax.random.normal(jax.random.key(1), (6, 9))
+    numbers = (((len(shape) - 1,), (0,)), ((), ()))
+
+    def loss(dot):
+        return lambda x, kernel: jnp.sum(jnp.sin(dot(x, kernel, numbers)))
+    ours = jax.jit(jax.grad(loss(dense_dot_general), argnums=(0, 1)))(x, kernel)
+    plain = jax.jit(jax.grad(loss(jax.lax.dot_general), argnums=(0, 1)))(x, kernel)
+    for a, b in zip(ours, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_batch_subset_stochastic_depth():

@@ -40,12 +40,12 @@ def _dense_bwd(precision, preferred_element_type, residuals, g):
     x, kernel = residuals
     dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), precision=precision,
                              preferred_element_type=preferred_element_type)
-    # The kernel gradient xᵀ·g with xᵀ materialised: left alone, XLA contracts the token axis of both operands,
-    # which XLA:CPU's YNNPACK dots do not take, and transposes the (larger) cotangent for Eigen instead
-    # (docs/jax_notes.md §A7). The barrier keeps the transpose from being folded back into the dot.
-    rows = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
-    dkernel = jax.lax.dot_general(rows, g.reshape(-1, g.shape[-1]), (((1,), (0,)), ((), ())), precision=precision,
-                                  preferred_element_type=preferred_element_type)
+    # The kernel gradient xᵀ·g as one 2-D dot contracting the token rows of both operands: XLA:CPU runs it on
+    # Eigen, which reads x transposed in place, 13-25 % faster on one thread than YNNPACK on a materialised xᵀ
+    # (docs/jax_notes.md §A7). Autodiff's own form contracts the batch and token axes of 3-D operands, for which
+    # XLA transposes the cotangent instead, recomputing the fusion that produces it.
+    dkernel = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())),
+                                  precision=precision, preferred_element_type=preferred_element_type)
     return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
