@@ -111,7 +111,8 @@ def markdown(rows: list[dict]) -> str:
               "HBM | est. step | samples/s | MFU | compute dtype | compile |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        step = f"{1e3 * r['estimated_step_s']:,.0f} ms" if r["estimated_step_s"] else "n/a"
+        step = (f"{1e3 * r['estimated_step_s']:,.0f} ms" if r["estimated_step_s"] else
+                "n/a (the timed step is over HBM)" if r.get("estimate_refusal") else "n/a")
         samples = f"{r['samples_per_s']:,.0f}" if r["samples_per_s"] else "n/a"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
         peak = f"{r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else "over HBM (compiler refused)"
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                         "estimated_step_s": variant["estimated_step_s"],
                         "samples_per_s": variant["estimated_samples_per_s"], "mfu": variant["estimated_mfu"],
                         "estimated_step_s_attention_unpriced": variant.get("estimated_step_s_attention_unpriced"),
+                        "estimate_refusal": variant.get("estimate_refusal"),
                         "compute_dtype": result["compute_dtype"],
                         "compile_s": variant["compile_s"] + variant.get("estimate_compile_s", 0.0)}
                 print(json.dumps(last), flush=True)

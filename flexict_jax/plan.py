@@ -184,23 +184,28 @@ def _peak(sizes: dict[str, int]) -> int:
     return sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] + sizes["generated_code"]
 
 
+def _compile(lowered: Any) -> tuple[Any, str | None]:
+    """The compiled program, or None and the compiler's line where the TPU compiler refuses it for the chip's
+    HBM (RESOURCE_EXHAUSTED, with the bytes it needed): for the plan that is the answer "does not fit", not a
+    crash."""
+    import jax
+    try:
+        return lowered.compile(), None
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return None, str(e).strip().splitlines()[0].rstrip(".")
+
+
 def compile_variant(config: mlc.ConfigDict, program: Program, variant: Variant) -> tuple[dict[str, Any], Any]:
     """Lowers and compiles one step variant against the abstract state; returns its plan row and the compiled
     executable (which can run on real arrays of the same shapes)."""
-    import jax
     batch = abstract_batch(config, variant)
     step = program.train_step(config, variant, batch)
     start = time.perf_counter()
     lowered = step.lower(program.abstract_state, batch)
     lowered_at = time.perf_counter()
-    try:
-        compiled, refusal = lowered.compile(), None
-    except jax.errors.JaxRuntimeError as e:
-        # The TPU compiler refuses a program whose buffers exceed the chip's HBM (RESOURCE_EXHAUSTED, with the
-        # bytes it needed): for the plan that is the answer "does not fit", not a crash.
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        compiled, refusal = None, str(e).strip().splitlines()[0].rstrip(".")
+    compiled, refusal = _compile(lowered)
     done = time.perf_counter()
     flops = model_flops(config, program, variant, batch)
     num_devices = program.mesh.size
@@ -249,10 +254,15 @@ def step_estimate(config: mlc.ConfigDict, program: Program, variant: Variant, co
         program = train_step.build_program(config, program.mesh)
         batch = abstract_batch(config, variant)
         start = time.perf_counter()
-        compiled = program.train_step(config, variant, batch).lower(program.abstract_state, batch).compile()
+        compiled, refusal = _compile(program.train_step(config, variant, batch).lower(program.abstract_state, batch))
         out.update(estimate_compile_s=round(time.perf_counter() - start, 2),
-                   estimate_attention_impl="xla" if attention_impl == "splash" else attention_impl,
-                   estimate_memory_peak=_peak(_memory_sizes(compiled)))
+                   estimate_attention_impl="xla" if attention_impl == "splash" else attention_impl)
+        if compiled is None:
+            # The program the cost model can time does not fit the chip (XLA attention at long sequences writes
+            # the T × T scores to HBM) although the step as configured does: no estimate, and the reason.
+            out["estimate_refusal"] = refusal
+            return out
+        out["estimate_memory_peak"] = _peak(_memory_sizes(compiled))
     seconds = _optimal_seconds(compiled)
     if seconds > 0:
         out["estimated_step_s"] = seconds
@@ -380,6 +390,9 @@ def format_plan(result: dict[str, Any]) -> str:
             if row.get("estimated_step_s_attention_unpriced"):
                 lines.append(f"  lower bound, the splash step with its kernel priced as free: "
                              f"{1e3 * row['estimated_step_s_attention_unpriced']:,.3g} ms per step")
+        elif row.get("estimate_refusal"):
+            lines.append(f"  TPU cost model: no estimate: the step it can time ({row['estimate_attention_impl']} "
+                         f"attention, blocks unrolled) does not fit the chip: {row['estimate_refusal']}")
         elif result["platform"] == "tpu":
             lines.append("  TPU cost model: no estimate (an operation of the step has no cost)")
         if "fits" in row:
