@@ -84,8 +84,6 @@ def stage_config(stage: str, patch_size: int, chips: int, remat: str, compute_dt
     config = STAGES[stage].get_config("base")
     config.patch_sizes, config.patch_size_probs = (patch_size,), (1.0,)
     config.model.remat_policy = remat
-    if global_batch:
-        config.global_batch_size = global_batch
     if unrolled:
         config.model.scan_blocks = False
     config.model.attention_impl = attention_impl
@@ -96,14 +94,7 @@ def stage_config(stage: str, patch_size: int, chips: int, remat: str, compute_dt
         config.data.resolution_probs = (1.0,)
     if stage == "stage3":
         config.text.hf_folder = hf_folder
-    per_chip = config.global_batch_size // chips
-    group = config.model.drop_path_group_size
-    if group and group > per_chip:
-        config.model.drop_path_group_size = math.gcd(group, per_chip)
-    koleo_group = config.loss.get("koleo_group_size")
-    if koleo_group and config.global_batch_size % koleo_group:
-        config.loss.koleo_group_size = per_chip
-    return config
+    return plan.with_global_batch(config, global_batch or config.global_batch_size, chips)
 
 
 def markdown(rows: list[dict]) -> str:

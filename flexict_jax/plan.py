@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -223,10 +224,38 @@ def compile_variant(config: mlc.ConfigDict, program: Program, variant: Variant) 
     return row, compiled
 
 
+# Operations the TPU cost model has no price for. It adds -1 s for each to the program's time (measured: the
+# sum is the priced remainder minus one second per such operation; docs/scaling.md §4). ConcatBitcast joins the
+# slices the compiler splits a large buffer into, in place: free, so its -1 s is taken back.
+_FREE_UNPRICED_CALL = 'custom_call_target="ConcatBitcast"'
+
+
 def _optimal_seconds(compiled: Any) -> float:
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, list) else cost) or {}
-    return float(cost.get("optimal_seconds", -1.0))
+    if "optimal_seconds" not in cost:
+        return -1.0
+    return float(cost["optimal_seconds"]) + compiled.as_text().count(_FREE_UNPRICED_CALL)
+
+
+def with_global_batch(config: mlc.ConfigDict, global_batch: int, num_devices: int) -> mlc.ConfigDict:
+    """`config` (changed in place and returned) at `global_batch` over `num_devices`, with the per-group
+    options cut to fit the per-device batch: a drop-path group never spans devices (docs/scaling.md §4) and
+    KoLeo's groups become the per-device batch where the global batch is no multiple of them (upstream's KoLeo
+    runs per GPU batch)."""
+    config.global_batch_size = global_batch
+    per_device = global_batch // num_devices
+    group = config.model.get("drop_path_group_size")
+    if group and group > per_device:
+        config.model.drop_path_group_size = math.gcd(group, per_device)
+    koleo_group = config.get("loss", {}).get("koleo_group_size")
+    if koleo_group and global_batch % koleo_group:
+        config.loss.koleo_group_size = per_device
+    return config
+
+
+# How far the timed program's batch is halved when that program does not fit the chip (below).
+_ESTIMATE_MAX_HALVINGS = 3
 
 
 def step_estimate(config: mlc.ConfigDict, program: Program, variant: Variant, compiled: Any,
@@ -238,7 +267,14 @@ def step_estimate(config: mlc.ConfigDict, program: Program, variant: Variant, co
     The cost model prices a loop body once and a Pallas kernel at almost nothing (docs/scaling.md §4), so the
     time comes from the step compiled with the blocks unrolled and, where the step runs splash attention
     (`attention_impl`, as resolved), XLA attention in its place; `estimate_memory_peak` is that program's peak.
-    A splash step compiled unrolled also gives its own time, attention priced as free: a lower bound."""
+    A splash step compiled unrolled also gives its own time, attention priced as free: a lower bound.
+
+    That program can be over the chip's HBM where the step as configured fits (XLA attention writes the T × T
+    scores; the unrolled blocks keep more). Then it is timed at half the per-device batch, up to
+    `_ESTIMATE_MAX_HALVINGS` times, and the time scaled back (`estimate_batch_fraction`): the work of the
+    forward and backward passes is linear in the batch, what is not (the parameters' all-gathers and gradient
+    reduce-scatters, the optimizer and EMA update) is counted that many times over, so the scaled time errs
+    long. Where no batch fits, `estimate_refusal` gives the compiler's line."""
     from flexict_jax import train_step
     out = {"estimated_step_s": None, "estimated_samples_per_s": None, "estimated_mfu": None}
     if program.mesh.devices.flat[0].platform != "tpu":
@@ -246,27 +282,35 @@ def step_estimate(config: mlc.ConfigDict, program: Program, variant: Variant, co
     if attention_impl == "splash" and not config.model.scan_blocks:
         seconds = _optimal_seconds(compiled)
         out["estimated_step_s_attention_unpriced"] = seconds if seconds > 0 else None
+    global_batch, scale = config.global_batch_size, 1
     if config.model.scan_blocks or attention_impl == "splash":
         config = config.copy_and_resolve_references()
         config.model.scan_blocks = False
         if attention_impl == "splash":
             config.model.attention_impl = "xla"
-        program = train_step.build_program(config, program.mesh)
-        batch = abstract_batch(config, variant)
+        out["estimate_attention_impl"] = config.model.attention_impl
         start = time.perf_counter()
-        compiled, refusal = _compile(program.train_step(config, variant, batch).lower(program.abstract_state, batch))
-        out.update(estimate_compile_s=round(time.perf_counter() - start, 2),
-                   estimate_attention_impl="xla" if attention_impl == "splash" else attention_impl)
+        while True:
+            timed = train_step.build_program(config, program.mesh)
+            batch = abstract_batch(config, variant)
+            compiled, refusal = _compile(timed.train_step(config, variant, batch).lower(timed.abstract_state, batch))
+            per_device = config.global_batch_size // program.mesh.size
+            # KoLeo needs two samples a group: the per-device batch stays >= 2.
+            if compiled is not None or per_device % 2 or per_device < 4 or scale == 1 << _ESTIMATE_MAX_HALVINGS:
+                break
+            scale *= 2
+            config = with_global_batch(config, config.global_batch_size // 2, program.mesh.size)
+        out["estimate_compile_s"] = round(time.perf_counter() - start, 2)
         if compiled is None:
-            # The program the cost model can time does not fit the chip (XLA attention at long sequences writes
-            # the T × T scores to HBM) although the step as configured does: no estimate, and the reason.
             out["estimate_refusal"] = refusal
             return out
         out["estimate_memory_peak"] = _peak(_memory_sizes(compiled))
-    seconds = _optimal_seconds(compiled)
+        if scale > 1:
+            out["estimate_batch_fraction"] = 1 / scale
+    seconds = _optimal_seconds(compiled) * scale
     if seconds > 0:
         out["estimated_step_s"] = seconds
-        out["estimated_samples_per_s"] = config.global_batch_size / seconds
+        out["estimated_samples_per_s"] = global_batch / seconds
         if chip:
             out["estimated_mfu"] = row["flops_per_device"] / (seconds * chip.bf16_flops)
     return out
@@ -386,13 +430,16 @@ def format_plan(result: dict[str, Any]) -> str:
                          + (f", MFU {100 * row['estimated_mfu']:.1f}% of the bf16 peak" if row["estimated_mfu"] else "")
                          + (f" (timed with {row['estimate_attention_impl']} attention: the cost model does not "
                             f"price the splash kernel)" if row.get("estimate_attention_impl") == "xla"
-                            and result["attention_impl"] == "splash" else ""))
+                            and result["attention_impl"] == "splash" else "")
+                         + (f"; timed at {row['estimate_batch_fraction']:g} of the batch, over HBM at the whole "
+                            f"of it, and scaled up: errs long" if row.get("estimate_batch_fraction") else ""))
             if row.get("estimated_step_s_attention_unpriced"):
                 lines.append(f"  lower bound, the splash step with its kernel priced as free: "
                              f"{1e3 * row['estimated_step_s_attention_unpriced']:,.3g} ms per step")
         elif row.get("estimate_refusal"):
             lines.append(f"  TPU cost model: no estimate: the step it can time ({row['estimate_attention_impl']} "
-                         f"attention, blocks unrolled) does not fit the chip: {row['estimate_refusal']}")
+                         f"attention, blocks unrolled) does not fit the chip, even at a smaller batch: "
+                         f"{row['estimate_refusal']}")
         elif result["platform"] == "tpu":
             lines.append("  TPU cost model: no estimate (an operation of the step has no cost)")
         if "fits" in row:
