@@ -182,7 +182,7 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
     t_cls_probs = crops_first(sinkhorn.sinkhorn_knopp(t_model.dino_head(t_out["cls"]), teacher_temperature,
                                                        n_iterations=loss_cfg.sinkhorn_iterations), 1)
     t_patch_probs = masked.rows(sinkhorn.sinkhorn_knopp(
-        masked.rows(t_model.ibot_head(masked.take(t_out["patch"]))), teacher_temperature,
+        masked.logits(t_model.ibot_head, t_out["patch"]), teacher_temperature,
         n_iterations=loss_cfg.sinkhorn_iterations, valid=masked.valid))
 
     s_model = merge_model(graphdef, abstract_state, student)
@@ -201,7 +201,7 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
         # 8 student locals vs the 1 teacher global, no global term and no pair-count scale factors (docs/recipe.md §8).
         "dino_local": dino.dino_cross_entropy(crops_first(s_model.dino_head(s_local["cls"]), n_local),
                                               t_cls_probs, tau),
-        "ibot": ibot.ibot_patch_loss(masked.rows(s_model.ibot_head(masked.take(s_global["patch"]))), t_patch_probs,
+        "ibot": ibot.ibot_patch_loss(masked.logits(s_model.ibot_head, s_global["patch"]), t_patch_probs,
                                      masked.weight, masks.shape[0], tau),
         loss_cfg.contrastive: _contrastive_term(s_model, image_emb, caption_emb, loss_cfg.contrastive),
         "osl": _osl_term(s_model, image_emb, batch),

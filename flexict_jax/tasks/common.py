@@ -59,6 +59,10 @@ class MaskedTokens:
         per_example = patch_tokens.reshape((batch, -1, dim))
         return self.rows(jnp.take_along_axis(per_example, self.index[..., None], axis=1).reshape((-1, dim)))
 
+    def logits(self, head: nnx.Module, patch_tokens: jax.Array) -> jax.Array:
+        """The iBOT head's logits of the buffer's rows of `patch_tokens`, their rows pinned like the batch."""
+        return self.rows(head(self.take(patch_tokens)))
+
 
 def gather_masked_tokens(masks: jax.Array, config: mlc.ConfigDict) -> MaskedTokens:
     """The buffer of masks [B, n_global, N] (True = masked, predicted by the student)."""

@@ -81,7 +81,7 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
     t_model = merge_model(graphdef, abstract_state, jax.lax.stop_gradient(teacher))
     t_out = t_model.backbone(global_crops, patch_size=patch_size, train=False)
     t_cls_logits = t_model.dino_head(t_out["cls"])
-    t_patch_logits = masked.rows(t_model.ibot_head(masked.take(t_out["patch"])))
+    t_patch_logits = masked.logits(t_model.ibot_head, t_out["patch"])
     t_cls_probs = sinkhorn.sinkhorn_knopp(t_cls_logits, teacher_temperature,
                                           n_iterations=loss_cfg.sinkhorn_iterations)
     t_patch_probs = masked.rows(sinkhorn.sinkhorn_knopp(
@@ -99,7 +99,7 @@ def loss_fn(student: Params, teacher: Params, batch: Mapping[str, jax.Array], ke
                                crops_per_sample=n_local)
     s_global_logits = crops_first(s_model.dino_head(s_global["cls"]), n_global)
     s_local_logits = crops_first(s_model.dino_head(s_local["cls"]), n_local)
-    s_patch_logits = masked.rows(s_model.ibot_head(masked.take(s_global["patch"])))
+    s_patch_logits = masked.logits(s_model.ibot_head, s_global["patch"])
 
     tau = loss_cfg.student_temperature
     scale_local, scale_global = dino.dino_term_weights(n_global, n_local)
