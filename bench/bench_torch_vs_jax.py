@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     progress.close()
     result = {"benchmark": "torch_vs_jax", "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
               "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-              "xla_flags": os.environ.get("XLA_FLAGS", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "host_heap": heap,
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+              "host_heap": heap,
               "cpu_affinity": sorted(os.sched_getaffinity(0)), "load_average": os.getloadavg(),
               "cpu_count": os.cpu_count(), "python": platform.python_version(),
               "date": time.strftime("%Y-%m-%d"), "rows": rows}

@@ -316,6 +316,7 @@ def test_a_step_the_tpu_compiler_refuses_for_its_hbm_is_a_plan_that_does_not_fit
 
 
 @pytest.mark.slow
+@needs_libtpu
 def test_a_step_whose_timed_program_is_over_hbm_is_timed_at_a_smaller_batch(compile_only_libtpu):
     """The cost model times the step with XLA attention (it does not price splash), and at long sequences that
     program writes the T × T scores to HBM: at 12,544 tokens a crop and 4 per chip the TPU compiler refuses it on
