@@ -11,10 +11,11 @@ synthetic batch of the pipeline's shapes (`plan.abstract_batch`), on all local d
 
 FLOPs per step are the model's (`plan.model_flops`: XLA's cost analysis of the step lowered with the blocks
 unrolled and no rematerialisation), so a scanned or rematerialised step is credited with the same work; the peak
-is the best of a few large f32 matmuls on the same devices, timed before and after every variant (the best over
-the whole run is the denominator), so the ratio stays meaningful on a shared, noisy machine. On accelerators the
-bf16 matmul peak is reported beside it (the model computes in f32). A variant that fails (e.g. out of device
-memory) is recorded with its error and the run goes on. Tokens per step are the
+is the best of a few large matmuls in the row's compute dtype (config.model.compute_dtype: the recipe variants
+compute in bf16, tiny/demo in f32) on the same devices, timed before and after every variant (the best over the
+whole run is the denominator), so the ratio stays meaningful on a shared, noisy machine. Each row names the
+attention kernel its step ran (`models.attention.resolve`: cuDNN's fused kernel on a GPU in bf16). A variant that
+fails (e.g. out of device memory) is recorded with its error and the run goes on. Tokens per step are the
 patch tokens of every crop of the batch, each crop counted once (student and teacher passes not multiplied).
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import common, stage1, stage2  # noqa: E402
 from flexict_jax import host_heap, plan, sharding, train_step  # noqa: E402
+from flexict_jax.models import attention  # noqa: E402
 from flexict_jax.progress import Progress  # noqa: E402
 from flexict_jax.variants import Variant  # noqa: E402
 
@@ -137,7 +139,10 @@ def bench_variant(name: str, patch_size: int, steps: int, overrides: dict[str, s
     d = config.data
     crop = "^3" if d.kind == "volumes3d" else "^2"
     return {"variant": name, "overrides": overrides, "scan_blocks": config.model.scan_blocks,
-            "remat_policy": config.model.remat_policy, "stage": config.stage, "patch_size": patch_size,
+            "remat_policy": config.model.remat_policy, "compute_dtype": config.model.compute_dtype,
+            "attention": attention.resolve(config.model.attention_impl, jnp.dtype(config.model.compute_dtype),
+                                           config.model.dim // config.model.num_heads),
+            "stage": config.stage, "patch_size": patch_size,
             "dim": config.model.dim,
             "depth": config.model.depth, "prototypes": config.heads.num_prototypes, "params": n_params,
             "global_batch": config.global_batch_size,
@@ -177,9 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1:
         parser.error("--steps must be >= 1")
     patch_sizes = [int(x) for x in args.patch_sizes.split(",")]
-    # Large enough to saturate an accelerator; 2048 keeps the CPU measurement short.
+    # Large enough to saturate an accelerator; 2048 keeps the CPU measurement short. One peak per compute dtype
+    # the rows use: a bf16 step is measured against the bf16 matmul rate, an f32 step against the f32 rate.
     matmul_n = 2048 if jax.default_backend() == "cpu" else 8192
-    peak = matmul_peak_flops(matmul_n)
+    row_dtypes = {name: variant_config(name, overrides).model.compute_dtype for name in names}
+    peaks = {dtype: matmul_peak_flops(matmul_n, jnp.dtype(dtype)) for dtype in sorted(set(row_dtypes.values()))}
     rows, progress = [], Progress(len(names) * len(patch_sizes), "train-step benchmark")
     for name in names:
         for p in patch_sizes:
@@ -190,18 +197,20 @@ def main(argv: list[str] | None = None) -> int:
                        f"{str(e)[:500]}"}
             print(json.dumps(row), file=sys.stderr)
             rows.append(row)
-            peak = max(peak, matmul_peak_flops(matmul_n))
+            peaks = {dtype: max(peak, matmul_peak_flops(matmul_n, jnp.dtype(dtype))) for dtype, peak in peaks.items()}
             progress.advance(1, f"{name} p{p}: " + (f"{row['step_s']:.2f} s/step" if "step_s" in row else "failed"))
     progress.close()
     for row in rows:
         if "achieved_flops" in row:
-            row["utilisation_vs_matmul_peak"] = row["achieved_flops"] / peak
+            row["utilisation_vs_matmul_peak"] = row["achieved_flops"] / peaks[row["compute_dtype"]]
+    for dtype in ("float32", "bfloat16"):  # both rates on record, whichever the rows used
+        peaks.setdefault(dtype, matmul_peak_flops(matmul_n, jnp.dtype(dtype)))
     result = {"benchmark": "train_step", "device": jax.devices()[0].device_kind,
               "platform": jax.default_backend(), "num_devices": jax.device_count(), "host": platform.machine(),
               "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "host_heap": heap,
-              "matmul_peak_flops": peak, "matmul_n": matmul_n,
-              "bf16_matmul_peak_flops": matmul_peak_flops(matmul_n, jnp.bfloat16), "date": time.strftime("%Y-%m-%d"),
-              "rows": rows}
+              "versions": {"jax": jax.__version__, "jaxlib": jax.lib.__version__},
+              "matmul_peak_flops": peaks["float32"], "bf16_matmul_peak_flops": peaks["bfloat16"],
+              "matmul_n": matmul_n, "date": time.strftime("%Y-%m-%d"), "rows": rows}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
