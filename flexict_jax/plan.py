@@ -246,7 +246,7 @@ def with_global_batch(config: mlc.ConfigDict, global_batch: int, num_devices: in
     config.global_batch_size = global_batch
     per_device = global_batch // num_devices
     group = config.model.get("drop_path_group_size")
-    if group and group > per_device:
+    if group and per_device % group:
         config.model.drop_path_group_size = math.gcd(group, per_device)
     koleo_group = config.get("loss", {}).get("koleo_group_size")
     if koleo_group and global_batch % koleo_group:
@@ -270,11 +270,11 @@ def step_estimate(config: mlc.ConfigDict, program: Program, variant: Variant, co
     A splash step compiled unrolled also gives its own time, attention priced as free: a lower bound.
 
     That program can be over the chip's HBM where the step as configured fits (XLA attention writes the T × T
-    scores; the unrolled blocks keep more). Then it is timed at half the per-device batch, up to
-    `_ESTIMATE_MAX_HALVINGS` times, and the time scaled back (`estimate_batch_fraction`): the work of the
-    forward and backward passes is linear in the batch, what is not (the parameters' all-gathers and gradient
-    reduce-scatters, the optimizer and EMA update) is counted that many times over, so the scaled time errs
-    long. Where no batch fits, `estimate_refusal` gives the compiler's line."""
+    scores; the unrolled blocks keep more). Then it is timed at half the per-device batch (rounded down), up to
+    `_ESTIMATE_MAX_HALVINGS` times, and the time scaled back by the batch ratio (`estimate_batch_fraction`): the
+    work of the forward and backward passes is linear in the batch, what is not (the parameters' all-gathers and
+    gradient reduce-scatters, the optimizer and EMA update) is counted that many times over, so the scaled time
+    errs long. Where no batch fits, `estimate_refusal` gives the compiler's line."""
     from flexict_jax import train_step
     out = {"estimated_step_s": None, "estimated_samples_per_s": None, "estimated_mfu": None}
     if program.mesh.devices.flat[0].platform != "tpu":
@@ -282,7 +282,7 @@ def step_estimate(config: mlc.ConfigDict, program: Program, variant: Variant, co
     if attention_impl == "splash" and not config.model.scan_blocks:
         seconds = _optimal_seconds(compiled)
         out["estimated_step_s_attention_unpriced"] = seconds if seconds > 0 else None
-    global_batch, scale = config.global_batch_size, 1
+    global_batch, scale = config.global_batch_size, 1.0
     if config.model.scan_blocks or attention_impl == "splash":
         config = config.copy_and_resolve_references()
         config.model.scan_blocks = False
@@ -290,21 +290,22 @@ def step_estimate(config: mlc.ConfigDict, program: Program, variant: Variant, co
             config.model.attention_impl = "xla"
         out["estimate_attention_impl"] = config.model.attention_impl
         start = time.perf_counter()
-        while True:
+        for halvings in range(_ESTIMATE_MAX_HALVINGS + 1):
             timed = train_step.build_program(config, program.mesh)
             batch = abstract_batch(config, variant)
             compiled, refusal = _compile(timed.train_step(config, variant, batch).lower(timed.abstract_state, batch))
-            per_device = config.global_batch_size // program.mesh.size
-            # KoLeo needs two samples a group: the per-device batch stays >= 2.
-            if compiled is not None or per_device % 2 or per_device < 4 or scale == 1 << _ESTIMATE_MAX_HALVINGS:
+            # Half the per-device batch, rounded down (an odd 25 a chip becomes 12); KoLeo needs two samples a
+            # group, so it stays >= 2.
+            smaller = config.global_batch_size // program.mesh.size // 2
+            if compiled is not None or smaller < 2 or halvings == _ESTIMATE_MAX_HALVINGS:
                 break
-            scale *= 2
-            config = with_global_batch(config, config.global_batch_size // 2, program.mesh.size)
+            config = with_global_batch(config, smaller * program.mesh.size, program.mesh.size)
         out["estimate_compile_s"] = round(time.perf_counter() - start, 2)
         if compiled is None:
             out["estimate_refusal"] = refusal
             return out
         out["estimate_memory_peak"] = _peak(_memory_sizes(compiled))
+        scale = global_batch / config.global_batch_size
         if scale > 1:
             out["estimate_batch_fraction"] = 1 / scale
     seconds = _optimal_seconds(compiled) * scale
