@@ -158,11 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall seconds, or CPU seconds of the process (see the module docstring)")
     parser.add_argument("--out", help="also write the JSON result to this file")
-    parser.add_argument("--host-heap", choices=("keep", "glibc"), default="keep",
-                        help="keep: glibc keeps XLA:CPU's per-step temporaries, as the train CLI sets it "
-                             "(flexict_jax.host_heap); glibc: its defaults")
+    host_heap.add_argument(parser)
     args = parser.parse_args(argv)
-    heap = host_heap.keep_step_buffers() if args.host_heap == "keep" else "left alone: --host-heap glibc"
+    heap = host_heap.apply_argument(args.host_heap)
     cases = [c for c in args.cases.split(",") if c]
     unknown = sorted(set(cases) - set(CASES))
     variants = tuple(dict.fromkeys(["torch", "jax_float32"] + [v for v in args.variants.split(",") if v]))

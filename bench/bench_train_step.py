@@ -166,11 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for every variant, e.g. model.remat_policy=full (repeatable)")
     parser.add_argument("--out", default=None, help="write the JSON result here as well as to stdout")
-    parser.add_argument("--host-heap", choices=("keep", "glibc"), default="keep",
-                        help="keep: glibc keeps XLA:CPU's per-step temporaries, as the train CLI sets it "
-                             "(flexict_jax.host_heap); glibc: its defaults")
+    host_heap.add_argument(parser)
     args = parser.parse_args(argv)
-    heap = host_heap.keep_step_buffers() if args.host_heap == "keep" else "left alone: --host-heap glibc"
+    heap = host_heap.apply_argument(args.host_heap)
     overrides = dict(item.split("=", 1) for item in args.set)
     bad = [k for k in overrides if k.count(".") != 1]
     if bad or any("=" not in item for item in args.set):

@@ -10,6 +10,7 @@ over the user's own malloc settings.
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import glob
 import os
@@ -54,3 +55,16 @@ def keep_step_buffers() -> str:
     if not all(libc.mallopt(param, value) == 1 for param, value in _SETTINGS):
         return "left alone: mallopt refused"
     return "glibc malloc keeps freed blocks (arena_max 1, mmap_max 0, trim_threshold -1)"
+
+
+def add_argument(parser: argparse.ArgumentParser) -> None:
+    """`--host-heap keep|glibc` for the programs that time steps (benchmarks): keep (the default, as the train CLI
+    does) or glibc's own defaults, to measure what keeping the heap is worth."""
+    parser.add_argument("--host-heap", choices=("keep", "glibc"), default="keep",
+                        help="keep: glibc keeps XLA:CPU's per-step temporaries, as the train CLI sets it "
+                             "(flexict_jax.host_heap); glibc: its defaults")
+
+
+def apply_argument(choice: str) -> str:
+    """What `--host-heap` asks for, done before JAX starts its backend; returns what was done, one line."""
+    return keep_step_buffers() if choice == "keep" else "left alone: --host-heap glibc"
