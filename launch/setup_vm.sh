@@ -2,11 +2,13 @@
 # Prepares one worker (TPU VM, GPU node) to run the trainer from this directory: a Python >= 3.11 venv in
 # .venv with the project and its accelerator extra. Run on every worker (launch/tpu_pod.sh setup does that).
 #
-#   bash launch/setup_vm.sh [--extra tpu|cuda|none] [--python 3.12] [--gcsfuse BUCKET[:MOUNT_DIR]] [--dry-run]
+#   bash launch/setup_vm.sh [--extra tpu|cuda|cuda13|none] [--python 3.12] [--gcsfuse BUCKET[:MOUNT_DIR]] [--dry-run]
 #
-#   --extra      pyproject extra to install: tpu (jax[tpu], libtpu; default), cuda (jax[cuda12]) or none (CPU)
-#   --python     Python version for the venv (default 3.12). TPU VM images ship Python 3.10, so the venv is made
-#                by uv, which fetches a managed interpreter; uv itself is installed to ~/.local/bin if missing.
+#   --extra      pyproject extra to install: tpu (jax[tpu], libtpu; default), cuda (jax[cuda12]), cuda13
+#                (jax[cuda13]) or none (CPU)
+#   --python     Python version for the venv (default 3.12, which gets jax 0.11; 3.11 gets jax 0.10:
+#                docs/jax_notes.md §C9). TPU VM images ship Python 3.10, so the venv is made by uv, which
+#                fetches a managed interpreter; uv itself is installed to ~/.local/bin if missing.
 #   --gcsfuse    mount gs://BUCKET at MOUNT_DIR (default ~/gcs/BUCKET) with gcsfuse, installing it if needed:
 #                Grain reads ArrayRecord shards through the mount (reading gs:// directly is slow, docs/jax_notes.md §A6)
 #   --dry-run    print the commands instead of running them
@@ -31,7 +33,7 @@ while [[ $# -gt 0 ]]; do
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
-case "$extra" in tpu|cuda|none) ;; *) die "--extra must be tpu, cuda or none, got '$extra'" ;; esac
+case "$extra" in tpu|cuda|cuda13|none) ;; *) die "--extra must be tpu, cuda, cuda13 or none, got '$extra'" ;; esac
 
 execute() {
   if [[ "$dry_run" == 1 ]]; then printf '%q ' "$@" | sed 's/ $//'; echo; else "$@"; fi

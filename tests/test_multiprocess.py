@@ -13,6 +13,7 @@ import pathlib
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -32,7 +33,8 @@ def start_two_processes(workdir: pathlib.Path, data_dir: pathlib.Path, log: path
     with open(log, "w") as out:  # a file, not a pipe: nobody has to drain it while the run goes on
         return subprocess.Popen(["bash", "launch/local_multiprocess.sh", "2", "--cpu-devices=4",
                                  f"--log-dir={log.parent / log.stem}", "--", *args],
-                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+                                cwd=REPO, env=dict(os.environ, PYTHON=sys.executable), stdout=out,
+                                stderr=subprocess.STDOUT)
 
 
 def metrics(workdir: pathlib.Path) -> list[dict]:
