@@ -113,8 +113,8 @@ def test_evaluator_gives_the_same_metrics_on_two_processes(phantom_reports, stag
     assert "eval/zero_shot_auc/lesion" in one["val"]
 
     out = tmp_path / "two_processes.json"
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "tests"),
-                                                                     os.environ.get("PYTHONPATH")])))
+    python_path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=python_path)
     proc = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "--cpu-devices=4",
                            "--module=stage3_eval_worker", "--", str(phantom_reports), str(stage3_run), "6", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
