@@ -35,7 +35,10 @@ def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array)
       float32 scalar.
     """
     logits = _similarities(image_emb, text_emb, logit_scale, "clip_loss")
-    matching = jnp.diagonal(logits)
+    # s_ii as a masked row sum, not jnp.diagonal: the same values (the other terms are exact zeros), and its
+    # gradient is a product, where diagonal's is a scatter-add that the TPU compiler offloads to the SparseCore
+    # and its cost model cannot price (docs/scaling.md §4).
+    matching = jnp.sum(logits * jnp.eye(logits.shape[0], dtype=logits.dtype), axis=1)
     image_to_text = jnp.mean(jax.nn.logsumexp(logits, axis=1) - matching)
     text_to_image = jnp.mean(jax.nn.logsumexp(logits, axis=0) - matching)
     return 0.5 * (image_to_text + text_to_image)
