@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     # Large enough to saturate an accelerator; 2048 keeps the CPU measurement short. One peak per compute dtype
     # the rows use: a bf16 step is measured against the bf16 matmul rate, an f32 step against the f32 rate.
     matmul_n = 2048 if jax.default_backend() == "cpu" else 8192
-    row_dtypes = {name: variant_config(name, overrides).model.compute_dtype for name in names}
-    peaks = {dtype: matmul_peak_flops(matmul_n, jnp.dtype(dtype)) for dtype in sorted(set(row_dtypes.values()))}
+    row_dtypes = sorted({variant_config(name, overrides).model.compute_dtype for name in names})
+    peaks = {dtype: matmul_peak_flops(matmul_n, jnp.dtype(dtype)) for dtype in row_dtypes}
     rows, progress = [], Progress(len(names) * len(patch_sizes), "train-step benchmark")
     for name in names:
         for p in patch_sizes:
